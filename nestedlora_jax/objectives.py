@@ -1,0 +1,405 @@
+"""Nested low-rank approximation (NestedLoRA) objectives.
+
+Ryu, Xu, Erol, Bu, Zheng, Wornell, "Operator SVD with Neural Networks via Nested
+Low-Rank Approximation", ICML 2024 (arXiv 2402.03655).
+
+For an operator ``T`` with singular triplets ``(s_i, phi_i, psi_i)``, the low-rank
+approximation objective over L left functions ``f`` and right functions ``g`` is::
+
+    L_lora(f_1:L, g_1:L) = -2 sum_i <f_i, T g_i> + sum_{i,j} <f_i, f_j> <g_i, g_j>
+
+whose minimisers span the top-L singular subspaces. *Nesting* breaks the rotation
+symmetry by minimising ``L_lora(f_1:k, g_1:k)`` for every ``k``; both variants
+(joint and sequential) reduce to one masked gradient::
+
+    d/df_i = 2 { -m_i T g_i + sum_j M_ji f_j <g_j, g_i> }
+    d/dg_i = 2 { -m_i T* f_i + sum_j M_ji g_j <f_j, f_i> }
+
+with the masks ``(m, M)`` of :func:`nesting_masks`. This module holds that gradient
+once, as a ``jax.custom_vjp``, and every objective (EVD, SVD, and later CDK) is a
+thin wrapper around it.
+
+Inner products are expectations under the sampling density, estimated by batch means:
+``<f_i, f_j> ~ mean_b f_bi f_bj``. The quadratic term is a product of two such
+estimates; with ``split_batch=True`` they come from the two halves of the batch, so
+the estimate (and its gradient) is unbiased.
+
+No gradient ever flows into ``T g`` or ``T* f``: by self-adjointness (EVD) or by
+supplying both ``T g`` and ``T* f`` (SVD), the gradient of the linear term is known in
+closed form, so a training step never differentiates through the operator (for a
+differential operator that would mean third derivatives of the network).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "NESTINGS",
+    "nesting_masks",
+    "nesting_weights",
+    "lora_objective",
+    "nested_lora_loss",
+    "nested_lora_svd_loss",
+]
+
+Nesting = Literal["joint", "sequential"]
+NESTINGS = ("joint", "sequential")
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def nesting_weights(L: int, step: int = 1) -> np.ndarray:
+    """Joint-nesting weights on the simplex, optionally only on every ``step``-th k.
+
+    Args:
+      L: number of functions.
+      step: put weight on ``k = step, 2 step, ...`` (and always on ``k = L``), 1-based.
+
+    Returns:
+      ``w`` of shape ``(L,)``, non-negative, summing to 1 (uniform over the chosen k).
+    """
+    L = _check_num_functions(L)
+    if int(step) != step or step < 1:
+        raise ValueError(f"step must be a positive integer, got {step!r}.")
+    k = np.arange(1, L + 1)
+    w = ((k % step == 0) | (k == L)).astype(np.float64)
+    return w / w.sum()
+
+
+def nesting_masks(
+    L: int, nesting: Nesting = "joint", weights=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Masks ``(m, M)`` of the unified (gradient-masked) nested objective.
+
+    Joint nesting minimises ``sum_k w_k L_lora(f_1:k, g_1:k)`` with ``w`` on the
+    simplex (uniform by default; unnormalised weights are normalised), which in
+    closed form is ``-2 sum_i m_i <f_i, T g_i> + sum_ij M_ij <f_i,f_j><g_i,g_j>`` with::
+
+        m_i  = sum_{k >= i} w_k
+        M_ij = m_{max(i, j)} = min(m_i, m_j)
+
+    Sequential nesting updates ``(f_i, g_i)`` with the gradient of
+    ``L_lora(f_1:i, g_1:i)`` holding ``f_1:i-1`` fixed::
+
+        m_i  = 1
+        M_ji = 1 if j <= i else 0      (upper triangular in (j, i))
+
+    Args:
+      L: number of functions, ``L >= 1``.
+      nesting: ``"joint"`` or ``"sequential"``.
+      weights: joint only; array-like of shape ``(L,)``, non-negative, positive sum.
+
+    Returns:
+      ``m`` of shape ``(L,)`` and ``M`` of shape ``(L, L)``, float64 numpy arrays.
+    """
+    L = _check_num_functions(L)
+    _check_nesting(nesting)
+    if nesting == "sequential":
+        if weights is not None:
+            raise ValueError(
+                "weights apply to joint nesting only; sequential nesting gives every "
+                "function its own objective L_lora(f_1:i). Pass weights=None."
+            )
+        return np.ones(L), np.triu(np.ones((L, L)))
+    w = np.full(L, 1.0 / L) if weights is None else _normalise_weights(weights, L)
+    m = np.cumsum(w[::-1])[::-1]
+    return m, np.minimum(m[:, None], m[None, :])
+
+
+def _normalise_weights(weights, L: int) -> np.ndarray:
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except Exception as e:  # e.g. a traced array: masks must be static.
+        raise ValueError(
+            "weights must be a concrete array-like of shape (L,) (masks are built "
+            f"at trace time), got {type(weights).__name__}."
+        ) from e
+    if w.shape != (L,):
+        raise ValueError(
+            f"weights must have shape (L,) = ({L},) to match the {L} functions, got "
+            f"shape {w.shape}."
+        )
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"weights must be finite and non-negative, got {w}.")
+    total = w.sum()
+    if not total > 0:
+        raise ValueError(
+            f"weights must sum to a positive value (they are normalised to the "
+            f"simplex), got sum {total}."
+        )
+    return w / total
+
+
+def _check_num_functions(L) -> int:
+    if int(L) != L or L < 1:
+        raise ValueError(f"the number of functions L must be a positive integer, got {L!r}.")
+    return int(L)
+
+
+def _check_nesting(nesting) -> None:
+    if nesting not in NESTINGS:
+        raise ValueError(f"unknown nesting {nesting!r}; expected one of {NESTINGS}.")
+
+
+# ------------------------------------------------------------- the masked core
+
+
+def _second_moment(f):
+    """``Lambda = f^T f / B``: the batch estimate of ``<f_i, f_j>``. f: (B, L) -> (L, L)."""
+    return f.T @ f / f.shape[0]
+
+
+def _halves(f):
+    h = f.shape[0] // 2
+    return f[:h], f[h:]
+
+
+def _quadratic_factors(f, g, split_batch: bool):
+    """Second moments used by the quadratic term, and which one pairs with which.
+
+    Returns ``(Lf_a, Lf_b, Lg_a, Lg_b)`` such that the quadratic term is
+    ``sum_ij M_ij (Lf_a Lg_b + Lf_b Lg_a)_ij / 2``. Without splitting all four are
+    the full-batch moments; with splitting ``a``/``b`` are the two batch halves, so
+    each product multiplies two independent estimates.
+    """
+    if not split_batch:
+        Lf, Lg = _second_moment(f), _second_moment(g)
+        return Lf, Lf, Lg, Lg
+    fa, fb = _halves(f)
+    ga, gb = _halves(g)
+    return _second_moment(fa), _second_moment(fb), _second_moment(ga), _second_moment(gb)
+
+
+def _objective_value(f, Tg, g, Tadj_f, m, M, split_batch):
+    # <f_i, T g_i> is estimated twice, from the left batch (f . Tg) and from the
+    # right batch (T*f . g); averaging uses both halves of the information.
+    linear = 0.5 * (jnp.mean(f * Tg, axis=0) + jnp.mean(Tadj_f * g, axis=0))
+    Lf_a, Lf_b, Lg_a, Lg_b = _quadratic_factors(f, g, split_batch)
+    quadratic = 0.5 * jnp.sum(M * (Lf_a * Lg_b + Lf_b * Lg_a))
+    return -2.0 * jnp.sum(m * linear) + quadratic
+
+
+def _masked_gradient(f, Tg, m, M, Lg_for_a, Lg_for_b, split_batch):
+    """Per-sample masked gradient for the left family (swap roles for the right).
+
+    ``dL/df_bi = (2/B) [ -m_i (Tg)_bi + sum_j f_bj M_ji Lambda^g_ji ]``, where for a
+    sample in half ``a`` the ``Lambda^g`` is estimated from the *other* half ``b``.
+    """
+    B = f.shape[0]
+    if split_batch:
+        fa, fb = _halves(f)
+        quad = jnp.concatenate([fa @ (M * Lg_for_a), fb @ (M * Lg_for_b)], axis=0)
+    else:
+        quad = f @ (M * Lg_for_a)
+    return (2.0 / B) * (quad - m * Tg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _masked_lora(f, Tg, g, Tadj_f, m, M, value_m, value_M, split_batch):
+    """Objective with masks ``(value_m, value_M)``, gradient masked by ``(m, M)``.
+
+    The two pairs coincide for joint nesting; sequential nesting has no scalar
+    objective, so its value is reported with uniform joint masks.
+    """
+    return _objective_value(f, Tg, g, Tadj_f, value_m, value_M, split_batch)
+
+
+def _masked_lora_fwd(f, Tg, g, Tadj_f, m, M, value_m, value_M, split_batch):
+    value = _objective_value(f, Tg, g, Tadj_f, value_m, value_M, split_batch)
+    return value, (f, Tg, g, Tadj_f, m, M, value_m, value_M)
+
+
+def _masked_lora_bwd(split_batch, residuals, ct):
+    f, Tg, g, Tadj_f, m, M, value_m, value_M = residuals
+    Lf_a, Lf_b, Lg_a, Lg_b = _quadratic_factors(f, g, split_batch)
+    # A sample in half a pairs with the moment of half b and vice versa.
+    grad_f = _masked_gradient(f, Tg, m, M, Lg_b, Lg_a, split_batch)
+    grad_g = _masked_gradient(g, Tadj_f, m, M, Lf_b, Lf_a, split_batch)
+    zeros = jnp.zeros_like
+    return (
+        ct * grad_f, zeros(Tg), ct * grad_g, zeros(Tadj_f),
+        zeros(m), zeros(M), zeros(value_m), zeros(value_M),
+    )
+
+
+_masked_lora.defvjp(_masked_lora_fwd, _masked_lora_bwd)
+
+
+# ------------------------------------------------------------- public objectives
+
+
+def nested_lora_svd_loss(
+    f,
+    Tg,
+    g,
+    Tadj_f,
+    *,
+    nesting: Nesting = "joint",
+    weights=None,
+    split_batch: bool = True,
+):
+    """Nested LoRA objective for operator SVD (two function families).
+
+    Value (joint nesting, masks of :func:`nesting_masks`)::
+
+        -2 sum_i m_i <f_i, T g_i> + sum_ij M_ij <f_i, f_j> <g_i, g_j>
+
+    with ``<f_i, T g_i>`` estimated as the average of ``mean_b f_bi (Tg)_bi`` and
+    ``mean_b (T*f)_bi g_bi``, and the quadratic term as
+    ``sum_ij M_ij (Lf1 Lg2 + Lf2 Lg1)_ij / 2`` over batch halves when
+    ``split_batch`` (else full-batch moments). For sequential nesting the reported
+    value uses uniform joint masks (``(1/L) sum_k L_lora(f_1:k, g_1:k)``); its gradient
+    is the sequential masked gradient, which is not the gradient of any scalar.
+
+    Gradient (``jax.custom_vjp``), per sample, ``B_x``/``B_y`` the batch sizes::
+
+        dL/df_b = (2/B_x) [ -m * (Tg)_b + f_b @ (M * Lambda^g) ]
+        dL/dg_b = (2/B_y) [ -m * (T*f)_b + g_b @ (M * Lambda^f) ]
+
+    with ``Lambda`` from the other half of the batch when ``split_batch``. No gradient
+    flows into ``Tg`` or ``Tadj_f`` (they are wrapped in ``stop_gradient``): the
+    operator is never differentiated.
+
+    Args:
+      f: ``(B_x, L)`` left functions at left samples ``x_b``.
+      Tg: ``(B_x, L)`` ``(T g)(x_b)``.
+      g: ``(B_y, L)`` right functions at right samples ``y_b``.
+      Tadj_f: ``(B_y, L)`` ``(T* f)(y_b)``.
+      nesting: ``"joint"`` or ``"sequential"``.
+      weights: joint-nesting weights ``(L,)`` (default uniform).
+      split_batch: estimate the quadratic term from independent batch halves
+        (unbiased; needs even batch sizes). ``False`` uses the whole batch for both
+        factors (for full-population or deterministic problems). When x and y are
+        drawn as pairs, halves are taken at the same indices on both sides.
+
+    Returns:
+      Scalar objective estimate, in the dtype of ``f``.
+    """
+    f, Tg, g, Tadj_f = _check_svd_inputs(f, Tg, g, Tadj_f, split_batch)
+    L = f.shape[1]
+    m, M = _masks_as(f.dtype, L, nesting, weights)
+    value_m, value_M = (m, M) if nesting == "joint" else _masks_as(f.dtype, L, "joint", None)
+    Tg, Tadj_f = jax.lax.stop_gradient(Tg), jax.lax.stop_gradient(Tadj_f)
+    return _masked_lora(f, Tg, g, Tadj_f, m, M, value_m, value_M, bool(split_batch))
+
+
+def nested_lora_loss(
+    f,
+    Tf,
+    *,
+    nesting: Nesting = "joint",
+    weights=None,
+    split_batch: bool = True,
+):
+    """Nested LoRA objective for the eigendecomposition of a self-adjoint operator.
+
+    The SVD objective with ``g = f``: value::
+
+        -2 sum_i m_i <f_i, T f_i> + sum_ij M_ij <f_i, f_j>^2
+
+    At the optimum ``f_i = sqrt(lambda_i) phi_i`` for the top-L eigenpairs (eigenvalues
+    positive and ordered), so ``||f_i||^2`` estimates ``lambda_i``.
+
+    Gradient (``jax.custom_vjp``), per sample::
+
+        dL/df_b = (4/B) [ -m * (Tf)_b + f_b @ (M * Lambda) ]
+
+    where ``Lambda = f^T f / B`` (with ``split_batch``, estimated on the half of the
+    batch that does not contain sample b). **No gradient flows into ``Tf``**: for a
+    self-adjoint ``T``, ``d<f, T f> = 2 <df, T f>``, so the linear term's gradient is
+    known without differentiating the operator. This is only right if ``T`` is
+    self-adjoint in the inner product the batch mean estimates (for importance
+    sampling, use the weighted operator ``T_p``, which is self-adjoint in ``L2(p)``).
+
+    Args:
+      f: ``(B, L)`` values of the L functions on a batch of B samples.
+      Tf: ``(B, L)`` the operator applied to them at the same samples.
+      nesting: ``"joint"`` (one network, shared parameters) or ``"sequential"``
+        (disjoint parameters per function).
+      weights: joint-nesting weights ``(L,)`` on ``k`` (normalised; default uniform).
+      split_batch: unbiased two-halves estimate of the quadratic term (B must be
+        even); ``False`` for full-population / deterministic problems.
+
+    Returns:
+      Scalar objective estimate, in the dtype of ``f``.
+    """
+    f, Tf = _check_pair(f, Tf, "f", "Tf")
+    _check_even(f.shape[0], "f", split_batch)
+    return nested_lora_svd_loss(
+        f, Tf, f, Tf, nesting=nesting, weights=weights, split_batch=split_batch
+    )
+
+
+def lora_objective(f, Tg, g):
+    """The plain (un-nested) LoRA objective, full-batch moments, for reference/reporting.
+
+    ``-2 sum_i <f_i, T g_i> + sum_ij <f_i, f_j><g_i, g_j>``, with ``<f_i, T g_i>`` from
+    ``mean_b f_bi (Tg)_bi``. Differentiable by ordinary autodiff (including through
+    ``Tg`` if it depends on the inputs). Shapes as in :func:`nested_lora_svd_loss`.
+    """
+    return -2.0 * jnp.sum(jnp.mean(f * Tg, axis=0)) + jnp.sum(
+        _second_moment(f) * _second_moment(g)
+    )
+
+
+# ------------------------------------------------------------- validation
+
+
+def _masks_as(dtype, L, nesting, weights):
+    m, M = nesting_masks(L, nesting, weights)
+    return jnp.asarray(m, dtype), jnp.asarray(M, dtype)
+
+
+def _check_pair(a, b, name_a, name_b):
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.ndim != 2:
+        raise ValueError(
+            f"{name_a} must have shape (B, L) (batch, functions), got shape {a.shape}."
+        )
+    if b.shape != a.shape:
+        raise ValueError(
+            f"{name_b} must have the same shape as {name_a} (B, L) = {a.shape}, got "
+            f"shape {b.shape}."
+        )
+    if a.shape[1] < 1:
+        raise ValueError(f"{name_a} has L = 0 functions; need L >= 1 (shape {a.shape}).")
+    if a.shape[0] < 1:
+        raise ValueError(f"{name_a} has an empty batch (shape {a.shape}).")
+    for name, arr in ((name_a, a), (name_b, b)):
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {arr.dtype}.")
+    if a.dtype != b.dtype:
+        b = b.astype(a.dtype)
+    return a, b
+
+
+def _check_even(B, name, split_batch):
+    if split_batch and B % 2:
+        raise ValueError(
+            f"split_batch=True estimates the quadratic term from two equal halves, so "
+            f"the batch size of {name} must be even; got B = {B}. Use an even batch or "
+            f"split_batch=False."
+        )
+    if split_batch and B < 2:
+        raise ValueError(f"split_batch=True needs a batch of at least 2 samples, got {B}.")
+
+
+def _check_svd_inputs(f, Tg, g, Tadj_f, split_batch):
+    f, Tg = _check_pair(f, Tg, "f", "Tg")
+    g, Tadj_f = _check_pair(g, Tadj_f, "g", "Tadj_f")
+    if g.shape[1] != f.shape[1]:
+        raise ValueError(
+            f"f and g must have the same number of functions L; got f with L = "
+            f"{f.shape[1]} and g with L = {g.shape[1]}."
+        )
+    _check_even(f.shape[0], "f", split_batch)
+    _check_even(g.shape[0], "g", split_batch)
+    g, Tadj_f = g.astype(f.dtype), Tadj_f.astype(f.dtype)
+    return f, Tg, g, Tadj_f
