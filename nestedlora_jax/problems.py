@@ -1,0 +1,654 @@
+"""Schrödinger problems with exact answers (method.md §3).
+
+Every problem is a frozen dataclass deriving from ``Problem``; its Hamiltonian is
+``H = -kinetic * Lap + V`` with ``kinetic = 1`` (no 1/2, as in the paper). A problem provides
+
+- ``dim``; ``potential(x) -> ()`` for one point ``x`` ``(dim,)``;
+- ``energies(L) -> np.ndarray (L,)``: the exact ``L`` lowest energies, ascending, float64;
+- ``degenerate_blocks(L)``: half-open ``(start, stop)`` index ranges of the degenerate levels among
+  the first ``L`` states (the last one truncated at ``L``);
+- ``eigenfunctions(x, L) -> (L,)``: the exact real eigenfunctions, normalised in ``L2(dx)``, at
+  one point, in the order of ``energies`` (``NotImplementedError`` where there is no closed form);
+- ``default_sampler(L)`` and ``operator_scaling(L) -> (scale, shift)``: the recommended sampling
+  density and the scaling of ``T = scale * (-H) + shift`` for learning the ``L`` lowest states
+  (they become ``T``'s top positive eigenvalues ``t_i = shift - scale * E_i``, ``t_1 = 1``);
+- ``boundary_mask``: ``None``, or (Dirichlet problems) a function of one point, smooth, positive
+  inside the domain and zero on its boundary, that the network output is multiplied by;
+- ``periodic``: whether the domain is a periodic box (then the network must be periodic);
+  ``box``: ``(low, high)`` of the box ``[low, high]^d`` (well, cosine) or ``None`` on ``R^d``.
+
+Adding a problem: subclass ``Problem`` as a frozen dataclass and implement ``potential``,
+``energies``, ``default_sampler`` (and ``eigenfunctions`` if known). ``_lowest_states`` does the
+bookkeeping for separable problems.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nestedlora_jax.samplers import GaussianSampler, RadialExponentialMixture, UniformBoxSampler
+
+Array = jax.Array
+
+__all__ = [
+    "Problem",
+    "HarmonicOscillator",
+    "Hydrogen",
+    "InfiniteWell",
+    "CosinePotential",
+    "HAN_LU_ZHOU_COEFFICIENTS",
+]
+
+HAN_LU_ZHOU_COEFFICIENTS = (0.814723686393179, 0.905791937075619)
+
+# Two energies closer than this (relative to max(1, |E|)) belong to one degenerate level.
+_DEGENERACY_RTOL = 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_L(L: Any) -> int:
+    if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 1:
+        raise ValueError(f"L (the number of states) must be a Python int >= 1; got {L!r}.")
+    return int(L)
+
+
+def _check_dim(dim: Any, cls: str, allowed: tuple[int, ...] | None = None) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"{cls}: dim must be a positive int; got {dim!r}.")
+    if allowed is not None and dim not in allowed:
+        raise ValueError(f"{cls}: dim must be one of {allowed}; got {dim}.")
+
+
+def _check_point(x: Array, dim: int, cls: str) -> Array:
+    x = jnp.asarray(x)
+    if x.shape != (dim,):
+        raise ValueError(
+            f"{cls} takes ONE point of shape ({dim},); got shape {x.shape}. vmap over a batch."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{cls}: x must be floating (float32 or float64); got {x.dtype}.")
+    return x
+
+
+def _safe_radius(x: Array) -> Array:
+    """``|x|`` clamped below at ``sqrt(finfo.tiny)`` (1e-19 in float32, 1e-154 in float64).
+
+    Finite and with a finite (zero) gradient at the origin, so ``-Z / r`` and ``exp(-k r)`` never
+    produce NaN/Inf, and exact wherever ``|x|^2`` is a normal number.
+    """
+    r2 = jnp.sum(x * x)
+    floor = jnp.asarray(jnp.finfo(x.dtype).tiny, x.dtype)
+    # Double-where: the clamped branch is constant, so its gradient is 0 rather than NaN.
+    return jnp.sqrt(jnp.where(r2 > floor, r2, floor))
+
+
+def _blocks_from_energies(energies: np.ndarray) -> list[tuple[int, int]]:
+    blocks, start = [], 0
+    for i in range(1, len(energies) + 1):
+        if i == len(energies) or abs(energies[i] - energies[i - 1]) > _DEGENERACY_RTOL * max(
+            1.0, abs(energies[i - 1])
+        ):
+            blocks.append((start, i))
+            start = i
+    return blocks
+
+
+def _lowest_states(spectrum: Callable[[int, int], np.ndarray], dim: int, L: int):
+    """The ``L`` lowest sums ``sum_k s_k[m_k]`` of ``dim`` sorted 1-D spectra (separable problems).
+
+    ``spectrum(k, count)`` returns the lowest ``count`` 1-D values of coordinate ``k`` (ascending,
+    strictly increasing); it may return fewer if no more are available (then a ValueError is
+    raised if more would be needed). Integer spectra give exact ties. Ties are ordered by the
+    multi-index, lexicographically. Returns ``(values (L,), indices (L, dim) int)``.
+
+    Correctness: the first ``c`` modes per coordinate (``c^dim >= L``) contain ``L`` states, so
+    the ``L``-th lowest sum ``R`` is at most their ``L``-th lowest; every state with sum ``<= R``
+    uses in each coordinate a mode with ``s_k[m] + sum_{j != k} s_j[0] <= R``, and all of those
+    are enumerated.
+    """
+    c = max(1, math.ceil(L ** (1.0 / dim) - 1e-9))
+    while c**dim < L:
+        c += 1
+    cube = [np.asarray(spectrum(k, c)) for k in range(dim)]
+    if any(len(s) < c for s in cube) and math.prod(len(s) for s in cube) < L:
+        raise ValueError(
+            f"L={L} exceeds the number of states this problem can compute accurately "
+            f"(its exact eigenvalue list is finite)."
+        )
+    sums = functools.reduce(np.add.outer, cube).ravel()
+    bound = np.partition(sums, L - 1)[L - 1]
+    tol = 1e-12 * max(1.0, abs(float(bound)))  # float spectra: keep near-ties at the bound
+    lows = [s[0] for s in cube]
+    axes = []
+    for k in range(dim):
+        budget = bound - (sum(lows) - lows[k]) + tol
+        count = c
+        while True:
+            s = np.asarray(spectrum(k, count))
+            if s[-1] > budget:
+                break
+            if len(s) < count:  # ran out of accurate 1-D modes while still under the bound
+                raise ValueError(
+                    f"L={L} exceeds the number of states this problem can compute accurately."
+                )
+            count *= 2
+        axes.append(s[s <= budget])
+    values = functools.reduce(np.add.outer, axes).ravel()
+    index = np.stack(np.unravel_index(np.arange(values.size), [len(a) for a in axes]), axis=-1)
+    keep = values <= bound + tol
+    values, index = values[keep], index[keep]
+    # lexsort: last key is primary -> sort by value, ties by the multi-index (first coordinate
+    # most significant).
+    order = np.lexsort(tuple(index[:, k] for k in reversed(range(dim))) + (values,))[:L]
+    return values[order], index[order]
+
+
+class Problem:
+    """Base class of the problems; see the module docstring for the interface.
+
+    Subclasses are frozen dataclasses with a ``dim`` field and implement ``potential``,
+    ``energies``, ``default_sampler`` and, where known, ``eigenfunctions``.
+    """
+
+    dim: int
+    kinetic: ClassVar[float] = 1.0
+    periodic: ClassVar[bool] = False
+    boundary_mask: ClassVar[Callable[[Array], Array] | None] = None
+
+    @property
+    def box(self) -> tuple[float, float] | None:
+        """``(low, high)`` when the domain is the box ``[low, high]^d`` (Dirichlet or periodic);
+        ``None`` for ``R^d``."""
+        return None
+
+    def potential(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def energies(self, L: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def eigenfunctions(self, x: Array, L: int) -> Array:
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form eigenfunctions.")
+
+    def default_sampler(self, L: int):
+        raise NotImplementedError
+
+    def degenerate_blocks(self, L: int) -> list[tuple[int, int]]:
+        """Half-open ``(start, stop)`` ranges of equal energies among the ``L`` lowest states."""
+        return _blocks_from_energies(self.energies(L))
+
+    def operator_scaling(self, L: int) -> tuple[float, float]:
+        """``(scale, shift)`` so that ``T = scale * (-H) + shift`` has the ``L`` lowest states as
+        its top eigenvalues ``t_i = scale * (c - E_i)``, ``shift = scale * c``, all in
+        ``[1/2, 1]``.
+
+        ``c = E_L + D`` with ``D = max(E_L - E_1, |E_1|)`` (the spread of the wanted energies, or
+        the ground-state scale when ``L = 1``) puts ``t_L`` a spread below ``t_1``: the ratio
+        ``t_1 / t_L <= 2`` keeps later functions from collapsing (method.md §7: a small
+        ``t_L / t_1`` is the main failure mode) while every wanted ``t_i`` stays positive and
+        above the unwanted ones. ``scale = 1 / (c - E_1)`` normalises ``t_1 = 1``.
+        """
+        energies = self.energies(L)
+        spread = max(energies[-1] - energies[0], abs(energies[0]))
+        if spread == 0.0:
+            spread = 1.0
+        c = energies[-1] + spread
+        scale = 1.0 / (c - energies[0])
+        return float(scale), float(scale * c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Harmonic oscillator.
+# ---------------------------------------------------------------------------------------------
+
+
+def _hermite_functions(x: Array, n_max: int) -> Array:
+    """Normalised Hermite functions ``h_0..h_{n_max}`` at ``x``: shape ``(n_max+1, *x.shape)``.
+
+    ``h_n(x) = H_n(x) exp(-x^2/2) / sqrt(2^n n! sqrt(pi))`` by the stable three-term recurrence
+    ``h_{n+1} = sqrt(2/(n+1)) x h_n - sqrt(n/(n+1)) h_{n-1}`` (no large H_n or n! ever formed).
+    """
+    h = [jnp.exp(-0.5 * x * x) * math.pi**-0.25]
+    if n_max >= 1:
+        h.append(math.sqrt(2.0) * x * h[0])
+    for n in range(1, n_max):
+        h.append(math.sqrt(2.0 / (n + 1)) * x * h[n] - math.sqrt(n / (n + 1)) * h[n - 1])
+    return jnp.stack(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class HarmonicOscillator(Problem):
+    """``H = -Lap + |x|^2`` on ``R^d``.
+
+    Energies ``2 n + d`` (``n`` the total degree), degeneracy ``C(n+d-1, n)``. Eigenfunctions
+    ``prod_i h_{m_i}(x_i)`` with the Hermite functions ``h_m``; ordered by total degree, then by
+    the multi-index ``m`` lexicographically (e.g. 2-D: (0,0), (0,1), (1,0), (0,2), (1,1), ...).
+
+    Default sampler ``N(0, I)``: ``psi^2 ~ poly * exp(-|x|^2)`` so ``f = psi / sqrt(p) ~ poly *
+    exp(-|x|^2 / 4)`` stays bounded and ``E_p[f^4] = int psi^4 / p`` is finite (any std above
+    ``1/sqrt(2)`` would do; 1 covers the first levels without wasting samples in the tails).
+    """
+
+    dim: int = 1
+
+    def __post_init__(self):
+        _check_dim(self.dim, "HarmonicOscillator")
+
+    def potential(self, x: Array) -> Array:
+        x = _check_point(x, self.dim, "HarmonicOscillator.potential")
+        return jnp.sum(x * x)
+
+    def _states(self, L: int):
+        values, index = _lowest_states(lambda k, c: np.arange(c), self.dim, L)
+        return values, index
+
+    def energies(self, L: int) -> np.ndarray:
+        L = _check_L(L)
+        degree, _ = self._states(L)
+        return (2.0 * degree + self.dim).astype(np.float64)
+
+    def multi_indices(self, L: int) -> np.ndarray:
+        """``(L, dim)`` Hermite degrees of the ``L`` lowest states, in order."""
+        return self._states(_check_L(L))[1]
+
+    def eigenfunctions(self, x: Array, L: int) -> Array:
+        """``(L,)``: ``psi_i(x) = prod_k h_{m_ik}(x_k)``."""
+        x = _check_point(x, self.dim, "HarmonicOscillator.eigenfunctions")
+        index = self.multi_indices(L)
+        h = _hermite_functions(x, int(index.max()))  # (n_max + 1, dim)
+        return jnp.prod(h[index, np.arange(self.dim)], axis=-1)
+
+    def default_sampler(self, L: int) -> GaussianSampler:
+        _check_L(L)
+        return GaussianSampler(self.dim, scale=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hydrogen.
+# ---------------------------------------------------------------------------------------------
+
+
+def _laguerre_vector(alpha: Array, degree: np.ndarray, x: Array) -> Array:
+    """Generalised Laguerre polynomials ``L_{degree_i}^{alpha_i}(x_i)`` for vectors ``alpha``,
+    ``x`` (jnp) and ``degree`` (static ints), by the three-term recurrence
+    ``(k+1) L_{k+1} = (2k + 1 + alpha - x) L_k - (k + alpha) L_{k-1}`` run once to
+    ``max(degree)``, each entry read off at its own degree."""
+    prev, cur = jnp.ones_like(x), 1.0 + alpha - x
+    out = jnp.where(jnp.asarray(degree == 0), prev, cur)
+    for k in range(1, int(degree.max())):
+        prev, cur = cur, ((2 * k + 1 + alpha - x) * cur - (k + alpha) * prev) / (k + 1)
+        out = jnp.where(jnp.asarray(degree == k + 1), cur, out)
+    return out
+
+
+def _real_solid_harmonics(x: Array, l_max: int) -> list[list[Array]]:
+    """Real solid harmonics ``r^l Y_lm(x / r)``, ``Y_lm`` orthonormal on the unit sphere, as
+    polynomials in ``(x, y, z)`` for ``l <= 3``; ``[l][m + l]`` for ``m = -l..l`` (the usual
+    real ordering: ``m < 0`` sine-like, ``m > 0`` cosine-like, e.g. ``l = 1``: y, z, x)."""
+    if l_max > 3:
+        raise NotImplementedError("real spherical harmonics are tabulated for l <= 3 only.")
+    X, Y, Zc = x[0], x[1], x[2]
+    r2 = X * X + Y * Y + Zc * Zc
+    pi = math.pi
+    table = [[0.5 / math.sqrt(pi) * jnp.ones_like(X)]]
+    c1 = math.sqrt(3 / (4 * pi))
+    table.append([c1 * Y, c1 * Zc, c1 * X])
+    c2, c20, c22 = 0.5 * math.sqrt(15 / pi), 0.25 * math.sqrt(5 / pi), 0.25 * math.sqrt(15 / pi)
+    table.append(
+        [c2 * X * Y, c2 * Y * Zc, c20 * (3 * Zc * Zc - r2), c2 * X * Zc, c22 * (X * X - Y * Y)]
+    )
+    c33, c32 = 0.25 * math.sqrt(35 / (2 * pi)), 0.5 * math.sqrt(105 / pi)
+    c31, c30 = 0.25 * math.sqrt(21 / (2 * pi)), 0.25 * math.sqrt(7 / pi)
+    c32b = 0.25 * math.sqrt(105 / pi)
+    table.append([
+        c33 * Y * (3 * X * X - Y * Y),
+        c32 * X * Y * Zc,
+        c31 * Y * (5 * Zc * Zc - r2),
+        c30 * Zc * (5 * Zc * Zc - 3 * r2),
+        c31 * X * (5 * Zc * Zc - r2),
+        c32b * Zc * (X * X - Y * Y),
+        c33 * X * (X * X - 3 * Y * Y),
+    ])
+    return table[: l_max + 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hydrogen(Problem):
+    """``H = -Lap - Z / |x|`` in 2-D or 3-D (bound states).
+
+    2-D: ``E_n = -Z^2 / (4 (n + 1/2)^2)``, ``n >= 0``, degeneracy ``2n + 1``; with
+    ``kappa = Z / (2n + 1)`` (``E = -kappa^2``), ``rho = 2 kappa r`` and ``0 <= l <= n``,
+
+        psi = N_nl rho^l exp(-rho / 2) L_{n-l}^{2l}(rho) {1; cos(l theta), sin(l theta)},
+        N_nl^2 = (2 kappa)^2 (n - l)! / ((n + l)! (2n + 1) A_l),  A_0 = 2 pi, A_l = pi,
+
+    from ``int_0^inf rho^{2l+1} e^{-rho} (L_{n-l}^{2l})^2 = (n+l)! (2n+1) / (n-l)!``. Within a
+    level: ``l = 0``, then cos, sin for ``l = 1, 2, ...``. ``rho^l {cos, sin}(l theta)`` is
+    evaluated as ``(2 kappa)^l {Re, Im}((x + i y)^l)``, a polynomial (smooth at the origin).
+
+    3-D: ``E_n = -Z^2 / (4 n^2)``, ``n >= 1``, degeneracy ``n^2``; ``kappa = Z / (2n)``,
+
+        psi = N_nl exp(-rho / 2) L_{n-l-1}^{2l+1}(rho) (2 kappa)^l S_lm(x),
+        N_nl^2 = (2 kappa)^3 (n - l - 1)! / ((n + l)! 2n),
+
+    ``S_lm = r^l Y_lm`` the real solid harmonics; order ``l = 0..n-1``, then ``m = -l..l``.
+    Eigenfunctions are implemented for ``n <= 4`` (``l <= 3``, 30 states); energies for any n.
+
+    The radius is clamped below at ``sqrt(finfo.tiny)`` (``_safe_radius``), so the potential and
+    eigenfunctions are finite at every point, the origin included.
+
+    Default sampler (``L`` states, levels up to ``n_max``): ``RadialExponentialMixture`` with
+    ``shape = dim`` (density finite, with a cusp, at the nucleus), one component per level with
+    ``a_n = c / kappa_n`` and uniform weights; ``c = 1.5`` in 2-D, ``1`` in 3-D. Then ``p``
+    decays no faster than ``|psi_n|`` (not like ``psi_n^2``), so ``f = psi / sqrt(p)`` decays and
+    ``E_p[f^4] = int psi^4 / p`` is finite for every state. ``c`` minimises the worst relative
+    variance ``Var_p(f_i^2)`` of the Gram estimate over the states (measured, 2^18 samples:
+    2-D L = 16: 11 at c = 1.5, against 52 at c = 1, 17 at c = 2 and 259 for the paper's
+    ``N(0, 16^2 I)``; 3-D L = 14: 6.4 at c = 1). ``shape = dim`` rather than the ``~1/r``
+    density: with importance weighting the network represents ``f = psi / sqrt(p)``, and for
+    ``p ~ 1/r`` a smooth ``f`` with ``f(0) != 0`` makes ``sqrt(p) f ~ r^{-1/2}``, whose
+    estimated ``<f, T_p f>`` has infinite mean (measured for ``f = exp(-|x|^2 / 20)``: 5e3 at
+    1e4 samples, 4e4 at 1e6, growing without bound; 0.086 +- 0.0004 with ``shape = 2``); see
+    ``RadialExponentialMixture``.
+    """
+
+    dim: int = 2
+    Z: float = 1.0
+
+    _MAX_EIGENFUNCTION_LEVEL_3D: ClassVar[int] = 4
+
+    def __post_init__(self):
+        _check_dim(self.dim, "Hydrogen", allowed=(2, 3))
+        if not (np.isfinite(self.Z) and self.Z > 0):
+            raise ValueError(f"Hydrogen: Z must be a finite number > 0; got {self.Z!r}.")
+        object.__setattr__(self, "Z", float(self.Z))
+
+    def potential(self, x: Array) -> Array:
+        """``V(x) = -Z / max(|x|, sqrt(finfo.tiny))``: finite everywhere."""
+        x = _check_point(x, self.dim, "Hydrogen.potential")
+        return -self.Z / _safe_radius(x)
+
+    def states(self, L: int) -> list[tuple]:
+        """Quantum numbers of the ``L`` lowest states: 2-D ``(n, l, 'c' | 's')``, 3-D
+        ``(n, l, m)``."""
+        L = _check_L(L)
+        out = []
+        n = 0 if self.dim == 2 else 1
+        while len(out) < L:
+            if self.dim == 2:
+                out.append((n, 0, "c"))
+                for l in range(1, n + 1):
+                    out += [(n, l, "c"), (n, l, "s")]
+            else:
+                out += [(n, l, m) for l in range(n) for m in range(-l, l + 1)]
+            n += 1
+        return out[:L]
+
+    def _kappa(self, n: int) -> float:
+        return self.Z / (2 * n + 1) if self.dim == 2 else self.Z / (2 * n)
+
+    def energies(self, L: int) -> np.ndarray:
+        return np.array([-self._kappa(s[0]) ** 2 for s in self.states(L)], dtype=np.float64)
+
+    def eigenfunctions(self, x: Array, L: int) -> Array:
+        """``(L,)`` real, L2-normalised bound states at one point, in the order of ``states``.
+
+        Vectorised over the states (one Laguerre recurrence for all of them), so the traced
+        graph grows with ``n_max``, not with ``L``: this keeps compile times of Laplacians small.
+        """
+        x = _check_point(x, self.dim, "Hydrogen.eigenfunctions")
+        states = self.states(L)
+        n_max = states[-1][0]
+        if self.dim == 3 and n_max > self._MAX_EIGENFUNCTION_LEVEL_3D:
+            raise NotImplementedError(
+                "3-D hydrogen eigenfunctions are implemented for "
+                f"n <= {self._MAX_EIGENFUNCTION_LEVEL_3D} (L <= 30); L={L} needs n = {n_max}."
+            )
+        n = np.array([s[0] for s in states])
+        l = np.array([s[1] for s in states])
+        kappa = np.array([self._kappa(k) for k in n])
+        fact = np.vectorize(math.factorial, otypes=[float])
+        if self.dim == 2:
+            alpha, degree = 2 * l, n - l
+            area = np.where(l == 0, 2 * math.pi, math.pi)
+            norm2 = (2 * kappa) ** 2 * fact(n - l) / (fact(n + l) * (2 * n + 1) * area)
+            # (Re, Im) of (x + i y)^l = r^l (cos, sin)(l theta): polynomials, smooth at 0.
+            powers = [(jnp.ones_like(x[0]), jnp.zeros_like(x[0]))]
+            for _ in range(n_max):
+                c, s = powers[-1]
+                powers.append((c * x[0] - s * x[1], c * x[1] + s * x[0]))
+            table = jnp.stack([jnp.stack(p) for p in powers])  # (n_max + 1, 2)
+            angular = table[l, np.array([0 if s[2] == "c" else 1 for s in states])]
+        else:
+            alpha, degree = 2 * l + 1, n - l - 1
+            norm2 = (2 * kappa) ** 3 * fact(n - l - 1) / (fact(n + l) * 2 * n)
+            harmonics = _real_solid_harmonics(x, int(l.max()))
+            table = jnp.stack([h for row in harmonics for h in row])  # index l^2 + l + m
+            angular = table[l * l + l + np.array([s[2] for s in states])]
+        coef = np.sqrt(norm2) * (2 * kappa) ** l
+        rho = jnp.asarray(2 * kappa, x.dtype) * _safe_radius(x)
+        laguerre = _laguerre_vector(jnp.asarray(alpha, x.dtype), degree, rho)
+        return jnp.asarray(coef, x.dtype) * jnp.exp(-0.5 * rho) * laguerre * angular
+
+    def default_sampler(self, L: int) -> RadialExponentialMixture:
+        states = self.states(L)
+        levels = range(states[0][0], states[-1][0] + 1)
+        c = 1.5 if self.dim == 2 else 1.0  # see the class docstring
+        return RadialExponentialMixture(
+            self.dim, scales=tuple(c / self._kappa(n) for n in levels), shape=self.dim
+        )
+
+    def operator_scaling(self, L: int) -> tuple[float, float]:
+        """``T = scale * (-H + c)``, ``c = 1.5 |E_L|``, ``scale = 1 / (|E_1| + c)`` (so t_1 = 1).
+
+        method.md §7: a positive shift of about ``1.5 |E_L|`` lowered ``t_1 / t_L`` from 49 to
+        ~20 for 16 states and removed component collapse. A larger shift is not used because
+        ``-H + c`` has continuous spectrum up to ``c``, with the bound states above ``E_L``
+        accumulating just below: ``t_L`` must stay well clear of it relative to ``t_1``.
+        """
+        energies = self.energies(L)
+        c = 1.5 * abs(energies[-1])
+        scale = 1.0 / (c - energies[0])
+        return float(scale), float(scale * c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Infinite square well.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InfiniteWell(Problem):
+    """``H = -Lap`` on the box ``[0, a]^d`` with Dirichlet boundary conditions.
+
+    Energies ``pi^2 sum_i n_i^2 / a^2`` (``n_i >= 1``), eigenfunctions
+    ``prod_i sqrt(2/a) sin(n_i pi x_i / a)``, ordered by energy then multi-index. The network
+    output must be multiplied by ``boundary_mask(x) = prod_i x_i (a - x_i) / (a/2)^2`` (1 at the
+    centre, 0 on the boundary). Default sampler: uniform on the box (``log p`` constant, so the
+    importance-weighted operator is the plain one and ``f = a^{d/2} psi``).
+    """
+
+    dim: int = 2
+    length: float = 1.0
+
+    def __post_init__(self):
+        _check_dim(self.dim, "InfiniteWell")
+        if not (np.isfinite(self.length) and self.length > 0):
+            raise ValueError(
+                f"InfiniteWell: length must be a finite number > 0; got {self.length!r}."
+            )
+        object.__setattr__(self, "length", float(self.length))
+
+    @property
+    def box(self) -> tuple[float, float]:
+        return (0.0, self.length)
+
+    def potential(self, x: Array) -> Array:
+        """Zero inside the box (the boundary condition is imposed by ``boundary_mask``)."""
+        x = _check_point(x, self.dim, "InfiniteWell.potential")
+        return jnp.zeros((), x.dtype)
+
+    def boundary_mask(self, x: Array) -> Array:  # type: ignore[override]
+        """``prod_i x_i (a - x_i) / (a/2)^2``: smooth, in ``(0, 1]`` inside, 0 on the boundary."""
+        x = _check_point(x, self.dim, "InfiniteWell.boundary_mask")
+        a = self.length
+        return jnp.prod(x * (a - x)) / (a / 2) ** (2 * self.dim)
+
+    def multi_indices(self, L: int) -> np.ndarray:
+        """``(L, dim)`` quantum numbers ``n_i >= 1`` of the ``L`` lowest states, in order."""
+        L = _check_L(L)
+        # Integer 1-D spectrum n^2 (exact ties), index m -> n = m + 1.
+        return _lowest_states(lambda k, c: np.arange(1, c + 1) ** 2, self.dim, L)[1] + 1
+
+    def energies(self, L: int) -> np.ndarray:
+        n = self.multi_indices(L)
+        return (math.pi / self.length) ** 2 * np.sum(n**2, axis=-1).astype(np.float64)
+
+    def eigenfunctions(self, x: Array, L: int) -> Array:
+        x = _check_point(x, self.dim, "InfiniteWell.eigenfunctions")
+        n = self.multi_indices(L)
+        a = self.length
+        waves = jnp.sin(jnp.asarray(n * (math.pi / a), x.dtype) * x)  # (L, dim)
+        return (2.0 / a) ** (self.dim / 2) * jnp.prod(waves, axis=-1)
+
+    def default_sampler(self, L: int) -> UniformBoxSampler:
+        _check_L(L)
+        return UniformBoxSampler(0.0, self.length, self.dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Han-Lu-Zhou cosine potential.
+# ---------------------------------------------------------------------------------------------
+
+# Fourier cut-off of the 1-D eigenproblem and how many of its modes are trusted. A mode with
+# wavenumber ~k has coefficients decaying like prod_j (c/2) / (j^2 - k^2) beyond k, so the lowest
+# _COSINE_MODES modes (k <= 32) are exact to machine precision with |k| <= _COSINE_CUTOFF.
+_COSINE_CUTOFF = 96
+_COSINE_MODES = 64
+
+
+@functools.lru_cache(maxsize=32)
+def _cosine_1d(c: float):
+    """Eigenpairs of ``-d^2/dx^2 + c cos x`` on the periodic interval ``[-pi, pi]``.
+
+    Diagonalised separately in the orthonormal even basis ``{1/sqrt(2pi), cos(kx)/sqrt(pi)}`` and
+    odd basis ``{sin(kx)/sqrt(pi)}``, ``k <= _COSINE_CUTOFF`` (equivalent to the ``e^{ikx}`` basis
+    with diagonal ``k^2`` and off-diagonals ``c/2``, but with real eigenvectors). Matrix elements:
+    ``k^2`` on the diagonal, ``c/2`` between ``k`` and ``k+1``, except ``c/sqrt(2)`` between the
+    constant and ``cos x``. Returns the lowest ``_COSINE_MODES`` modes as ``(values (M,), parity
+    (M,) 0 = even / 1 = odd, coefficients (M, K+1))`` (odd: coefficient k of ``sin(kx)/sqrt(pi)``,
+    entry 0 unused).
+    """
+    K = _COSINE_CUTOFF
+    k = np.arange(K + 1, dtype=np.float64)
+    even = np.diag(k**2) + np.diag(np.full(K, c / 2), 1) + np.diag(np.full(K, c / 2), -1)
+    even[0, 1] = even[1, 0] = c / math.sqrt(2)
+    off = np.full(K - 1, c / 2)
+    odd = np.diag(k[1:] ** 2) + np.diag(off, 1) + np.diag(off, -1)
+    ev, vec_e = np.linalg.eigh(even)
+    ov, vec_o = np.linalg.eigh(odd)
+    values = np.concatenate([ev, ov])
+    parity = np.concatenate([np.zeros(K + 1, int), np.ones(K, int)])
+    coefs = np.zeros((2 * K + 1, K + 1))
+    coefs[: K + 1] = vec_e.T
+    coefs[K + 1 :, 1:] = vec_o.T
+    # Fix the sign: the largest coefficient positive (deterministic eigenfunctions).
+    big = np.argmax(np.abs(coefs), axis=1)
+    coefs *= np.sign(coefs[np.arange(len(coefs)), big])[:, None]
+    order = np.argsort(values, kind="stable")[:_COSINE_MODES]
+    return values[order], parity[order], coefs[order]
+
+
+@dataclasses.dataclass(frozen=True)
+class CosinePotential(Problem):
+    """``H = -Lap + sum_i c_i cos(x_i)`` on the periodic box ``[-pi, pi]^d`` (Han, Lu, Zhou).
+
+    Separable: energies are sums of 1-D periodic eigenvalues, computed to machine precision in a
+    truncated Fourier basis (``_cosine_1d``; ``|k| <= 96``, lowest 64 1-D modes trusted), and
+    eigenfunctions are products of the real 1-D eigenvectors ``sum_k a_k cos(kx)`` /
+    ``sum_k b_k sin(kx)``, ordered by energy then multi-index. The default coefficients give the
+    reference's d = 2 values -0.5916245, 0.6233656, 0.6628879, 0.8915460, ...
+
+    Periodicity: the eigenfunctions are ``2 pi``-periodic, so the network must be too (e.g. take
+    ``cos x_i, sin x_i`` as input features); ``periodic = True`` flags this. Default sampler:
+    uniform on ``[-pi, pi]^d`` (``log p`` constant: the weighted operator is the plain one).
+
+    Args:
+      dim: dimension d.
+      coefficients: ``c_i``, one per dimension (a single value is broadcast); default the
+        Han-Lu-Zhou pair (then ``dim`` must be 2, or pass matching coefficients).
+    """
+
+    dim: int = 2
+    coefficients: Any = HAN_LU_ZHOU_COEFFICIENTS
+
+    periodic: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _check_dim(self.dim, "CosinePotential")
+        coefs = tuple(float(c) for c in np.ravel(self.coefficients))
+        if len(coefs) == 1:
+            coefs = coefs * self.dim
+        if len(coefs) != self.dim or not all(np.isfinite(coefs)):
+            raise ValueError(
+                f"CosinePotential: coefficients must be {self.dim} finite numbers (one per "
+                f"dimension) or a single one; got {self.coefficients!r}."
+            )
+        object.__setattr__(self, "coefficients", coefs)
+
+    @property
+    def box(self) -> tuple[float, float]:
+        return (-math.pi, math.pi)
+
+    def potential(self, x: Array) -> Array:
+        x = _check_point(x, self.dim, "CosinePotential.potential")
+        return jnp.sum(jnp.asarray(self.coefficients, x.dtype) * jnp.cos(x))
+
+    def multi_indices(self, L: int) -> np.ndarray:
+        """``(L, dim)`` indices of the 1-D modes (ascending order per coordinate) of each state."""
+        return self._states(_check_L(L))[1]
+
+    def _states(self, L: int):
+        spectra = [_cosine_1d(c)[0] for c in self.coefficients]
+        return _lowest_states(lambda k, count: spectra[k][:count], self.dim, L)
+
+    def energies(self, L: int) -> np.ndarray:
+        return self._states(_check_L(L))[0].astype(np.float64)
+
+    def eigenfunctions(self, x: Array, L: int) -> Array:
+        x = _check_point(x, self.dim, "CosinePotential.eigenfunctions")
+        index = self.multi_indices(L)
+        m_max = int(index.max()) + 1
+        # Only Fourier terms with non-negligible weight in the used modes (speed, not accuracy).
+        k = np.arange(_COSINE_CUTOFF + 1)
+        factors = []
+        for dim_k, c in enumerate(self.coefficients):
+            _, parity, coefs = _cosine_1d(c)
+            parity, coefs = parity[:m_max], coefs[:m_max]
+            used = np.nonzero(np.any(np.abs(coefs) > 1e-15, axis=0))[0]
+            kk = k[: used.max() + 1]
+            coefs = coefs[:, : len(kk)]
+            # Orthonormal basis at x_k: even 1/sqrt(2pi), cos(kx)/sqrt(pi); odd sin(kx)/sqrt(pi).
+            theta = jnp.asarray(kk, x.dtype) * x[dim_k]
+            cos_b = jnp.cos(theta) / math.sqrt(math.pi)
+            cos_b = cos_b.at[0].set(1.0 / math.sqrt(2 * math.pi))
+            sin_b = jnp.sin(theta) / math.sqrt(math.pi)
+            even = jnp.asarray(coefs, x.dtype) @ cos_b
+            odd = jnp.asarray(coefs, x.dtype) @ sin_b
+            modes = jnp.where(jnp.asarray(parity == 1), odd, even)  # (m_max,)
+            factors.append(modes[index[:, dim_k]])
+        return jnp.prod(jnp.stack(factors, axis=-1), axis=-1)
+
+    def default_sampler(self, L: int) -> UniformBoxSampler:
+        _check_L(L)
+        return UniformBoxSampler(-math.pi, math.pi, self.dim)
