@@ -1,0 +1,610 @@
+"""Eigenfunction networks (Flax NNX) and the bridge to pure functions.
+
+A network maps ONE point ``x`` of shape ``(d,)`` to the values of the ``L`` learned functions,
+shape ``(L,)``; batching is the caller's ``jax.vmap``. Two bodies:
+
+* :class:`MLP`: one shared MLP with ``L`` outputs (joint nesting);
+* :class:`ParallelMLPs`: ``L`` independent scalar MLPs whose parameters are stacked along a
+  leading axis of size ``L`` and evaluated as one batched computation (sequential nesting).
+
+Input and output options are small modules composed by :class:`EigenfunctionNetwork`::
+
+    f(x) = body(features(x)) * envelope(x) * mask(x)
+
+with ``features`` built by :class:`InputFeatures` (periodic embedding, frozen random Fourier
+features, radial input ``|x|``), ``envelope`` an :class:`Envelope` ``exp(-|x| / a_i)`` (fixed or
+learnable), and ``mask`` any callable ``x -> scalar`` (e.g. :func:`dirichlet_box_mask`).
+:func:`eigenfunction_network` builds the usual combinations from a few keywords.
+
+The core of the library is Flax-free. :func:`to_apply` is THE way to turn a module into a pure
+function of a plain ``dict`` of its trainable parameters (only the ``nnx.Param`` leaves; frozen
+features such as the Fourier matrix, stored as :class:`Frozen`, are closed over and never seen by
+an optimizer); :func:`load_params` puts trained parameters back::
+
+    net = eigenfunction_network(2, 9, kind="parallel", radial_input=True, rngs=nnx.Rngs(0))
+    apply, params = to_apply(net)               # apply(params, x): (d,) -> (L,), pure
+    f = jax.vmap(apply, in_axes=(None, 0))      # (B, d) -> (B, L)
+    params = train(f, params)                   # any jit/grad/optax code on the dict
+    load_params(net, params)                    # net(x) now equals apply(params, x)
+
+For :class:`ParallelMLPs` (and a learnable :class:`Envelope`) every parameter leaf has the
+leading axis ``L``: leaf ``[i]`` belongs to function ``i`` alone, so re-initialising function i
+is ``tree.map(lambda p, q: p.at[i].set(q[i]), params, fresh_params)`` with ``fresh_params``
+from the same constructor called with another seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+Activation = Callable[[Array], Array]
+
+__all__ = [
+    "Frozen",
+    "stable_radius",
+    "PeriodicEmbedding",
+    "RandomFourierFeatures",
+    "InputFeatures",
+    "MLP",
+    "StackedLinear",
+    "ParallelMLPs",
+    "Envelope",
+    "EigenfunctionNetwork",
+    "dirichlet_box_mask",
+    "eigenfunction_network",
+    "to_apply",
+    "load_params",
+]
+
+_RADIUS_EPS = 1e-12
+_KINDS = ("parallel", "shared")
+_ENVELOPES = (None, "fixed", "learnable")
+
+
+class Frozen(nnx.Variable):
+    """Non-trainable array state (random Fourier frequencies, fixed envelope lengths).
+
+    Not an ``nnx.Param``: ``nnx.split(module, nnx.Param, ...)``, ``nnx.Optimizer(...,
+    wrt=nnx.Param)`` and :func:`to_apply` leave it out of the trainable parameters.
+    """
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_hidden(hidden: Any) -> tuple[int, ...]:
+    try:
+        sizes = tuple(hidden)
+    except TypeError:
+        raise ValueError(
+            f"hidden must be a non-empty sequence of positive layer widths, got {hidden!r}"
+        ) from None
+    if not sizes or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in sizes):
+        raise ValueError(
+            f"hidden must be a non-empty sequence of positive layer widths, got {hidden!r}"
+        )
+    return sizes
+
+
+def _check_activation(activation: Any) -> Activation:
+    if not callable(activation):
+        raise ValueError(f"activation must be callable, got {activation!r}")
+    return activation
+
+
+# --------------------------------------------------------------------------- input features
+
+
+def stable_radius(x: Array, eps: float = _RADIUS_EPS) -> Array:
+    """``sqrt(|x|^2 + eps)`` over the last axis: (..., d) -> (...).
+
+    Plain ``|x|`` has a NaN gradient at 0 (0/0); with ``eps > 0`` every derivative is finite
+    (gradient 0 at the origin, second derivative ``1/sqrt(eps)``), while for ``|x| >> sqrt(eps)``
+    it is ``|x|`` to working precision, so the cusp of ``exp(-|x|)`` survives.
+    """
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1) + eps)
+
+
+class PeriodicEmbedding(nnx.Module):
+    """``x -> [cos(2 pi x / P), sin(2 pi x / P)]``: (..., d) -> (..., 2d).
+
+    Any function of the embedding is exactly ``P_i``-periodic in ``x_i``; ``period=2 pi`` is the
+    box ``[-pi, pi]^d``. No parameters.
+    """
+
+    def __init__(self, in_features: int, period: float | Sequence[float] = 2 * math.pi):
+        self.in_features = _check_positive_int("in_features", in_features)
+        periods = (
+            (period,) * in_features if np.ndim(period) == 0 else tuple(np.ravel(period).tolist())
+        )
+        if len(periods) != in_features or any(not float(p) > 0 for p in periods):
+            raise ValueError(
+                f"period must be a positive number or {in_features} positive numbers, "
+                f"got {period!r}"
+            )
+        # Static Python floats (hashable graph metadata), cast to x's dtype at call time.
+        self.angular = tuple(2 * math.pi / float(p) for p in periods)
+        self.out_features = 2 * in_features
+
+    def __call__(self, x: Array) -> Array:
+        z = x * jnp.asarray(self.angular, dtype=x.dtype)
+        return jnp.concatenate([jnp.cos(z), jnp.sin(z)], axis=-1)
+
+
+class RandomFourierFeatures(nnx.Module):
+    """Frozen Gaussian random Fourier features: ``x -> [sin(B x), cos(B x)]``.
+
+    (..., d) -> (..., 2 num_features), ``B`` of shape (num_features, d) with entries
+    ``N(0, scale^2)`` drawn once at init and stored as :class:`Frozen` (never trained).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_features: int,
+        scale: float = 1.0,
+        *,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = _check_positive_int("in_features", in_features)
+        _check_positive_int("fourier num_features", num_features)
+        if not float(scale) > 0:
+            raise ValueError(f"fourier scale must be positive, got {scale!r}")
+        self.out_features = 2 * num_features
+        self.frequencies = Frozen(
+            float(scale)
+            * jax.random.normal(rngs.params(), (num_features, in_features), param_dtype)
+        )
+
+    def __call__(self, x: Array) -> Array:
+        z = jnp.einsum("...d,kd->...k", x, self.frequencies[...])
+        return jnp.concatenate([jnp.sin(z), jnp.cos(z)], axis=-1)
+
+
+class InputFeatures(nnx.Module):
+    """Input pipeline ``(..., d) -> (..., out_features)``::
+
+        z = x
+        z = PeriodicEmbedding(z)            if periodic          (2d)
+        z = RandomFourierFeatures(z)        if fourier           (2 num)
+        z = concat(z, stable_radius(x))     if radial            (+1)
+
+    Args:
+      in_features: d.
+      periodic: ``False``/``None``, ``True`` (period 2 pi), or a period (scalar or (d,)).
+      fourier: ``None`` or ``(num_features, scale)``.
+      radial: append ``sqrt(|x|^2 + radial_eps)``: lets the network represent a Coulomb cusp
+        (method.md section 7). Not allowed together with ``periodic``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        periodic: bool | float | Sequence[float] | None = False,
+        fourier: tuple[int, float] | None = None,
+        radial: bool = False,
+        radial_eps: float = _RADIUS_EPS,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = _check_positive_int("in_features", in_features)
+        is_periodic = periodic is not None and periodic is not False
+        if is_periodic and radial:
+            raise ValueError(
+                "radial_input=True makes no sense with periodic inputs (|x| is not periodic)"
+            )
+        n = in_features
+        periodic_embedding = None
+        if is_periodic:
+            period = 2 * math.pi if periodic is True else periodic
+            periodic_embedding = PeriodicEmbedding(n, period)
+            n = periodic_embedding.out_features
+        fourier_features = None
+        if fourier is not None:
+            try:
+                num, scale = fourier
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"fourier_features must be None or (num_features, scale), got {fourier!r}"
+                ) from None
+            fourier_features = RandomFourierFeatures(
+                n, num, scale, param_dtype=param_dtype, rngs=rngs
+            )
+            n = fourier_features.out_features
+        # Assigned once: an NNX attribute first set to None is static metadata.
+        self.periodic = periodic_embedding
+        self.fourier = fourier_features
+        self.radial = bool(radial)
+        if not radial_eps > 0:
+            raise ValueError(f"radial_eps must be positive, got {radial_eps!r}")
+        self.radial_eps = float(radial_eps)
+        self.out_features = n + int(self.radial)
+
+    def __call__(self, x: Array) -> Array:
+        z = x
+        if self.periodic is not None:
+            z = self.periodic(z)
+        if self.fourier is not None:
+            z = self.fourier(z)
+        if self.radial:
+            z = jnp.concatenate([z, stable_radius(x, self.radial_eps)[..., None]], axis=-1)
+        return z
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+class MLP(nnx.Module):
+    """Shared MLP ``(..., in_features) -> (..., out_features)`` (joint nesting).
+
+    ``h_0 = x; h_{k+1} = act(W_k h_k + b_k); out = W_K h_K + b_K`` (linear last layer).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        hidden: Sequence[int] = (64, 64, 64),
+        activation: Activation = jax.nn.softplus,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("out_features (number of functions L)", out_features)
+        sizes = (in_features, *_check_hidden(hidden), out_features)
+        self.activation = _check_activation(activation)
+        self.layers = nnx.List(
+            [
+                nnx.Linear(a, b, param_dtype=param_dtype, rngs=rngs)
+                for a, b in zip(sizes[:-1], sizes[1:])
+            ]
+        )
+
+    def __call__(self, x: Array) -> Array:
+        for layer in self.layers[:-1]:
+            x = self.activation(layer(x))
+        return self.layers[-1](x)
+
+
+class StackedLinear(nnx.Module):
+    """``num`` independent affine maps with stacked parameters.
+
+    kernel (num, in, out), bias (num, out); each map ``y_l = x_l W_l + b_l``. Kernels use
+    ``nnx.Linear``'s default LeCun-normal init per map (fan-in = ``in``), biases zero.
+    """
+
+    def __init__(
+        self,
+        num: int,
+        in_features: int,
+        out_features: int,
+        *,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        init = jax.nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        self.kernel = nnx.Param(init(rngs.params(), (num, in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num, out_features), param_dtype))
+
+    def __call__(self, x: Array, *, shared_input: bool = False) -> Array:
+        """x: (..., in) shared by all maps if ``shared_input``, else (..., num, in).
+
+        Returns (..., num, out).
+        """
+        spec = "...i,lio->...lo" if shared_input else "...li,lio->...lo"
+        return jnp.einsum(spec, x, self.kernel[...]) + self.bias[...]
+
+
+class ParallelMLPs(nnx.Module):
+    """``L`` independent scalar MLPs in parallel: (..., in_features) -> (..., L).
+
+    Every parameter has the leading axis L (:class:`StackedLinear`), so output i depends only
+    on the slice ``[i]`` of each leaf (sequential nesting). One batched computation: the first
+    layer is a single matmul of the shared input against ``L * width`` columns, the others are
+    batched matmuls over L.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_functions: int,
+        *,
+        hidden: Sequence[int] = (32, 32, 32),
+        activation: Activation = jax.nn.softplus,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("num_functions (number of functions L)", num_functions)
+        sizes = (in_features, *_check_hidden(hidden), 1)
+        self.activation = _check_activation(activation)
+        self.layers = nnx.List(
+            [
+                StackedLinear(num_functions, a, b, param_dtype=param_dtype, rngs=rngs)
+                for a, b in zip(sizes[:-1], sizes[1:])
+            ]
+        )
+
+    def __call__(self, x: Array) -> Array:
+        h = self.activation(self.layers[0](x, shared_input=True))  # (..., L, width)
+        for layer in self.layers[1:-1]:
+            h = self.activation(layer(h))
+        return self.layers[-1](h)[..., 0]
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _inverse_softplus(y: Array) -> Array:
+    # log(expm1(y)) written to stay finite for large y.
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+def _decay_lengths(decay_length: Any, num_functions: int) -> np.ndarray:
+    """Validated envelope lengths a_i as a NumPy (L,) array."""
+    try:
+        lengths = np.asarray(decay_length, dtype=float)
+    except (TypeError, ValueError):
+        lengths = np.full((0,), np.nan)
+    if lengths.ndim == 0:
+        lengths = np.full((num_functions,), float(lengths))
+    if lengths.shape != (num_functions,) or not np.all(lengths > 0):
+        raise ValueError(
+            f"envelope_decay must be a positive number or {num_functions} positive numbers, "
+            f"got {decay_length!r}"
+        )
+    return lengths
+
+
+class Envelope(nnx.Module):
+    """Per-output envelope ``e_i(x) = exp(-r / a_i)``, r = stable_radius(x): (..., d) -> (..., L).
+
+    Fixed: the lengths ``a_i`` are :class:`Frozen`. Learnable: the rate ``1/a_i =
+    softplus(rho_i)`` with ``rho`` an ``nnx.Param`` of shape (L,), initialised at the given
+    lengths; the softplus keeps the rate positive (the function stays bounded) and a rate near 0
+    is a flat envelope rather than a division by zero. method.md section 7: on hydrogen the
+    learnable version trapped functions near the nucleus; fixed envelopes helped.
+    """
+
+    def __init__(
+        self,
+        num_functions: int,
+        decay_length: float | Sequence[float] = 1.0,
+        *,
+        learnable: bool = False,
+        radial_eps: float = _RADIUS_EPS,
+        param_dtype: Any = jnp.float32,
+    ):
+        _check_positive_int("num_functions", num_functions)
+        lengths = _decay_lengths(decay_length, num_functions)
+        self.learnable = bool(learnable)
+        self.radial_eps = float(radial_eps)
+        if self.learnable:
+            self.raw_rate = nnx.Param(_inverse_softplus(jnp.asarray(1.0 / lengths, param_dtype)))
+        else:
+            self.length = Frozen(jnp.asarray(lengths, param_dtype))
+
+    def rates(self) -> Array:
+        """(L,) decay rates ``1 / a_i``."""
+        return jax.nn.softplus(self.raw_rate[...]) if self.learnable else 1.0 / self.length[...]
+
+    def __call__(self, x: Array) -> Array:
+        r = stable_radius(x, self.radial_eps)[..., None]
+        return jnp.exp(-r * self.rates())
+
+
+def dirichlet_box_mask(lower: float | Sequence[float], upper: float | Sequence[float]):
+    """Callable ``x -> prod_i (x_i - lo_i)(hi_i - x_i) / ((hi_i - lo_i) / 2)^2``: (d,) -> ().
+
+    Zero on the faces of the box ``[lo, hi]``, 1 at its centre: multiplying the network output
+    by it imposes Dirichlet boundary conditions exactly.
+    """
+    try:
+        lo_arr, hi_arr = np.broadcast_arrays(
+            np.atleast_1d(np.asarray(lower, dtype=float)),
+            np.atleast_1d(np.asarray(upper, dtype=float)),
+        )
+    except ValueError:
+        raise ValueError(f"lower and upper must broadcast, got {lower!r} and {upper!r}") from None
+    if lo_arr.ndim != 1 or not np.all(hi_arr > lo_arr):
+        raise ValueError(
+            f"need 1-D bounds with upper > lower in every coordinate, got {lower!r} and {upper!r}"
+        )
+    lo, hi = tuple(lo_arr.tolist()), tuple(hi_arr.tolist())
+
+    def mask(x: Array) -> Array:
+        l = jnp.asarray(lo, dtype=x.dtype)
+        h = jnp.asarray(hi, dtype=x.dtype)
+        return jnp.prod((x - l) * (h - x) / jnp.square((h - l) / 2), axis=-1)
+
+    return mask
+
+
+class EigenfunctionNetwork(nnx.Module):
+    """``f(x) = body(features(x)) * envelope(x) * mask(x)``: (d,) -> (L,).
+
+    Args:
+      body: a module (..., F) -> (..., L), e.g. :class:`MLP` or :class:`ParallelMLPs`.
+      features: optional module (..., d) -> (..., F) (:class:`InputFeatures`); identity if None.
+      envelope: optional module (..., d) -> (..., L) (:class:`Envelope`).
+      boundary_mask: optional callable ``x (d,) -> scalar`` multiplying every output (a Dirichlet
+        box: :func:`dirichlet_box_mask`). It is static (part of the graph, not of the params).
+    """
+
+    def __init__(
+        self,
+        body: nnx.Module,
+        *,
+        features: nnx.Module | None = None,
+        envelope: nnx.Module | None = None,
+        boundary_mask: Callable[[Array], Array] | None = None,
+    ):
+        if boundary_mask is not None and not callable(boundary_mask):
+            raise ValueError(
+                f"boundary_mask must be None or a callable x -> scalar, got {boundary_mask!r}"
+            )
+        self.body = body
+        self.features = features
+        self.envelope = envelope
+        self.boundary_mask = boundary_mask
+
+    def __call__(self, x: Array) -> Array:
+        out = self.body(x if self.features is None else self.features(x))
+        if self.envelope is not None:
+            out = out * self.envelope(x)
+        if self.boundary_mask is not None:
+            # The mask is written per point; vectorize lets a (B, d) input work too.
+            mask = jnp.vectorize(self.boundary_mask, signature="(d)->()")(x)
+            out = out * mask[..., None]
+        return out
+
+
+def eigenfunction_network(
+    dim: int,
+    num_functions: int,
+    *,
+    kind: str = "parallel",
+    hidden: Sequence[int] | None = None,
+    activation: Activation = jax.nn.softplus,
+    fourier_features: tuple[int, float] | None = None,
+    radial_input: bool = False,
+    periodic: bool | float | Sequence[float] = False,
+    envelope: str | None = None,
+    envelope_decay: float | Sequence[float] = 1.0,
+    boundary_mask: Callable[[Array], Array] | None = None,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+) -> EigenfunctionNetwork:
+    """Build the usual eigenfunction network: (dim,) -> (num_functions,).
+
+    Args:
+      dim: input dimension d.
+      num_functions: L.
+      kind: ``"parallel"`` (L independent MLPs, default hidden (32, 32, 32); sequential nesting)
+        or ``"shared"`` (one MLP with L outputs, default hidden (64, 64, 64); joint nesting).
+      hidden: hidden layer widths.
+      fourier_features: ``None`` or ``(num, scale)``: frozen ``[sin(Bx), cos(Bx)]``,
+        ``B ~ N(0, scale^2)`` of shape (num, d).
+      radial_input: append ``|x|`` (stable at 0) to the features (Coulomb cusp).
+      periodic: ``True`` (period 2 pi), a period, or per-axis periods: embed x as (cos, sin).
+      envelope: ``None``, ``"fixed"`` or ``"learnable"``: multiply output i by ``exp(-|x|/a_i)``.
+      envelope_decay: the length(s) ``a_i`` (scalar or (L,)); initial value if learnable.
+      boundary_mask: callable ``x -> scalar`` multiplying all outputs (Dirichlet problems).
+      param_dtype: dtype of parameters and frozen features (float64 needs ``jax.enable_x64``).
+      rngs: ``nnx.Rngs``; parameters and Fourier frequencies use its ``params`` stream.
+
+    Raises:
+      ValueError: on an unknown ``kind``/``envelope``, non-positive sizes, or an envelope /
+        radial input combined with periodic inputs.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"unknown kind {kind!r}: expected one of {_KINDS}")
+    if envelope not in _ENVELOPES:
+        raise ValueError(f"unknown envelope {envelope!r}: expected one of {_ENVELOPES}")
+    _check_positive_int("dim", dim)
+    _check_positive_int("num_functions (number of functions L)", num_functions)
+    # Validate everything before building anything (building draws random numbers).
+    if hidden is None:
+        hidden = (32, 32, 32) if kind == "parallel" else (64, 64, 64)
+    hidden = _check_hidden(hidden)
+    _check_activation(activation)
+    is_periodic = periodic is not None and periodic is not False
+    if is_periodic and envelope is not None:
+        raise ValueError(
+            "an exp(-|x|/a) envelope is not periodic: do not combine it with periodic inputs"
+        )
+    if is_periodic and radial_input:
+        raise ValueError(
+            "radial_input=True makes no sense with periodic inputs (|x| is not periodic)"
+        )
+    if envelope is not None:
+        _decay_lengths(envelope_decay, num_functions)
+    if boundary_mask is not None and not callable(boundary_mask):
+        raise ValueError(
+            f"boundary_mask must be None or a callable x -> scalar, got {boundary_mask!r}"
+        )
+    features = InputFeatures(
+        dim,
+        periodic=periodic,
+        fourier=fourier_features,
+        radial=radial_input,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    if kind == "parallel":
+        body = ParallelMLPs(
+            features.out_features,
+            num_functions,
+            hidden=hidden,
+            activation=activation,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+    else:
+        body = MLP(
+            features.out_features,
+            num_functions,
+            hidden=hidden,
+            activation=activation,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+    env = None
+    if envelope is not None:
+        env = Envelope(
+            num_functions,
+            envelope_decay,
+            learnable=envelope == "learnable",
+            param_dtype=param_dtype,
+        )
+    return EigenfunctionNetwork(body, features=features, envelope=env, boundary_mask=boundary_mask)
+
+
+# --------------------------------------------------------------------------- pure-function bridge
+
+
+def to_apply(module: nnx.Module) -> tuple[Callable[[Any, Array], Array], dict]:
+    """Turn a module into ``(apply, params)`` with ``apply(params, x) == module(x)``.
+
+    ``params`` is a plain nested ``dict`` of the module's ``nnx.Param`` arrays (a copy of their
+    current values). Everything else (graph structure, :class:`Frozen` features, static
+    callables) is captured by ``apply`` as constants, so gradients and optimizers only ever see
+    the trainable parameters. ``apply`` is pure: it rebuilds the module from ``params`` at trace
+    time (``nnx.merge``), so it composes with ``jit``, ``grad``, ``jvp`` and ``vmap`` (over x or
+    over stacked params). ``apply`` holds a snapshot: later changes to ``module`` (its params
+    or frozen state) do not affect it; use :func:`load_params` to write ``params`` back into
+    the module.
+    """
+    # Split a clone: nnx.split shares Variable objects with the module, so without the copy an
+    # in-place change to the module's frozen state would leak into apply (and only until jit
+    # caches a trace).
+    graphdef, param_state, rest = nnx.split(nnx.clone(module), nnx.Param, ...)
+    params = nnx.to_pure_dict(param_state)
+
+    def apply(params: dict, x: Array) -> Array:
+        return nnx.merge(graphdef, params, rest)(x)
+
+    return apply, params
+
+
+def load_params(module: nnx.Module, params: dict) -> nnx.Module:
+    """Write a params dict from :func:`to_apply` back into ``module`` (in place); returns it."""
+    nnx.update(module, params)
+    return module
