@@ -33,7 +33,7 @@ differential operator that would mean third derivatives of the network).
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,8 @@ import numpy as np
 
 __all__ = [
     "NESTINGS",
+    "Objective",
+    "nested_lora_objective",
     "nesting_masks",
     "nesting_weights",
     "lora_objective",
@@ -403,3 +405,48 @@ def _check_svd_inputs(f, Tg, g, Tadj_f, split_batch):
     _check_even(g.shape[0], "g", split_batch)
     g, Tadj_f = g.astype(f.dtype), Tadj_f.astype(f.dtype)
     return f, Tg, g, Tadj_f
+
+
+# ------------------------------------------------------------- objective protocol
+
+
+class Objective(NamedTuple):
+    """A training objective on network outputs, as pure functions (NestedLoRA or a baseline).
+
+    Attributes:
+      name: short identifier (e.g. ``"neuralsvd-seq"``).
+      init: ``(L, dtype) -> state``, the objective's own state (a pytree; ``()`` if none),
+        e.g. SpIN's moving average of the second-moment matrix.
+      loss: ``(f, Tf, state) -> (loss, new_state)`` for ``f, Tf`` of shape ``(B, L)``. The
+        gradient of ``loss`` w.r.t. ``f`` is the method's update direction (it may be a
+        masked / custom gradient, not the gradient of the returned value).
+      transform: ``(f, state) -> phi``: maps raw outputs ``(B, L)`` to the method's
+        eigenfunction estimates (identity for NestedLoRA; a linear map for baselines, so it
+        applies to ``Tf`` as well).
+      needs_even_batch: ``True`` if the batch is split in halves.
+    """
+
+    name: str
+    init: Callable[[int, Any], Any]
+    loss: Callable[[Any, Any, Any], tuple[Any, Any]]
+    transform: Callable[[Any, Any], Any]
+    needs_even_batch: bool
+
+
+def nested_lora_objective(
+    nesting: Nesting = "sequential", weights=None, split_batch: bool = True
+) -> Objective:
+    """:func:`nested_lora_loss` as an :class:`Objective` (stateless; identity transform)."""
+    _check_nesting(nesting)
+
+    def loss(f, Tf, state):
+        return nested_lora_loss(f, Tf, nesting=nesting, weights=weights, split_batch=split_batch), state
+
+    name = "neuralsvd-seq" if nesting == "sequential" else "neuralsvd-joint"
+    return Objective(
+        name=name,
+        init=lambda L, dtype: (),
+        loss=loss,
+        transform=lambda f, state: f,
+        needs_even_batch=bool(split_batch),
+    )

@@ -1,0 +1,452 @@
+"""Baselines with the same :class:`~nestedlora_jax.objectives.Objective` interface as NestedLoRA.
+
+Both follow the public PyTorch reference of the NeuralSVD paper (jongharyu/neural-svd,
+``methods/spin.py`` and ``methods/neuralef.py``), so that the same training loop, networks,
+sampler and evaluation can run every method side by side. Conventions are the library's:
+``f, Tf`` are ``(B, L)`` network outputs and operator outputs on a batch, inner products
+are batch means, the operator ``T`` is self-adjoint in that inner product, its **top**
+(largest, positive) eigenvalues are the wanted ones, and the returned scalar is
+*minimised*; its gradient w.r.t. ``f`` is the method's update direction. No gradient ever
+flows into ``Tf`` (it is wrapped in ``stop_gradient``), so a training step never
+differentiates the operator.
+
+**SpIN** (Pfau, Petersen, Agarwal, Barrett, Stachenfeld, "Spectral Inference Networks",
+ICLR 2019). With ``Sigma = E[f f^T]``, ``Pi = E[f (Tf)^T]``, a moving average ``Sigma_bar``
+of ``Sigma`` and ``Lc = chol(Sigma_bar + epsilon I)``::
+
+    Lambda = Lc^{-1} Pi Lc^{-T},        loss = -tr(Lambda)
+
+(the reference reports ``tr(Lambda)`` but its custom backward is the masked gradient of
+``-tr(Lambda)``: gradient descent *maximises* the trace, i.e. finds the top eigenvalues).
+The update is the *masked* gradient: ``lambda_k = Lambda_kk`` depends on ``f_1..f_k`` only
+(``Lc`` is lower triangular) and is differentiated w.r.t. ``f_k`` alone. Per sample, with
+``D = diag(Lc^{-1})``::
+
+    dL/df_b = (2/B) [ (Tf)_b @ G_pi + f_b @ G_sigma ]
+    G_pi    = -Lc^{-T} D,      G_sigma = Lc^{-T} triu(Lambda D)
+
+These are the reference's ``gpi`` and ``gsigma`` (Pfau et al.'s ``gobj``/``gxx`` with the
+sign flipped for maximisation). The reference lets ``G_pi`` flow through ``T f`` as well
+as through ``f`` (its ``Covariance`` backward); for self-adjoint ``T`` the two contributions
+are equal, hence the factor 2 on ``(Tf)_b @ G_pi`` without differentiating ``T``. Its
+``Covariance`` backward also sends ``f @ G`` (not ``f @ (G + G^T)/2``) to each factor of
+``Sigma``: that *is* the mask, and the ``2 f_b @ G_sigma`` above.
+
+*Difference from the reference (the "EMA of the Jacobian term").* The reference also keeps
+a moving average, in parameter space, of the Jacobian ``dSigma/dtheta = 2 E[(df/dtheta) f^T]``
+and uses it in place of the current batch's in the ``G_sigma`` term. An ``Objective`` only
+sees ``f``, and the averaged Jacobian of past batches is not a function of the current ``f``
+(for a general network it need not even lie in the range of the current Jacobian's
+transpose), so no exact f-space equivalent exists; the exception is a network that is a free
+table over a fixed population, where it would be an average of past ``f``. Here the ``G_sigma``
+term uses the **current batch's** Jacobian (``f_b`` above) with the moving average
+``Sigma_bar`` inside ``G_sigma``: the reference with Jacobian decay 1. The parameters where
+``lambda`` is stationary are the same; only the stochastic bias of the update differs (both
+variants are biased estimators; the current Jacobian is nearly independent of ``Sigma_bar``,
+which puts weight ``decay`` on the current batch).
+
+*Second difference.* The reference starts ``Sigma_bar`` at zero with no correction, so for
+the first ~``1/decay`` steps it is shrunk by ``1 - (1-decay)^t``. Here the average is
+bias-corrected (divided by its accumulated weight, as in Adam), i.e. it is the weighted mean
+of the batches seen so far; the two agree once ``(1-decay)^t`` is negligible.
+
+Learned eigenfunctions are ``Lc^{-1} f`` per sample (:func:`spin_objective`'s ``transform``).
+
+**NeuralEF** (Deng, Shi, Zhu, "NeuralEF: Deconstructing Kernels by Deep Neural Networks",
+ICML 2022). Outputs are normalised per function by their batch RMS, ``psi_j = f_j / ||f_j||``
+with ``||f_j||^2 = mean_b f_bj^2`` (the gradient flows through the normalisation, as in the
+reference's training mode), and ``Tpsi = Tf / ||f||`` (no gradient). The update for
+``psi_j`` at sample ``b`` (in batch half ``h``)::
+
+    dL/dpsi_bj = (4/B) [ -(Tpsi)_bj + sum_{l<j} (Tpsi)_bl C_lj ]
+
+with ``C_lj = <psi_l, psi_j>`` (``variant="unbiased"``, the mu-EigenGame form of NeuralEF) or
+``C_lj = <psi_l, Tpsi_j> / (<psi_l, Tpsi_l> + 1e-5)`` (``variant="original"``, Deng et al.),
+estimated on the *other* half of the batch (``split_batch=True``; both halves' estimates are
+independent, so the expected update is the population one) or on the whole batch. The
+transform for evaluation divides by a running RMS (momentum 0.9, as the reference's
+``batchnorm_mode='unbiased'``).
+
+*Difference from the reference.* Its ``unbiased`` variant takes ``C`` for a sample from
+the sample's **own** half (``gram_phi1`` pairs with ``Tphi1``), which makes the product of
+two estimates biased by O(1/B); its ``original`` variant already pairs opposite halves. Here
+both pair opposite halves by default; ``pairing="own"`` reproduces the reference's
+``unbiased`` path exactly. Its running norm starts at the first batch's; here it is a
+bias-corrected moving average (identical at the first step, same limit). (The reference's
+evaluation also has ``norm = _norm_biased if self.batchnorm_mode else ...`` with a non-empty
+string, so it always evaluates with the linear (not RMS) running average; we use the RMS
+average that its hydrogen script asks for.)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+from nestedlora_jax.objectives import Objective, _check_pair
+
+__all__ = [
+    "NEURALEF_PAIRINGS",
+    "NEURALEF_VARIANTS",
+    "NeuralEFState",
+    "SpinState",
+    "neuralef_objective",
+    "spin_objective",
+]
+
+NEURALEF_VARIANTS = ("unbiased", "original")
+NEURALEF_PAIRINGS = ("cross", "own")
+_ORIGINAL_DENOM_EPS = 1e-5  # the reference's guard in <psi_l, T psi_l> + 1e-5
+
+
+# ------------------------------------------------------------------ shared pieces
+
+
+def _check_unit_interval(value, name, *, open_left, open_right):
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a real number, got {value!r}.") from e
+    lo_ok = v > 0 if open_left else v >= 0
+    hi_ok = v < 1 if open_right else v <= 1
+    if not (lo_ok and hi_ok):
+        interval = f"{'(' if open_left else '['}0, 1{')' if open_right else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}.")
+    return v
+
+
+def _check_init(L, dtype):
+    if int(L) != L or L < 1:
+        raise ValueError(f"the number of functions L must be a positive integer, got {L!r}.")
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"the state dtype must be floating-point, got {dtype}.")
+    return int(L), dtype
+
+
+def _check_state_matches(L_state, f, method):
+    L = f.shape[1]
+    if L_state != L:
+        raise ValueError(
+            f"{method} state was initialised for L = {L_state} functions but f has L = {L} "
+            f"(shape {f.shape}); call init({L}, dtype) for this network."
+        )
+
+
+def _ema_update(avg, weight, new, decay):
+    """Bias-corrected moving average: returns the new (avg, weight) and avg / weight."""
+    avg = (1 - decay) * avg + decay * new
+    weight = (1 - decay) * weight + decay
+    return avg, weight, avg / weight
+
+
+# ------------------------------------------------------------------ SpIN
+
+
+class SpinState(NamedTuple):
+    """SpIN's state: the moving average of ``Sigma = E[f f^T]``.
+
+    Attributes:
+      sigma_avg: ``(L, L)`` un-normalised moving average (starts at 0).
+      weight: scalar, accumulated weight ``1 - (1 - decay)^t``; ``sigma_avg / weight`` is
+        the bias-corrected average (``Sigma_bar``). Zero before the first step.
+    """
+
+    sigma_avg: jax.Array
+    weight: jax.Array
+
+
+def _spin_sigma_bar(state: SpinState, dtype):
+    """``Sigma_bar`` (identity before the first step, as the reference's intended default)."""
+    L = state.sigma_avg.shape[0]
+    w = state.weight.astype(dtype)
+    safe = jnp.where(w > 0, w, 1)
+    return jnp.where(w > 0, state.sigma_avg.astype(dtype) / safe, jnp.eye(L, dtype=dtype))
+
+
+def _spin_factors(sigma_bar, epsilon):
+    L = sigma_bar.shape[0]
+    eye = jnp.eye(L, dtype=sigma_bar.dtype)
+    chol = jnp.linalg.cholesky(sigma_bar + epsilon * eye)
+    chol_inv = solve_triangular(chol, eye, lower=True)
+    return chol, chol_inv
+
+
+def _spin_value(f, Tf, sigma_bar, epsilon):
+    _, chol_inv = _spin_factors(sigma_bar, epsilon)
+    pi = f.T @ Tf / f.shape[0]
+    return -jnp.trace(chol_inv @ pi @ chol_inv.T)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _spin_masked(f, Tf, sigma_bar, epsilon):
+    """``-tr(Lambda)``, with SpIN's masked gradient w.r.t. ``f`` (none to Tf or Sigma_bar)."""
+    return _spin_value(f, Tf, sigma_bar, epsilon)
+
+
+def _spin_masked_fwd(f, Tf, sigma_bar, epsilon):
+    return _spin_value(f, Tf, sigma_bar, epsilon), (f, Tf, sigma_bar)
+
+
+def _spin_masked_bwd(epsilon, residuals, ct):
+    f, Tf, sigma_bar = residuals
+    _, chol_inv = _spin_factors(sigma_bar, epsilon)
+    pi = f.T @ Tf / f.shape[0]
+    lam = chol_inv @ pi @ chol_inv.T
+    d = jnp.diagonal(chol_inv)  # D = diag(Lc^{-1}), applied as column scaling
+    g_pi = -chol_inv.T * d  # -Lc^{-T} D
+    g_sigma = chol_inv.T @ jnp.triu(lam * d)  # Lc^{-T} triu(Lambda D)
+    grad_f = (2.0 / f.shape[0]) * (Tf @ g_pi + f @ g_sigma)
+    return ct * grad_f, jnp.zeros_like(Tf), jnp.zeros_like(sigma_bar)
+
+
+_spin_masked.defvjp(_spin_masked_fwd, _spin_masked_bwd)
+
+
+def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3) -> Objective:
+    """Spectral Inference Networks (SpIN) as an :class:`Objective` (name ``"spin"``).
+
+    Each call of ``loss`` updates ``Sigma_bar`` with the batch's ``E[f f^T]`` (weight
+    ``decay``, bias-corrected), then returns ``-tr(Lambda)`` with
+    ``Lambda = Lc^{-1} E[f (Tf)^T] Lc^{-T}``, ``Lc = chol(Sigma_bar + epsilon I)``, whose
+    gradient w.r.t. ``f`` is SpIN's masked gradient (module docstring). ``diag(Lambda)``
+    estimates the top-L eigenvalues in decreasing order.
+
+    Args:
+      decay: weight of the new batch in the moving average of ``Sigma``, in ``(0, 1]``
+        (reference: 0.01; 1 means no averaging).
+      epsilon: ridge added to ``Sigma_bar`` before the Cholesky factorisation, ``>= 0``
+        (reference: 1e-3).
+
+    Returns:
+      An :class:`Objective` with state :class:`SpinState`, ``transform(f, state) =
+      f @ Lc^{-T}`` (``Lc^{-1} f`` per sample: the learned, approximately orthonormal
+      eigenfunctions; ``Lc`` from the state) and ``needs_even_batch=False``.
+    """
+    decay = _check_unit_interval(decay, "decay", open_left=True, open_right=False)
+    try:
+        epsilon = float(epsilon)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"epsilon must be a real number, got {epsilon!r}.") from e
+    if not (epsilon >= 0 and epsilon < float("inf")):
+        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon!r}.")
+
+    def init(L, dtype=jnp.float32):
+        L, dtype = _check_init(L, dtype)
+        return SpinState(jnp.zeros((L, L), dtype), jnp.zeros((), dtype))
+
+    def loss(f, Tf, state):
+        f, Tf = _check_pair(f, Tf, "f", "Tf")
+        _check_spin_state(state, f)
+        Tf = jax.lax.stop_gradient(Tf)
+        fs = jax.lax.stop_gradient(f)
+        sigma = fs.T @ fs / f.shape[0]
+        avg, weight, sigma_bar = _ema_update(
+            state.sigma_avg.astype(f.dtype), state.weight.astype(f.dtype), sigma, decay
+        )
+        value = _spin_masked(f, Tf, sigma_bar, epsilon)
+        new_state = SpinState(avg.astype(state.sigma_avg.dtype), weight.astype(state.weight.dtype))
+        return value, new_state
+
+    def transform(f, state):
+        f = jnp.asarray(f)
+        if f.ndim != 2:
+            raise ValueError(f"f must have shape (B, L), got shape {f.shape}.")
+        if not jnp.issubdtype(f.dtype, jnp.floating):
+            raise ValueError(f"f must be a floating-point array, got dtype {f.dtype}.")
+        _check_spin_state(state, f)
+        chol, _ = _spin_factors(_spin_sigma_bar(state, f.dtype), epsilon)
+        return solve_triangular(chol, f.T, lower=True).T
+
+    return Objective(
+        name="spin", init=init, loss=loss, transform=transform, needs_even_batch=False
+    )
+
+
+def _check_spin_state(state, f):
+    if not isinstance(state, SpinState):
+        raise ValueError(
+            f"SpIN expects its own state (SpinState from spin_objective().init), got "
+            f"{type(state).__name__}."
+        )
+    if state.sigma_avg.ndim != 2 or state.sigma_avg.shape[0] != state.sigma_avg.shape[1]:
+        raise ValueError(
+            f"SpinState.sigma_avg must be (L, L), got shape {state.sigma_avg.shape}."
+        )
+    _check_state_matches(state.sigma_avg.shape[0], f, "SpIN")
+
+
+# ------------------------------------------------------------------ NeuralEF
+
+
+class NeuralEFState(NamedTuple):
+    """NeuralEF's state: the running mean square of each output (for evaluation).
+
+    Attributes:
+      sq_norm_avg: ``(L,)`` un-normalised moving average of ``mean_b f_bj^2`` (starts at 0).
+      weight: scalar, accumulated weight ``1 - momentum^t`` (bias correction); zero before
+        the first step, when the transform is the identity.
+    """
+
+    sq_norm_avg: jax.Array
+    weight: jax.Array
+
+
+def _neuralef_coefficients(psi, Tpsi, variant):
+    """``C`` of shape (L, L), strictly upper triangular: ``C_lj`` multiplies ``Tpsi_l`` for j."""
+    B = psi.shape[0]
+    if variant == "unbiased":
+        c = psi.T @ psi / B  # <psi_l, psi_j>
+    else:
+        q = psi.T @ Tpsi / B  # <psi_l, T psi_j>
+        c = q / (jnp.diagonal(q)[:, None] + _ORIGINAL_DENOM_EPS)
+    return jnp.triu(c, k=1)
+
+
+def _neuralef_update(psi, Tpsi, variant, split_batch, pairing):
+    """Per-sample update ``(4/B) [-Tpsi + Tpsi @ C_other]`` and the matching value."""
+    B = psi.shape[0]
+    if split_batch:
+        h = B // 2
+        c_a = _neuralef_coefficients(psi[:h], Tpsi[:h], variant)
+        c_b = _neuralef_coefficients(psi[h:], Tpsi[h:], variant)
+        if pairing == "cross":
+            c_a, c_b = c_b, c_a  # a sample in half a uses the moments of half b
+        align = jnp.concatenate([Tpsi[:h] @ c_a, Tpsi[h:] @ c_b], axis=0)
+    else:
+        align = Tpsi @ _neuralef_coefficients(psi, Tpsi, variant)
+    grad = (4.0 / B) * (align - Tpsi)
+    # The reference's reported value: -sum_j <psi_j, T psi_j> + (1/2) sum_b psi_b . align_b
+    value = (jnp.sum(psi * align) - jnp.sum(psi * Tpsi)) / B
+    return grad, value
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _neuralef_masked(psi, Tpsi, variant, split_batch, pairing):
+    return _neuralef_update(psi, Tpsi, variant, split_batch, pairing)[1]
+
+
+def _neuralef_masked_fwd(psi, Tpsi, variant, split_batch, pairing):
+    grad, value = _neuralef_update(psi, Tpsi, variant, split_batch, pairing)
+    return value, (grad, Tpsi)
+
+
+def _neuralef_masked_bwd(variant, split_batch, pairing, residuals, ct):
+    grad, Tpsi = residuals
+    return ct * grad, jnp.zeros_like(Tpsi)
+
+
+_neuralef_masked.defvjp(_neuralef_masked_fwd, _neuralef_masked_bwd)
+
+
+def neuralef_objective(
+    *,
+    variant: Literal["unbiased", "original"] = "unbiased",
+    momentum: float = 0.9,
+    split_batch: bool = True,
+    pairing: Literal["cross", "own"] = "cross",
+) -> Objective:
+    """NeuralEF as an :class:`Objective` (name ``"neuralef"``).
+
+    ``loss`` normalises ``psi = f / rms_batch(f)`` (differentiably) and returns a scalar
+    whose gradient w.r.t. ``psi`` is, per sample ``b`` and function ``j``::
+
+        (4/B) [ -(Tpsi)_bj + sum_{l<j} (Tpsi)_bl C_lj ]
+
+    (module docstring for ``C``), chained through the normalisation to ``f``; the value is
+    the reference's ``-sum_j <psi_j, T psi_j> + (1/2) sum_h sum_{l<j} C^h_lj <psi_j, T psi_l>_h``,
+    which tends to ``-sum_j lambda_j`` at the solution. The state tracks a running RMS of
+    each output for ``transform``.
+
+    Args:
+      variant: ``"unbiased"`` (mu-EigenGame form, ``C = <psi_l, psi_j>``; the reference's
+        default in its PDE experiments) or ``"original"`` (Deng et al.,
+        ``C = <psi_l, T psi_j> / <psi_l, T psi_l>``).
+      momentum: of the running mean square used by ``transform``, in ``[0, 1)``
+        (reference: 0.9).
+      split_batch: estimate ``C`` from batch halves (B must be even) so that it is
+        independent of the sample it multiplies; ``False`` uses the whole batch (the
+        original NeuralEF, and deterministic full-population problems).
+      pairing: with ``split_batch``, ``"cross"`` (default) takes ``C`` for a sample from
+        the other half (unbiased); ``"own"`` from its own half (the reference's
+        ``unbiased=True`` code path, biased by O(1/B)).
+
+    Returns:
+      An :class:`Objective` with state :class:`NeuralEFState`, ``transform(f, state) =
+      f / running_rms`` and ``needs_even_batch=split_batch``.
+    """
+    if variant not in NEURALEF_VARIANTS:
+        raise ValueError(
+            f"unknown NeuralEF variant {variant!r}; expected one of {NEURALEF_VARIANTS}."
+        )
+    if pairing not in NEURALEF_PAIRINGS:
+        raise ValueError(f"unknown pairing {pairing!r}; expected one of {NEURALEF_PAIRINGS}.")
+    if not isinstance(split_batch, bool):
+        raise ValueError(f"split_batch must be a bool, got {split_batch!r}.")
+    momentum = _check_unit_interval(momentum, "momentum", open_left=False, open_right=True)
+
+    def init(L, dtype=jnp.float32):
+        L, dtype = _check_init(L, dtype)
+        return NeuralEFState(jnp.zeros((L,), dtype), jnp.zeros((), dtype))
+
+    def loss(f, Tf, state):
+        f, Tf = _check_pair(f, Tf, "f", "Tf")
+        _check_neuralef_state(state, f)
+        if split_batch and f.shape[0] % 2:
+            raise ValueError(
+                f"NeuralEF with split_batch=True estimates its coefficients on two equal "
+                f"halves of the batch, so the batch size must be even; got B = {f.shape[0]}. "
+                f"Use an even batch or split_batch=False."
+            )
+        if split_batch and f.shape[0] < 2:
+            raise ValueError(f"split_batch=True needs at least 2 samples, got B = {f.shape[0]}.")
+        sq_norm = jnp.mean(f * f, axis=0)  # (L,), differentiable
+        rms = jnp.sqrt(sq_norm)
+        psi = f / rms
+        Tpsi = jax.lax.stop_gradient(Tf / rms)
+        value = _neuralef_masked(psi, Tpsi, variant, split_batch, pairing)
+        avg, weight, _ = _ema_update(
+            state.sq_norm_avg.astype(f.dtype),
+            state.weight.astype(f.dtype),
+            jax.lax.stop_gradient(sq_norm),
+            1.0 - momentum,
+        )
+        new_state = NeuralEFState(
+            avg.astype(state.sq_norm_avg.dtype), weight.astype(state.weight.dtype)
+        )
+        return value, new_state
+
+    def transform(f, state):
+        f = jnp.asarray(f)
+        if f.ndim != 2:
+            raise ValueError(f"f must have shape (B, L), got shape {f.shape}.")
+        _check_neuralef_state(state, f)
+        w = state.weight
+        safe = jnp.where(w > 0, w, 1)
+        rms = jnp.where(w > 0, jnp.sqrt(state.sq_norm_avg / safe), 1)
+        return f / rms.astype(jnp.result_type(f.dtype, rms.dtype))
+
+    return Objective(
+        name="neuralef",
+        init=init,
+        loss=loss,
+        transform=transform,
+        needs_even_batch=bool(split_batch),
+    )
+
+
+def _check_neuralef_state(state, f):
+    if not isinstance(state, NeuralEFState):
+        raise ValueError(
+            f"NeuralEF expects its own state (NeuralEFState from neuralef_objective().init), "
+            f"got {type(state).__name__}."
+        )
+    if state.sq_norm_avg.ndim != 1:
+        raise ValueError(
+            f"NeuralEFState.sq_norm_avg must be (L,), got shape {state.sq_norm_avg.shape}."
+        )
+    _check_state_matches(state.sq_norm_avg.shape[0], f, "NeuralEF")
