@@ -1,0 +1,216 @@
+"""Evaluate learned eigenfunctions against a problem's exact answers (method.md §4).
+
+:func:`evaluate` applies the network and the operator on evaluation points, maps the values to
+``L2(dx)`` and computes every metric of :mod:`nestedlora_jax.metrics`: energies by Rayleigh
+quotient and by norm, relative errors, orthogonality, per-block subspace distance,
+Procrustes-aligned angle distance, residuals, and Rayleigh-Ritz energies on the learned span.
+
+Evaluation points are either a quadrature grid (:func:`quadrature_grid`, d <= 2; weights are
+``dx`` weights) or a fresh Monte Carlo sample from the training sampler (any d; weights
+``1/N`` on the importance-weighted values). On the Monte Carlo sample the eigenvalue and
+subspace estimates have zero variance at the exact eigenfunctions, so their sampling noise is
+proportional to the error being measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nestedlora_jax import metrics as M
+from nestedlora_jax.operators import ProblemOperator, energies_from_eigenvalues
+
+__all__ = ["evaluate", "quadrature_grid", "network_values"]
+
+
+def network_values(apply, params, operator, xs, *, chunk: int = 4096, key=None):
+    """``(f, Tf)`` on ``xs`` ``(N, d)`` in chunks (bounded memory); numpy float64 ``(N, L)``."""
+
+    @jax.jit
+    def one_chunk(x):
+        fn = lambda y: apply(params, y)
+        return jax.vmap(lambda y: operator(fn, y))(x)
+
+    fs, Tfs = [], []
+    for start in range(0, xs.shape[0], chunk):
+        f, Tf = one_chunk(jnp.asarray(xs[start : start + chunk]))
+        fs.append(np.asarray(f, np.float64))
+        Tfs.append(np.asarray(Tf, np.float64))
+    return np.concatenate(fs), np.concatenate(Tfs)
+
+
+def quadrature_grid(problem, L: int, num: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """A quadrature grid ``(points (N, d), dx-weights (N,))`` covering the first L states.
+
+    * boxes (the default sampler is uniform on a box): tensor Gauss-Legendre with ``num``
+      nodes per axis;
+    * hydrogen (2-D): polar grid, Gauss-Legendre in ``r`` on ``[0, R]`` (R = 12 n_max + 20,
+      where the slowest state has decayed below 1e-8) and ``num`` equispaced angles
+      (exact for the trigonometric angular parts);
+    * otherwise (``d <= 2``): tensor Gauss-Legendre on ``[-R, R]^d`` with ``R`` from the
+      problem's ``evaluation_radius(L)`` if it has one, else from its default sampler scale.
+    """
+    dim = problem.dim
+    if dim > 2:
+        raise ValueError(
+            f"quadrature grids are provided for d <= 2 (got d = {dim}); evaluate on a Monte "
+            "Carlo sample instead (evaluate(..., points=None))."
+        )
+    sampler = problem.default_sampler(L)
+    if hasattr(sampler, "low") and hasattr(sampler, "high"):  # a box domain
+        lo, hi = (np.broadcast_to(np.asarray(b, np.float64), (dim,)) for b in (sampler.low, sampler.high))
+        return _tensor_gauss_legendre(lo, hi, num)
+    name = type(problem).__name__
+    if name == "Hydrogen" and dim == 2:
+        n_max = max(s[0] for s in problem.states(L))
+        R = 12.0 * (n_max + 0.5) / getattr(problem, "Z", 1.0) + 20.0
+        r, wr = np.polynomial.legendre.leggauss(num)
+        r = 0.5 * R * (r + 1.0)
+        wr = 0.5 * R * wr * r
+        theta = 2 * np.pi * np.arange(num) / num
+        wt = np.full(num, 2 * np.pi / num)
+        rr, tt = np.meshgrid(r, theta, indexing="ij")
+        points = np.stack([rr * np.cos(tt), rr * np.sin(tt)], axis=-1).reshape(-1, 2)
+        return points, np.outer(wr, wt).reshape(-1)
+    radius = getattr(problem, "evaluation_radius", None)
+    R = float(radius(L)) if radius is not None else 8.0 * float(np.max(getattr(sampler, "scale", 1.0)))
+    return _tensor_gauss_legendre(np.full(dim, -R), np.full(dim, R), num)
+
+
+def _tensor_gauss_legendre(lo, hi, num):
+    nodes, weights = np.polynomial.legendre.leggauss(num)
+    axes = [0.5 * (h - l) * (nodes + 1.0) + l for l, h in zip(lo, hi)]
+    ws = [0.5 * (h - l) * weights for l, h in zip(lo, hi)]
+    grids = np.meshgrid(*axes, indexing="ij")
+    points = np.stack([g.reshape(-1) for g in grids], axis=-1)
+    w = ws[0]
+    for extra in ws[1:]:
+        w = np.outer(w, extra).reshape(-1)
+    return points, w
+
+
+def evaluate(
+    apply: Callable,
+    params: Any,
+    problem,
+    operator: ProblemOperator,
+    *,
+    points: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    num_samples: int = 65536,
+    key: jax.Array | None = None,
+    importance_weighted: bool = True,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    chunk: int = 4096,
+) -> dict:
+    """All metrics of method.md §4 for the learned functions ``apply(params, .)``.
+
+    Args:
+      apply, params: the network (one point -> ``(L,)``).
+      problem: a problem with ``energies``, ``degenerate_blocks`` and (for distances)
+        ``eigenfunctions``.
+      operator: the :class:`~nestedlora_jax.operators.ProblemOperator` used in training
+        (its operator, sampler and scaling).
+      points, weights: a quadrature grid with ``dx`` weights (see :func:`quadrature_grid`);
+        if ``None``, ``num_samples`` fresh samples from ``operator.sampler`` (``key``).
+      importance_weighted: the network represents ``psi / sqrt(p)`` (training used the
+        sampler's ``log_prob``), as :func:`~nestedlora_jax.operators.problem_operator` does
+        by default.
+      transform: maps raw outputs ``(N, L)`` to eigenfunction estimates (a baseline's
+        ``objective.transform`` with its state bound); identity by default.
+
+    Returns:
+      A dict of numpy values: per state ``exact``, ``rayleigh``, ``norm`` (energies),
+      ``rel_error`` (Rayleigh), ``rel_error_norm``, ``residual`` (energy units),
+      ``angle_distance``; aggregates ``mean_rel_error``, ``max_rel_error``,
+      ``orthogonality_fro``, ``orthogonality_max``, ``subspace_distance_blocks`` (per block),
+      ``subspace_distance_mean``, ``subspace_distance_total``, ``angle_distance_mean``,
+      ``ritz`` (Rayleigh-Ritz energies) and ``ritz_rel_error``; plus ``blocks`` and
+      ``num_points``. Print it with ``metrics.summary_table``.
+    """
+    scale, shift, sampler = operator.scale, operator.shift, operator.sampler
+    if points is None:
+        key = jax.random.PRNGKey(12345) if key is None else key
+        points = np.asarray(sampler.sample(key, num_samples), np.float64)
+        on_grid = False
+    else:
+        if weights is None or len(weights) != len(points):
+            raise ValueError("a grid needs dx-weights of the same length as its points.")
+        on_grid = True
+    xs = np.asarray(points, np.float32)
+    f, Tf = network_values(apply, params, operator.op, xs, chunk=chunk)
+    if transform is not None:
+        f, Tf = np.asarray(transform(f), np.float64), np.asarray(transform(Tf), np.float64)
+    L = f.shape[1]
+    exact = np.asarray(problem.energies(L), np.float64)
+    blocks = problem.degenerate_blocks(L)
+
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(points, jnp.float64)
+        psi = _exact_values(problem, x64, L)
+        if importance_weighted:
+            half_log_p = 0.5 * np.asarray(jax.vmap(sampler.log_prob)(x64), np.float64)
+        else:
+            half_log_p = None
+        if on_grid:
+            w = np.asarray(weights, np.float64)
+            if half_log_p is not None:  # values of psi = sqrt(p) f
+                f, Tf = f * np.exp(half_log_p)[:, None], Tf * np.exp(half_log_p)[:, None]
+        else:
+            w = np.full(len(points), 1.0 / len(points))
+            if psi is not None and half_log_p is not None:  # exact psi in the f representation
+                psi = psi * np.exp(-half_log_p)[:, None]
+            elif psi is not None:
+                psi = None  # L2(p) representation: no exact comparison without the density
+        f, Tf, w = jnp.asarray(f), jnp.asarray(Tf), jnp.asarray(w)
+
+        t_rayleigh = np.asarray(M.rayleigh_quotients(f, Tf, w))
+        t_norm = np.asarray(M.norms_squared(f, w)) if on_grid or importance_weighted else np.full(L, np.nan)
+        rayleigh = energies_from_eigenvalues(t_rayleigh, scale, shift)
+        norm = energies_from_eigenvalues(t_norm, scale, shift)
+        rel = np.asarray(M.relative_errors(rayleigh, exact).per_state)
+        rel_norm = np.asarray(M.relative_errors(norm, exact).per_state)
+        resid = np.asarray(M.residuals(f, Tf, None, w)) / scale
+        ortho = M.orthogonality(f, w)
+        ritz = M.rayleigh_ritz(f, Tf, w)
+        ritz_energies = energies_from_eigenvalues(np.asarray(ritz.eigenvalues), scale, shift)
+        out = {
+            "exact": exact,
+            "rayleigh": rayleigh,
+            "norm": norm,
+            "rel_error": rel,
+            "rel_error_norm": rel_norm,
+            "residual": resid,
+            "mean_rel_error": float(np.mean(rel)),
+            "max_rel_error": float(np.max(rel)),
+            "mean_rel_error_norm": float(np.mean(rel_norm)),
+            "orthogonality_fro": float(ortho.frobenius),
+            "orthogonality_max": float(ortho.max_offdiag),
+            "ritz": ritz_energies,
+            "ritz_rel_error": np.abs(ritz_energies - exact) / np.abs(exact),
+            "blocks": [list(b) for b in blocks],
+            "num_points": int(len(points)),
+            "evaluation": "quadrature grid" if on_grid else "Monte Carlo",
+        }
+        if psi is not None:
+            psi = jnp.asarray(psi)
+            sub = M.subspace_distance(f, psi, w, blocks)
+            ang = M.angle_distance(f, psi, w, blocks)
+            out.update(
+                angle_distance=np.asarray(ang.per_function),
+                angle_distance_mean=float(ang.mean),
+                subspace_distance_blocks=np.asarray(sub.per_block),
+                subspace_distance_mean=float(sub.mean),
+                subspace_distance_total=float(sub.total),
+            )
+    return out
+
+
+def _exact_values(problem, x64, L):
+    try:
+        return np.asarray(jax.vmap(lambda x: problem.eigenfunctions(x, L))(x64), np.float64)
+    except NotImplementedError:
+        return None

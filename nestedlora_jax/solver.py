@@ -1,0 +1,211 @@
+"""``solve``: a problem in, verified eigenfunctions out, in one call.
+
+Composes the pieces with the defaults that worked on this project's problems::
+
+    from nestedlora_jax import problems, solve
+    result = solve(problems.HarmonicOscillator(dim=2), L=6, steps=5000)
+    print(result.table)
+
+Everything ``solve`` does is available piecewise (``problem_operator``,
+``eigenfunction_network`` + ``to_apply``, ``fit``, ``evaluate``) for users who want to swap
+one part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from nestedlora_jax import metrics as M
+from nestedlora_jax.baselines import neuralef_objective, spin_objective
+from nestedlora_jax.evaluation import evaluate, quadrature_grid
+from nestedlora_jax.networks import eigenfunction_network, to_apply
+from nestedlora_jax.objectives import Objective, nested_lora_objective
+from nestedlora_jax.operators import ProblemOperator, energies_from_eigenvalues, problem_operator
+from nestedlora_jax.training import CollapseConfig, FitResult, fit
+
+__all__ = ["METHODS", "SolveResult", "make_objective", "default_network", "solve"]
+
+METHODS = ("neuralsvd-seq", "neuralsvd-joint", "neuralef", "spin")
+
+
+def make_objective(method: str, **kwargs) -> Objective:
+    """The :class:`Objective` for a method name in :data:`METHODS`."""
+    if method == "neuralsvd-seq":
+        return nested_lora_objective("sequential", **kwargs)
+    if method == "neuralsvd-joint":
+        return nested_lora_objective("joint", **kwargs)
+    if method == "neuralef":
+        return neuralef_objective(**kwargs)
+    if method == "spin":
+        return spin_objective(**kwargs)
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
+
+
+def default_network(problem, L: int, *, kind: str = "parallel", seed: int = 0, **overrides):
+    """The eigenfunction network a problem asks for: radial input for Coulomb problems,
+    periodic inputs on periodic boxes, the Dirichlet mask on wells."""
+    options: dict[str, Any] = {}
+    if type(problem).__name__ == "Hydrogen":
+        options["radial_input"] = True
+    if getattr(problem, "periodic", False):
+        options["periodic"] = True
+    mask = getattr(problem, "boundary_mask", None)
+    if mask is not None:
+        options["boundary_mask"] = mask
+    options.update(overrides)
+    return eigenfunction_network(problem.dim, L, kind=kind, rngs=nnx.Rngs(params=seed), **options)
+
+
+@dataclasses.dataclass
+class SolveResult:
+    """What :func:`solve` returns: the training result, the operator it used, the pure
+    network, the evaluation metrics (energies etc.) and their printable table."""
+
+    fit: FitResult
+    operator: ProblemOperator
+    apply: Callable
+    objective: Objective
+    metrics: dict
+    table: str
+
+    @property
+    def energies(self) -> np.ndarray:
+        """Energies from the Rayleigh quotients of the EMA parameters' functions."""
+        return self.metrics["rayleigh"]
+
+
+def solve(
+    problem,
+    L: int,
+    *,
+    method: str = "neuralsvd-seq",
+    steps: int = 20000,
+    batch_size: int = 512,
+    seed: int = 0,
+    network_kind: str | None = None,
+    network_options: dict | None = None,
+    sampler=None,
+    scale: float | None = None,
+    shift: float | None = None,
+    laplacian_method: str = "default",
+    learning_rate: float = 1e-3,
+    optimizer=None,
+    ema_decay: float = 0.999,
+    collapse: CollapseConfig | None = CollapseConfig(),
+    evaluation: str = "auto",
+    num_eval_samples: int = 65536,
+    grid_size: int = 200,
+    progress: bool = True,
+    log_every: int = 100,
+    checkpoint_dir=None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    history_path=None,
+    callback=None,
+) -> SolveResult:
+    """Learn the ``L`` lowest eigenstates of ``problem`` and evaluate them.
+
+    Args:
+      problem: a problem from :mod:`nestedlora_jax.problems` (or anything with the same
+        interface).
+      L: number of states.
+      method: one of :data:`METHODS`.
+      steps, batch_size, seed, learning_rate, optimizer, ema_decay, collapse, log_every,
+      checkpoint_dir, checkpoint_every, resume, history_path, callback, progress: passed to
+        :func:`~nestedlora_jax.training.fit`.
+      network_kind: ``"parallel"`` (L independent MLPs; default except for
+        ``neuralsvd-joint``) or ``"shared"``.
+      network_options: extra keywords for
+        :func:`~nestedlora_jax.networks.eigenfunction_network` (``hidden``, ``fourier_features``, ...).
+      sampler, scale, shift, laplacian_method: passed to
+        :func:`~nestedlora_jax.operators.problem_operator` (problem defaults otherwise).
+      evaluation: ``"grid"`` (quadrature, d <= 2), ``"mc"`` (fresh samples) or ``"auto"``
+        (grid when d <= 2).
+    """
+    objective = make_objective(method)
+    operator = problem_operator(
+        problem, L, sampler, laplacian_method=laplacian_method, scale=scale, shift=shift
+    )
+    kind = network_kind or ("shared" if method == "neuralsvd-joint" else "parallel")
+    options = dict(network_options or {})
+    net = default_network(problem, L, kind=kind, seed=seed, **options)
+    apply, params = to_apply(net)
+
+    def init_params(key):
+        # Fresh trainable parameters only: `apply` keeps the frozen features of `net`.
+        return to_apply(eigenfunction_network_like(problem, L, kind, options, key))[1]
+
+    result = fit(
+        apply,
+        params,
+        operator.op,
+        operator.sampler,
+        steps=steps,
+        batch_size=batch_size,
+        objective=objective,
+        num_functions=L,
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        seed=seed,
+        ema_decay=ema_decay,
+        log_every=log_every,
+        progress=progress,
+        eigenvalue_transform=lambda t: energies_from_eigenvalues(t, operator.scale, operator.shift),
+        collapse=collapse,
+        init_params=init_params if kind == "parallel" else None,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        history_path=history_path,
+        callback=callback,
+    )
+    metrics = evaluate_result(
+        problem, operator, apply, result, objective, L,
+        evaluation=evaluation, num_eval_samples=num_eval_samples, grid_size=grid_size,
+    )
+    table = M.summary_table(_table_view(metrics), title=f"{type(problem).__name__}, L = {L}, {method}")
+    return SolveResult(result, operator, apply, objective, metrics, table)
+
+
+def eigenfunction_network_like(problem, L, kind, options, key):
+    """A network of the same architecture with parameters drawn from ``key``."""
+    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    return default_network(problem, L, kind=kind, seed=seed, **options)
+
+
+def evaluate_result(problem, operator, apply, result: FitResult, objective: Objective, L, *,
+                    evaluation="auto", num_eval_samples=65536, grid_size=200, params=None):
+    """Evaluate a :class:`FitResult` (EMA parameters by default) on a grid or fresh samples."""
+    if evaluation not in ("auto", "grid", "mc"):
+        raise ValueError(f"evaluation must be 'auto', 'grid' or 'mc', got {evaluation!r}.")
+    use_grid = evaluation == "grid" or (evaluation == "auto" and problem.dim <= 2)
+    points = weights = None
+    if use_grid:
+        points, weights = quadrature_grid(problem, L, grid_size)
+    state = result.state.objective_state
+    transform = None
+    if objective.name in ("spin", "neuralef"):
+        transform = lambda f: np.asarray(objective.transform(jax.numpy.asarray(f), state))
+    return evaluate(
+        apply,
+        result.ema_params if params is None else params,
+        problem,
+        operator,
+        points=points,
+        weights=weights,
+        num_samples=num_eval_samples,
+        transform=transform,
+    )
+
+
+def _table_view(metrics: dict) -> dict:
+    keys = ["exact", "rayleigh", "norm", "rel_error", "residual", "angle_distance",
+            "mean_rel_error", "max_rel_error", "subspace_distance_mean",
+            "subspace_distance_total", "angle_distance_mean", "orthogonality_fro",
+            "orthogonality_max"]
+    return {k: metrics[k] for k in keys if k in metrics}

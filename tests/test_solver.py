@@ -1,0 +1,40 @@
+"""End to end: the solver reaches stated accuracy on problems with exact answers.
+
+Budgets were measured on the 2-core CPU (see the README): each run is well under a minute.
+"""
+
+import numpy as np
+import pytest
+
+from nestedlora_jax import problems
+from nestedlora_jax.solver import solve
+
+
+@pytest.mark.parametrize(
+    "method, steps",
+    [("neuralsvd-seq", 6000), ("neuralsvd-joint", 8000)],
+)
+def test_harmonic_oscillator_six_states(method, steps):
+    """2-D oscillator, 3 levels (E = 2, 4, 4, 6, 6, 6): mean relative error <= 1e-3."""
+    result = solve(
+        problems.HarmonicOscillator(dim=2), 6, method=method, steps=steps, batch_size=512,
+        learning_rate=3e-3, progress=False, log_every=500, seed=0,
+    )
+    m = result.metrics
+    print(result.table)
+    assert m["mean_rel_error"] <= 1e-3
+    assert m["subspace_distance_mean"] <= 1e-2
+    assert result.fit.bad_steps == 0
+
+
+def test_hydrogen_four_states():
+    """2-D hydrogen, n = 0, 1 (E = -1, -1/9 x 3): mean relative error <= 2e-2."""
+    result = solve(
+        problems.Hydrogen(dim=2), 4, steps=6000, batch_size=256, learning_rate=3e-3,
+        progress=False, log_every=500, seed=0,
+    )
+    print(result.table)
+    m = result.metrics
+    assert m["mean_rel_error"] <= 2e-2
+    assert np.all(np.isfinite(m["rayleigh"]))
+    assert m["subspace_distance_mean"] <= 2e-2

@@ -1,0 +1,178 @@
+"""The training loop: validation, NaN guards, determinism, checkpoint/resume, collapse remedy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from nestedlora_jax import problems
+from nestedlora_jax.networks import eigenfunction_network, to_apply
+from nestedlora_jax.operators import problem_operator
+from nestedlora_jax.training import (
+    CollapseConfig,
+    TrainingDivergedError,
+    _reinitialize_functions,
+    dead_functions,
+    fit,
+)
+
+PROBLEM = problems.HarmonicOscillator(dim=2)
+
+
+def _setup(L=3, seed=0, hidden=(16, 16)):
+    op = problem_operator(PROBLEM, L)
+    net = eigenfunction_network(2, L, kind="parallel", hidden=hidden, rngs=nnx.Rngs(params=seed))
+    apply, params = to_apply(net)
+    return apply, params, op
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ---------------------------------------------------------------- configuration errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 33}, "batch_size must be even"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"num_functions": 0}, "num_functions L must be a positive integer"),
+        ({"num_functions": 5}, "the network has 3 outputs but num_functions L = 5"),
+        ({"nesting": "diagonal"}, "unknown nesting 'diagonal'"),
+        ({"steps": -1}, "steps must be a non-negative integer"),
+        ({"checkpoint_every": 10}, "checkpoint_every needs a checkpoint_dir"),
+        ({"resume": True}, "resume=True needs the checkpoint_dir"),
+    ],
+)
+def test_bad_configuration_raises_before_compiling(kwargs, match):
+    apply, params, op = _setup()
+    compiled = []
+
+    def spy_apply(p, x):
+        compiled.append(1)
+        return apply(p, x)
+
+    args = dict(steps=10, batch_size=32, progress=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        fit(apply if "num_functions" in kwargs else spy_apply, params, op.op, op.sampler, **args)
+    assert not compiled  # nothing was traced
+
+
+def test_zero_steps_returns_initial_parameters():
+    apply, params, op = _setup()
+    res = fit(apply, params, op.op, op.sampler, steps=0, batch_size=8, progress=False)
+    assert _leaves_equal(res.params, params) and res.history == []
+
+
+# ---------------------------------------------------------------- determinism, NaN, resume
+
+
+def _short_fit(apply, params, op, **kw):
+    args = dict(steps=60, batch_size=32, progress=False, log_every=20, seed=3, collapse=None)
+    args.update(kw)
+    return fit(apply, params, op.op, op.sampler, **args)
+
+
+def test_same_seed_same_result_and_different_seed_differs():
+    apply, params, op = _setup()
+    a = _short_fit(apply, params, op)
+    b = _short_fit(apply, params, op)
+    c = _short_fit(apply, params, op, seed=4)
+    assert _leaves_equal(a.params, b.params) and _leaves_equal(a.ema_params, b.ema_params)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert not _leaves_equal(a.params, c.params)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    apply, params, op = _setup()
+    full = _short_fit(apply, params, op)
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt_at_50(step, state):
+        if step >= 50:
+            raise Interrupt
+        return None
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupt):
+        _short_fit(apply, params, op, checkpoint_dir=ckpt, checkpoint_every=20, callback=interrupt_at_50)
+    resumed = _short_fit(apply, params, op, checkpoint_dir=ckpt, checkpoint_every=20, resume=True)
+    assert resumed.history[0]["step"] == 20 and resumed.history[-1]["step"] == 60  # restored history
+    assert _leaves_equal(resumed.params, full.params)
+    assert _leaves_equal(resumed.ema_params, full.ema_params)
+    assert _leaves_equal(resumed.state.opt_state, full.state.opt_state)
+
+
+class _NaNSampler:
+    """Wraps a sampler and poisons one sample in about `rate` of the batches."""
+
+    def __init__(self, base, rate):
+        self.base, self.rate, self.dim = base, rate, base.dim
+
+    def sample(self, key, n):
+        xs = self.base.sample(key, n)
+        poison = jax.random.uniform(jax.random.fold_in(key, 99)) < self.rate
+        return jnp.where(poison, xs.at[0, 0].set(jnp.nan), xs)
+
+    def log_prob(self, x):
+        return self.base.log_prob(x)
+
+
+def test_nan_batches_are_skipped_and_counted_and_training_converges():
+    L = 1
+    apply, params, op = _setup(L=L)
+    sampler = _NaNSampler(op.sampler, rate=0.1)
+    res = fit(apply, params, op.op, sampler, steps=1500, batch_size=64, progress=False,
+              log_every=500, seed=0, learning_rate=3e-3)
+    assert 100 < res.bad_steps < 200  # ~10% of 1500
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(res.params))
+    energy = -(res.eigenvalues[0] - op.shift) / op.scale
+    assert abs(energy - 2.0) / 2.0 < 2e-2  # ground state E = 2
+
+
+def test_consecutive_bad_steps_stop_with_an_error_naming_the_step():
+    apply, params, op = _setup()
+    sampler = _NaNSampler(op.sampler, rate=2.0)  # every batch poisoned
+    with pytest.raises(TrainingDivergedError, match=r"25 consecutive steps up to step 25"):
+        fit(apply, params, op.op, sampler, steps=100, batch_size=8, progress=False,
+            log_every=25, max_consecutive_bad_steps=20)
+
+
+# ---------------------------------------------------------------- collapse
+
+
+def test_dead_function_criterion():
+    norms = np.array([1.0, 0.8, 0.01, 0.5, 0.2])
+    rayleigh = np.array([1.0, 0.8, 0.9, -0.1, 0.21])
+    np.testing.assert_array_equal(dead_functions(norms, rayleigh, 0.1), [2, 3])
+
+
+def test_reinitialize_replaces_only_dead_rows_and_resets_adam_moments():
+    apply, params, op = _setup(L=3)
+    res = _short_fit(apply, params, op, steps=20)
+    fresh = to_apply(eigenfunction_network(2, 3, kind="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=7)))[1]
+    state = _reinitialize_functions(res.state, fresh, np.array([1]))
+    for new, old, fr in zip(jax.tree.leaves(state.params), jax.tree.leaves(res.state.params), jax.tree.leaves(fresh)):
+        new, old = np.asarray(new), np.asarray(old)
+        np.testing.assert_array_equal(new[1], np.asarray(fr)[1])
+        np.testing.assert_array_equal(new[[0, 2]], old[[0, 2]])
+    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)][0]
+    for mu, nu in zip(jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu)):
+        mu, nu = np.asarray(mu), np.asarray(nu)
+        np.testing.assert_array_equal(mu[1], 0.0)
+        np.testing.assert_allclose(nu[1], (nu[0] + nu[2]) / 2, rtol=1e-6)
+
+
+def test_collapse_config_validation():
+    with pytest.raises(ValueError, match="threshold"):
+        CollapseConfig(threshold=2.0)
+    with pytest.raises(ValueError, match="start_fraction"):
+        CollapseConfig(start_fraction=0.9, stop_fraction=0.5)
