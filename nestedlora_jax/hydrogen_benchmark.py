@@ -1,0 +1,271 @@
+"""The 2-D hydrogen benchmark: the lowest L states of ``-Lap - 1/|x|``, every metric, figures.
+
+Run ``python benchmarks/hydrogen.py`` (or ``python -m nestedlora_jax.hydrogen_benchmark``,
+or the console script ``nestedlora-hydrogen``); ``--help`` lists the options. The bare
+command is the quick configuration of the README (9 states, minutes on a laptop CPU).
+
+Writes to ``--out``: ``results.json`` (configuration, per-state and aggregated metrics per
+seed and mean +- std over seeds, steps/s, wall time, device, library versions), per-seed
+training histories and checkpoints (a re-run with ``--resume`` continues an interrupted
+run), and figures (``eigenfunctions.png``, ``errors.png``, ``gram.png``, ``convergence.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+from nestedlora_jax import metrics as M
+from nestedlora_jax.problems import Hydrogen
+from nestedlora_jax.solver import METHODS, solve
+
+# The paper's figures (method.md §6), read off its bar chart (about +-10%), 16 states.
+PAPER = {
+    "spin": {"batch": 128, "mean_rel_error": 0.84, "angle_distance_mean": 0.16, "subspace_distance_mean": 0.068, "orthogonality": 1.4e-4},
+    "neuralef": {"batch": 512, "mean_rel_error": 0.036, "angle_distance_mean": 0.13, "subspace_distance_mean": 0.050, "orthogonality": 5.8e-4},
+    "neuralsvd-joint": {"batch": 512, "mean_rel_error": 0.012, "angle_distance_mean": 0.014, "subspace_distance_mean": 1.3e-3, "orthogonality": 1.2e-4},
+    "neuralsvd-seq": {"batch": 512, "mean_rel_error": 0.0063, "angle_distance_mean": 0.0082, "subspace_distance_mean": 2.1e-4, "orthogonality": 1e-5},
+}
+
+SUMMARY_KEYS = (
+    "mean_rel_error",
+    "max_rel_error",
+    "subspace_distance_mean",
+    "subspace_distance_total",
+    "angle_distance_mean",
+    "orthogonality_fro",
+    "orthogonality_max",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nestedlora-hydrogen",
+        description="Learn the lowest states of 2-D hydrogen (-Lap - 1/r) and report every metric.",
+    )
+    p.add_argument("--method", choices=METHODS, default="neuralsvd-seq")
+    p.add_argument("--states", type=int, default=9, help="number of states L (9 = n <= 2, 16 = n <= 3)")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed (ignored when --seeds is given)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: report mean +- std")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine-decayed)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[32, 32, 32], help="hidden widths of each MLP")
+    p.add_argument("--grid", type=int, default=300, help="quadrature nodes per polar axis for evaluation")
+    p.add_argument("--log-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=5000)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", default="results/hydrogen")
+    return p
+
+
+def run(args) -> dict:
+    seeds = args.seeds if args.seeds else [args.seed]
+    problem = Hydrogen(dim=2)
+    os.makedirs(args.out, exist_ok=True)
+    per_seed = []
+    last = None
+    for seed in seeds:
+        seed_dir = os.path.join(args.out, f"seed{seed}")
+        os.makedirs(seed_dir, exist_ok=True)
+        every = args.checkpoint_every - args.checkpoint_every % args.log_every or args.log_every
+        t0 = time.perf_counter()
+        result = solve(
+            problem,
+            args.states,
+            method=args.method,
+            steps=args.steps,
+            batch_size=args.batch,
+            seed=seed,
+            learning_rate=args.lr,
+            network_options={"hidden": tuple(args.hidden)},
+            grid_size=args.grid,
+            progress=not args.quiet,
+            log_every=args.log_every,
+            checkpoint_dir=os.path.join(seed_dir, "checkpoints"),
+            checkpoint_every=every,
+            resume=args.resume,
+            history_path=os.path.join(seed_dir, "history.json"),
+        )
+        wall = time.perf_counter() - t0
+        trained, train_time = result.fit.steps_run, result.fit.train_time
+        print(result.table)
+        print(f"seed {seed}: wall {wall:.1f} s, {trained / max(train_time, 1e-9):.0f} steps/s, "
+              f"skipped steps {result.fit.bad_steps}, re-initialised {result.fit.reinitialized}")
+        per_seed.append({
+            "seed": seed,
+            "wall_time_s": wall,
+            "train_time_s": train_time,
+            "steps_per_s": trained / max(train_time, 1e-9),
+            "bad_steps": result.fit.bad_steps,
+            "reinitialized": result.fit.reinitialized,
+            "collapsed_states": _collapsed(result.metrics),
+            "metrics": result.metrics,
+        })
+        last = result
+    summary = {k: _mean_std([s["metrics"][k] for s in per_seed if k in s["metrics"]]) for k in SUMMARY_KEYS}
+    out = {
+        "config": vars(args) | {"seeds": seeds},
+        "problem": "2-D hydrogen, H = -Lap - 1/r, E_n = -1/(4 (n + 1/2)^2)",
+        "per_seed": per_seed,
+        "summary": summary,
+        "paper": PAPER.get(args.method),
+        "environment": _environment(),
+    }
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(out, fh, indent=1, default=_json_default)
+    _print_summary(args, summary, per_seed)
+    if not args.no_figures and last is not None:
+        make_figures(problem, last, args.out, args.states)
+    return out
+
+
+def _collapsed(metrics) -> list[int]:
+    """States whose learned norm estimate has collapsed (E by norm far from E by Rayleigh)."""
+    norm, exact = np.asarray(metrics["norm"]), np.asarray(metrics["exact"])
+    return [int(i) for i in np.flatnonzero(~np.isfinite(norm) | (np.abs(norm - exact) > 0.5 * np.abs(exact)))]
+
+
+def _mean_std(values):
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return None
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "values": v.tolist()}
+
+
+def _print_summary(args, summary, per_seed):
+    print(f"\n2-D hydrogen, {args.states} states, {args.method}, {args.steps} steps, batch {args.batch}, "
+          f"seeds {[s['seed'] for s in per_seed]}")
+    for k, v in summary.items():
+        if v is not None:
+            print(f"  {k:26s} {v['mean']:.3e} +- {v['std']:.1e}")
+    print(f"  {'steps/s':26s} {np.mean([s['steps_per_s'] for s in per_seed]):.0f}")
+    print(f"  {'wall time per seed (s)':26s} {np.mean([s['wall_time_s'] for s in per_seed]):.0f}")
+
+
+def _environment() -> dict:
+    import flax
+    import optax
+
+    return {
+        "device": str(jax.devices()[0]),
+        "platform": jax.default_backend(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _json_default(x):
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(type(x).__name__)
+
+
+def make_figures(problem, result, out_dir, L):
+    """Eigenfunctions (Procrustes-aligned within blocks) vs exact, errors, Gram, convergence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nestedlora_jax.evaluation import network_values
+
+    metrics = result.metrics
+    # --- learned vs exact on a Cartesian grid, aligned within degenerate blocks.
+    n_max = max(s[0] for s in problem.states(L))
+    R = 6.0 * (n_max + 0.5) + 4.0
+    g = np.linspace(-R, R, 121)
+    X, Y = np.meshgrid(g, g, indexing="xy")
+    pts = np.stack([X.ravel(), Y.ravel()], axis=-1)
+    f, _ = network_values(result.apply, result.fit.ema_params, result.operator.op, pts.astype(np.float32))
+    with jax.enable_x64(True):
+        x64 = jax.numpy.asarray(pts)
+        psi = np.asarray(jax.vmap(lambda x: problem.eigenfunctions(x, L))(x64))
+        half_log_p = 0.5 * np.asarray(jax.vmap(result.operator.sampler.log_prob)(x64))
+        learned = f * np.exp(half_log_p)[:, None]
+        w = np.full(len(pts), (g[1] - g[0]) ** 2)
+        aligned = np.asarray(M.angle_distance(learned, psi, w, problem.degenerate_blocks(L)).aligned)
+        psi_unit = psi / np.sqrt(np.sum(w[:, None] * psi**2, axis=0))
+    fig, axes = plt.subplots(2, L, figsize=(1.6 * L, 3.4))
+    for i in range(L):
+        vmax = np.abs(psi_unit[:, i]).max()
+        for row, vals in enumerate((psi_unit[:, i], aligned[:, i])):
+            ax = axes[row, i]
+            ax.imshow(vals.reshape(X.shape), origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                      extent=(-R, R, -R, R))
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[0, i].set_title(f"E={metrics['exact'][i]:.4f}", fontsize=6)
+    axes[0, 0].set_ylabel("exact", fontsize=8)
+    axes[1, 0].set_ylabel("learned", fontsize=8)
+    fig.suptitle("2-D hydrogen: exact vs learned (aligned within degenerate blocks)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "eigenfunctions.png"), dpi=110)
+    plt.close(fig)
+
+    # --- relative errors per state.
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.semilogy(np.arange(L), metrics["rel_error"], "o-", label="Rayleigh quotient")
+    ax.semilogy(np.arange(L), metrics["rel_error_norm"], "s--", label="norm")
+    if "angle_distance" in metrics:
+        ax.semilogy(np.arange(L), metrics["angle_distance"], "^:", label="angle distance")
+    ax.set_xlabel("state"), ax.set_ylabel("relative error")
+    ax.legend(fontsize=7), fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "errors.png"), dpi=110)
+    plt.close(fig)
+
+    # --- normalised Gram matrix (log |G_ij|).
+    fig, ax = plt.subplots(figsize=(4, 3.4))
+    G = np.abs(_normalised_gram(learned, w))
+    im = ax.imshow(np.log10(G + 1e-12), cmap="viridis", vmin=-8, vmax=0)
+    fig.colorbar(im, ax=ax, label="log10 |G_ij|")
+    ax.set_title("normalised Gram matrix of learned functions", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "gram.png"), dpi=110)
+    plt.close(fig)
+
+    # --- convergence of the training-time eigenvalue estimates.
+    hist = result.fit.history
+    if hist:
+        steps = np.array([h["step"] for h in hist])
+        est = np.array([h["eigenvalues"] for h in hist])
+        err = np.abs(est - metrics["exact"][None, :]) / np.abs(metrics["exact"][None, :])
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.semilogy(steps, np.mean(err, axis=1), "k-", lw=2, label="mean")
+        for i in range(L):
+            ax.semilogy(steps, err[:, i], lw=0.6, alpha=0.6)
+        ax.set_xlabel("step"), ax.set_ylabel("rel. error (running norm estimate)")
+        ax.legend(fontsize=7), fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "convergence.png"), dpi=110)
+        plt.close(fig)
+
+
+def _normalised_gram(f, w):
+    G = (f * w[:, None]).T @ f
+    d = np.sqrt(np.clip(np.diag(G), 1e-300, None))
+    return G / d[:, None] / d[None, :]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
