@@ -13,6 +13,7 @@ Usage::
 
     python benchmarks/laplacian.py [--batch 512] [--dims 2 3 6 12 24 48] [--outputs 1 16]
                                    [--repeats 7] [--probes 8] [--out benchmarks/results]
+    python benchmarks/laplacian.py --markdown-only   # rebuild the table from the saved JSON
 
 Writes ``laplacian.json`` (all timings, machine info, load averages) and ``laplacian.md`` (a table)
 to ``--out``. A method whose single call takes more than 20 s (measured, or extrapolated as d^1.5
@@ -33,7 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nestedlora_jax.laplacian import DEFAULT_LAPLACIAN_METHOD, EXACT_LAPLACIAN_METHODS, batched_laplacian
+from nestedlora_jax.laplacian import (
+    DEFAULT_LAPLACIAN_METHOD,
+    EXACT_LAPLACIAN_METHODS,
+    batched_laplacian,
+)
 
 MAX_SECONDS = 20.0
 METHODS = EXACT_LAPLACIAN_METHODS + ("hutchinson", "finite_difference")
@@ -160,7 +165,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--probes", type=int, default=8, help="num_probes for hutchinson")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help="rebuild laplacian.md from --out/laplacian.json",
+    )
     args = parser.parse_args()
+    if args.markdown_only:
+        with open(os.path.join(args.out, "laplacian.json")) as f:
+            print(write_markdown(json.load(f), os.path.join(args.out, "laplacian.md")))
+        return
 
     machine = {
         "processor": platform.processor(),
@@ -172,8 +186,10 @@ def main():
         "load_average_start": os.getloadavg(),
     }
     print(f"machine: {machine}")
-    header = f"{'network':8s} {'L':>3s} {'d':>3s} {'method':22s} {'median ms':>10s} {'IQR ms':>14s} {'1st call s':>10s}"
-    print(header)
+    print(
+        f"{'network':8s} {'L':>3s} {'d':>3s} {'method':22s} {'median ms':>10s} {'IQR ms':>14s} "
+        f"{'1st call s':>10s}"
+    )
     results = []
     started = time.perf_counter()
     for kind in ("shared", "vmapped"):
@@ -216,19 +232,38 @@ def main():
     }
     with open(os.path.join(args.out, "laplacian.json"), "w") as f:
         json.dump(payload, f, indent=1)
-    table = markdown_table(results, args.dims, args.outputs, args.batch, args.probes)
-    with open(os.path.join(args.out, "laplacian.md"), "w") as f:
-        f.write("# Laplacian methods: timings\n\n")
-        f.write(
-            f"Machine: {machine['cpu_model'] or machine['processor'] or machine['machine']}, {machine['cpu_count']} CPUs, "
-            f"{machine['device']}, jax {machine['jax_version']}; load average "
-            f"{machine['load_average_start'][0]:.2f} at start, {machine['load_average_end'][0]:.2f} "
-            f"at end; {machine['total_seconds']:.0f} s in all.\n\n"
-        )
-        f.write(table)
+    table = write_markdown(payload, os.path.join(args.out, "laplacian.md"))
     print()
     print(table)
     print(f"total {machine['total_seconds']:.0f} s; written to {args.out}/laplacian.{{json,md}}")
+
+
+def write_markdown(payload, path):
+    """The markdown report of a run (also rebuilt from its JSON with --markdown-only)."""
+    results, machine = payload["results"], payload["machine"]
+    dims = sorted({r["d"] for r in results})
+    outputs = sorted({r["L"] for r in results})
+    batch, probes = payload["batch"], payload["hutchinson_num_probes"]
+    table = markdown_table(results, dims, outputs, batch, probes)
+    spreads = [
+        (r["p75_ms"] - r["p25_ms"]) / r["median_ms"] for r in results if r["median_ms"] is not None
+    ]
+    load = (machine["load_average_start"][0], machine["load_average_end"][0])
+    shared = max(load) > machine["cpu_count"]
+    with open(path, "w") as f:
+        f.write("# Laplacian methods: timings\n\n")
+        f.write(
+            f"Machine: {machine.get('cpu_model') or machine['processor'] or machine['machine']}, "
+            f"{machine['cpu_count']} CPUs, {machine['device']}, jax {machine['jax_version']}; "
+            f"{machine['total_seconds']:.0f} s in all. Load average {load[0]:.2f} at start, "
+            f"{load[1]:.2f} at end{' (above the CPU count: other jobs shared the CPUs)' * shared}. "
+            f"Noise: the interquartile range of the repeats is "
+            f"{100 * statistics.median(spreads):.0f} % of the median (median over rows), up to "
+            f"{100 * max(spreads):.0f} %. Compare methods within a column, not across runs. "
+            f"`\"default\"` = `{payload['default_method']}`.\n\n"
+        )
+        f.write(table)
+    return table
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ the Flax-based names below are loaded on first use.
 
 import importlib
 
-from nestedlora_jax import baselines, metrics, objectives, operators, problems, samplers
+from nestedlora_jax import baselines, laplacian, metrics, objectives, operators, problems, samplers
 from nestedlora_jax.baselines import neuralef_objective, spin_objective
 from nestedlora_jax.evaluation import evaluate, quadrature_grid
-from nestedlora_jax.laplacian import LAPLACIAN_METHODS, batched_laplacian, laplacian
+# The function is `nestedlora_jax.laplacian.laplacian`: re-exporting it here would shadow
+# the module of the same name.
+from nestedlora_jax.laplacian import LAPLACIAN_METHODS, batched_laplacian
 from nestedlora_jax.objectives import (
     NESTINGS,
     Objective,
@@ -101,7 +103,6 @@ __all__ = [
     "energies_from_eigenvalues",
     "evaluate",
     "fit",
-    "laplacian",
     "load_params",
     "lora_objective",
     "make_loss_fn",

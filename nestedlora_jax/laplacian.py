@@ -5,27 +5,38 @@
 ``return_grad=True`` both also return ``f(x)`` and the Jacobian, which the operator code needs
 together (``T f = -Lap f + V f`` and its importance-sampled form use all three).
 
-Which method to use (full table: ``benchmarks/results/laplacian.md``):
+Which method to use. Timings: ms per batch of 512 points for value + gradient + Laplacian,
+float32, jit-compiled, on the project's 2-core CPU (``benchmarks/laplacian.py``; full table in
+``benchmarks/results/laplacian.md``; other jobs shared the CPUs, so expect +-20 % noise):
 
-- ``"forward_over_forward"`` (the default, ``DEFAULT_LAPLACIAN_METHOD``): ``d`` nested jvps, one
-  per basis direction, batched with ``vmap``. Exact, no reverse pass, so its cost does not grow
-  with the number of outputs ``L``. Measured on the 2-core CPU, batch 512, float32, shared MLP
-  ``d -> 64 -> 64 -> 64 -> 16``: 2.4 ms at d = 2 and 3.0 ms at d = 3, against 2.7 / 3.6 ms for
-  ``"folx"``, 5.7 / 7.3 ms for ``"forward_over_reverse"`` and 5.3 / 8.3 ms for
-  ``"hessian_trace"``; for 16 vmapped MLPs ``d -> 32 -> 32 -> 32 -> 1`` at d = 2 / 3:
-  1.7 / 2.1 ms, against 2.5 / 3.5 (folx), 14 / 16 (forward-over-reverse), 14 / 17 (Hessian).
-- ``"folx"``: the forward Laplacian of Li et al. (``folx.forward_laplacian``); propagates
-  ``(f, J, Lap)`` in one pass. Within ~10-30 % of forward-over-forward at small d and the faster
-  of the two for a shared MLP at d >= 12 (7.1 vs 10.2 ms at d = 12, 48 vs 55 ms at d = 48).
-- ``"forward_over_reverse"``: one Hessian-vector product per basis direction on top of a
-  reverse pass per output. Pays for every output; only worth it for a scalar ``fn``.
+- ``"folx"`` (the default, ``DEFAULT_LAPLACIAN_METHOD``): the forward Laplacian
+  (``folx.forward_laplacian``, Li et al. 2023) propagates ``(f, J, Lap f)`` through the network
+  in one pass. Exact. Fastest for a shared MLP ``d -> 64 -> 64 -> 64 -> 16``: 1.5 / 1.6 ms at
+  d = 2 / 3 against 2.5 / 2.5 ms for forward-over-forward and 8-11 ms for the reverse-mode
+  methods, and far ahead at large d (12.8 vs 92 ms at d = 48). For 16 vmapped MLPs
+  ``d -> 32 -> 32 -> 32 -> 1`` it ties with forward-over-forward (10.2 / 13.3 vs 11.3 / 10.1 ms
+  at d = 2 / 3; repeated interleaved runs put either one ahead by 10-15 %). Gradients *through*
+  the Laplacian (w.r.t. parameters) are cheaper too: 7 vs 12 ms (shared) and 74 vs 136 ms
+  (vmapped) at d = 2. folx interprets the jaxpr of ``fn`` and does not cover every primitive
+  (folx 0.2.30 fails on ``lax.fori_loop``; ``lax.cond`` falls back to a full Hessian): when it
+  fails, ``"default"`` warns and uses ``"forward_over_forward"`` instead.
+- ``"forward_over_forward"``: ``d`` nested jvps, one per basis direction, vmapped. Exact, pure
+  JAX, no reverse pass, so its cost hardly grows with ``L``. Fastest for a single small network
+  (``L = 1``, vmapped: 0.69 ms vs 1.9 ms for folx at d = 2) and the robust fallback.
+- ``"forward_over_reverse"``: a jvp of the per-output gradient (``jacrev``) along each basis
+  direction. Pays one reverse pass per output: competitive for a scalar ``fn`` only
+  (16 vmapped nets: 168 ms at d = 2).
 - ``"hessian_trace"``: materialises the ``(L, d, d)`` Hessian; a reference, never the fastest.
-- ``"hutchinson"`` / ``"hutchinson_gaussian"``: unbiased stochastic estimate with
-  ``num_probes`` random probes (Rademacher / Gaussian); cost independent of ``d``, so the choice
-  for large ``d`` when noise in the operator is acceptable. Needs ``key`` and ``num_probes``.
+- ``"hutchinson"`` / ``"hutchinson_gaussian"``: unbiased stochastic estimate from
+  ``num_probes`` random probes (Rademacher / Gaussian); cost independent of ``d``. With 8
+  probes it only pays from d ~ 48 on (16 vmapped nets: 109 vs 244 ms), and it adds noise of
+  standard deviation ``sqrt(2 sum_{i != j} H_ij^2 / num_probes)`` to the operator. Needs
+  ``key`` and ``num_probes``. Rademacher probes are never worse than Gaussian ones.
 - ``"finite_difference"``: central second differences, ``2 d + 1`` evaluations of ``fn``. Never
-  the default: its accuracy is capped near ``sqrt(eps)`` (about 1e-3 relative in float32, about
-  1e-8 in float64) and it was not faster than forward-over-forward in the benchmark.
+  the default: no faster than the exact methods at d <= 3 (17 vs 10-11 ms, vmapped), and its
+  rounding error ``~ d eps |f| / h^2`` is a *relative* error of 1e-2 (median) to 0.3 (max) on
+  the benchmark MLPs in float32, whose Laplacians are small next to ``|f|`` (1e-8 in float64).
+  The exact methods match float64 to ~1e-6 in float32.
 
 All methods are pure and compose with ``jax.jit``, ``jax.vmap`` and ``jax.grad`` (gradients of
 the Laplacian with respect to parameters closed over by ``fn`` are exact for the exact methods),
@@ -96,7 +107,9 @@ def _check_x(x: Array) -> None:
             "Use batched_laplacian for a batch of shape (B, d)."
         )
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise ValueError(f"x must have a floating dtype (float32 or float64); got {jnp.result_type(x)}.")
+        raise ValueError(
+            f"x must have a floating dtype (float32 or float64); got {jnp.result_type(x)}."
+        )
 
 
 def _check_output(fn: Callable, x: Array) -> int:
@@ -135,7 +148,8 @@ def _forward_over_forward(fn, x):
     basis = jnp.eye(x.shape[0], dtype=x.dtype)
     # The primal f(x) does not depend on the direction, so vmap computes it once (row 0 of a
     # broadcast); the first-order tangents e_k . grad f are the gradient's columns for free.
-    value, grad, second = jax.vmap(lambda v: _second_directional(fn, x, v), out_axes=(0, -1, 0))(basis)
+    directional = lambda v: _second_directional(fn, x, v)
+    value, grad, second = jax.vmap(directional, out_axes=(0, -1, 0))(basis)
     return value[0], grad, jnp.sum(second, axis=0)
 
 
@@ -186,6 +200,11 @@ def _folx(fn, x):
             "method='forward_over_forward' is the exact pure-JAX alternative."
         )
         raise
+    if not isinstance(out, folx.api.FwdLaplArray):
+        # An output that does not depend on x (e.g. a uniform log-density) comes back as a plain
+        # array: its derivatives are zero.
+        value = jnp.asarray(out)
+        return value, jnp.zeros(value.shape + x.shape, value.dtype), jnp.zeros_like(value)
     # folx stores the Jacobian with the input axis first, (d, L); it may be sparse internally.
     jac = jnp.moveaxis(out.jacobian.dense_array, 0, -1)
     return out.x, jac, out.laplacian
@@ -299,7 +318,9 @@ def laplacian(
     Args:
       fn: maps one point of shape ``(d,)`` to an array of shape ``(L,)`` or a scalar ``()``.
       x: the point, shape ``(d,)``, floating dtype; the computation runs in this dtype.
-      method: one of ``LAPLACIAN_METHODS``; ``"default"`` is ``DEFAULT_LAPLACIAN_METHOD``.
+      method: one of ``LAPLACIAN_METHODS``; ``"default"`` is ``DEFAULT_LAPLACIAN_METHOD``
+        (``"folx"``), falling back with a ``RuntimeWarning`` to ``FALLBACK_LAPLACIAN_METHOD``
+        (``"forward_over_forward"``) if folx cannot trace ``fn``.
 
         - ``"forward_over_forward"``: ``sum_k e_k^T H e_k`` with ``e_k^T H e_k`` the second
           tangent of ``jvp(jvp(f, e_k), e_k)``, vmapped over k. Exact.
@@ -314,10 +335,11 @@ def laplacian(
           ``2 ||H||_F^2``, never smaller than Rademacher's.
         - ``"finite_difference"``: ``sum_k (f(x + h e_k) - 2 f(x) + f(x - h e_k)) / h^2`` with
           ``h = fd_step`` (default ``default_fd_step(x.dtype)``). Error ``O(h^2 f'''') +
-          O(eps f / h^2)``, i.e. near ``sqrt(eps)`` relative at best: ~1e-3 in float32.
+          O(d eps |f| / h^2)``: at best ~``sqrt(eps) |f|`` (~1e-4 |f| in
+          float32), a large relative error when ``|Lap f| << |f|``.
 
       key: PRNG key for the Hutchinson methods (required there, ignored otherwise).
-      num_probes: number of probes for the Hutchinson methods, a Python int >= 1.
+      num_probes: number of probes for the Hutchinson methods, an integer >= 1.
       return_grad: also return ``f(x)`` and its gradient.
       fd_step: step ``h`` for ``"finite_difference"`` (ignored otherwise).
 
@@ -363,7 +385,9 @@ def batched_laplacian(fn: Callable[[Array], Array], xs: Array, **kwargs):
     """
     xs = jnp.asarray(xs)
     if jnp.ndim(xs) != 2:
-        raise ValueError(f"xs must be a batch of points of shape (B, d); got shape {jnp.shape(xs)}.")
+        raise ValueError(
+            f"xs must be a batch of points of shape (B, d); got shape {jnp.shape(xs)}."
+        )
     method = _resolve_method(kwargs.pop("method", "default"))
     if method in STOCHASTIC_LAPLACIAN_METHODS:
         key = kwargs.pop("key", None)
