@@ -1,0 +1,30 @@
+"""The hydrogen benchmark's code path, end to end at a tiny size: JSON and figures written."""
+
+import json
+
+import pytest
+
+from nestedlora_jax.hydrogen_benchmark import main
+
+
+@pytest.mark.parametrize("method", ["neuralsvd-seq", "spin"])
+def test_benchmark_writes_results_and_figures(tmp_path, method):
+    out = tmp_path / "h"
+    figures = method == "neuralsvd-seq"
+    args = ["--method", method, "--states", "4", "--steps", "200", "--batch", "64",
+            "--hidden", "16", "16", "--grid", "60", "--log-every", "100",
+            "--checkpoint-every", "100", "--quiet", "--seeds", "0", "1", "--out", str(out)]
+    assert main(args + ([] if figures else ["--no-figures"])) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [s["seed"] for s in results["per_seed"]] == [0, 1]
+    m = results["per_seed"][0]["metrics"]
+    assert len(m["exact"]) == len(m["rayleigh"]) == len(m["angle_distance"]) == 4
+    assert results["summary"]["mean_rel_error"]["mean"] >= 0
+    assert results["per_seed"][0]["steps_per_s"] > 0
+    assert results["environment"]["jax"]
+    history = json.loads((out / "seed0" / "history.json").read_text())
+    assert history["history"][-1]["step"] == 200
+    if figures:
+        for name in ("eigenfunctions", "errors", "gram", "convergence"):
+            data = (out / f"{name}.png").read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
