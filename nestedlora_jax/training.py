@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
-import math
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -30,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nestedlora_jax._io import write_json_atomic
 from nestedlora_jax.objectives import NESTINGS, Objective, nested_lora_objective
 
 __all__ = [
@@ -336,21 +335,6 @@ def _validate_fit_args(apply, params, sampler, steps, batch_size, nesting, num_f
     return L
 
 
-def _write_json_atomic(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(x):
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return np.asarray(x).tolist()
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
 def fit(
     apply: Apply,
     params: PyTree,
@@ -528,7 +512,7 @@ def fit(
                 shown = transform(norms)[: min(L, 4)]
                 bar.set_postfix(loss=f"{entry['loss']:.4g}", eig=np.array2string(shown, precision=4), bad=entry["bad_steps"])
             if history_path is not None:
-                _write_json_atomic(history_path, {"history": history, "reinitialized": reinitialized})
+                write_json_atomic(history_path, {"history": history, "reinitialized": reinitialized})
             if manager is not None and checkpoint_every and step % checkpoint_every == 0:
                 manager.save(step, state, {"history": history, "reinitialized": reinitialized})
     finally:

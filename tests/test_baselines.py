@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from linalg_cases import symmetric_matrix
 import pytest
 
 from nestedlora_jax.baselines import (
@@ -16,15 +17,6 @@ from nestedlora_jax.baselines import (
 )
 
 sg = jax.lax.stop_gradient
-
-
-def _symmetric_matrix(n, top, rest_low, rest_high, seed):
-    """Symmetric (n, n) matrix with the given top eigenvalues and the rest uniform."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    rest = rng.uniform(rest_low, rest_high, n - len(top))
-    eig = np.concatenate([np.asarray(top, float), rest])
-    return (q * eig) @ q.T
 
 
 # ------------------------------------------------------------------ 1. SpIN gradient
@@ -58,7 +50,7 @@ def test_spin_masked_gradient_matches_autodiff_reference(decay, epsilon):
     n, L = 16, 5
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
-        A = jnp.asarray(_symmetric_matrix(n, [], -2.0, 2.0, seed=1))
+        A = jnp.asarray(symmetric_matrix(n, [], -2.0, 2.0, seed=1))
         W = jnp.asarray(rng.standard_normal((n, L)))
         obj = spin_objective(decay=decay, epsilon=epsilon)
         state = obj.init(L, jnp.float64)
@@ -115,7 +107,7 @@ def test_neuralef_gradient_matches_autodiff_reference(variant, split_batch, pair
     n, L = 16, 5
     with jax.enable_x64(True):
         rng = np.random.default_rng(2)
-        A = jnp.asarray(_symmetric_matrix(n, [], -2.0, 2.0, seed=3))
+        A = jnp.asarray(symmetric_matrix(n, [], -2.0, 2.0, seed=3))
         W = jnp.asarray(rng.standard_normal((n, L)))
         obj = neuralef_objective(variant=variant, split_batch=split_batch, pairing=pairing)
         state = obj.init(L, jnp.float64)
@@ -167,7 +159,7 @@ def _descend(obj, A, W, lr, steps, duplicate):
 def _recover(obj, duplicate, lr=1.0, steps=5000):
     L = len(TOP)
     with jax.enable_x64(True):
-        A_np = _symmetric_matrix(N, TOP, -3.0, 0.4, seed=7)  # negatives below the top L
+        A_np = symmetric_matrix(N, TOP, -3.0, 0.4, seed=7)  # negatives below the top L
         W0 = jax.random.normal(jax.random.key(0), (N, L))
         W, state = _descend(obj, jnp.asarray(A_np), W0, lr, steps, duplicate)
         psi = np.asarray(jax.jit(obj.transform)(W, state))

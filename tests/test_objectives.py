@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from linalg_cases import symmetric_matrix
 import pytest
 
 from nestedlora_jax.objectives import (
@@ -19,15 +20,6 @@ NESTINGS = ["joint", "sequential"]
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def _symmetric_matrix(n, top, rest_low, rest_high, seed):
-    """Symmetric (n, n) matrix with the given top eigenvalues and the rest uniform."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    rest = rng.uniform(rest_low, rest_high, n - len(top))
-    eig = np.concatenate([np.asarray(top, float), rest])
-    return (q * eig) @ q.T
 
 
 def _lora_estimate(f, Tf, split_batch):
@@ -120,7 +112,7 @@ def test_masked_gradient_matches_autodiff_reference(nesting, split_batch):
     """
     n, L = 16, 5
     with jax.enable_x64(True):
-        A = jnp.asarray(_symmetric_matrix(n, [], -2.0, 2.0, seed=1))
+        A = jnp.asarray(symmetric_matrix(n, [], -2.0, 2.0, seed=1))
         W = jax.random.normal(jax.random.key(3), (n, L))
         weights = [0.3, 0.1, 0.2, 0.0, 0.4] if nesting == "joint" else None
 
@@ -219,7 +211,7 @@ def test_recovers_eigh(nesting):
     n, top = 64, [5.0, 4.2, 3.1, 2.3, 1.5, 1.0]
     L = len(top)
     with jax.enable_x64(True):
-        A_np = _symmetric_matrix(n, top, -3.0, 0.4, seed=7)  # negatives below the top L
+        A_np = symmetric_matrix(n, top, -3.0, 0.4, seed=7)  # negatives below the top L
         A = jnp.asarray(A_np)
         loss = lambda W: nested_lora_loss(W, A @ W, nesting=nesting, split_batch=False)
         W0 = 0.1 * jax.random.normal(jax.random.key(0), (n, L))
@@ -316,7 +308,7 @@ def test_split_batch_gradient_is_unbiased(nesting):
     """
     n, L, batch, K = 24, 4, 4, 40000
     with jax.enable_x64(True):
-        A = jnp.asarray(_symmetric_matrix(n, [], -1.0, 1.0, seed=5))
+        A = jnp.asarray(symmetric_matrix(n, [], -1.0, 1.0, seed=5))
         W = jax.random.normal(jax.random.key(2), (n, L))
         population = jax.grad(
             lambda W: nested_lora_loss(W, A @ W, nesting=nesting, split_batch=False)
