@@ -14,6 +14,7 @@ proportional to the error being measured.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -26,17 +27,21 @@ from nestedlora_jax.operators import ProblemOperator, energies_from_eigenvalues
 __all__ = ["evaluate", "quadrature_grid", "network_values"]
 
 
-def network_values(apply, params, operator, xs, *, chunk: int = 4096, key=None):
-    """``(f, Tf)`` on ``xs`` ``(N, d)`` in chunks (bounded memory); numpy float64 ``(N, L)``."""
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _values_chunk(apply, params, operator, x):
+    fn = lambda y: apply(params, y)
+    return jax.vmap(lambda y: operator(fn, y))(x)
 
-    @jax.jit
-    def one_chunk(x):
-        fn = lambda y: apply(params, y)
-        return jax.vmap(lambda y: operator(fn, y))(x)
 
+def network_values(apply, params, operator, xs, *, chunk: int = 4096):
+    """``(f, Tf)`` on ``xs`` ``(N, d)`` in chunks (bounded memory); numpy float64 ``(N, L)``.
+
+    Compiled once per ``(apply, operator)`` pair and chunk shape, so periodic evaluation
+    during training does not recompile.
+    """
     fs, Tfs = [], []
     for start in range(0, xs.shape[0], chunk):
-        f, Tf = one_chunk(jnp.asarray(xs[start : start + chunk]))
+        f, Tf = _values_chunk(apply, params, operator, jnp.asarray(xs[start : start + chunk]))
         fs.append(np.asarray(f, np.float64))
         Tfs.append(np.asarray(Tf, np.float64))
     return np.concatenate(fs), np.concatenate(Tfs)
@@ -114,8 +119,9 @@ def evaluate(
         ``eigenfunctions``.
       operator: the :class:`~nestedlora_jax.operators.ProblemOperator` used in training
         (its operator, sampler and scaling).
-      points, weights: a quadrature grid with ``dx`` weights (see :func:`quadrature_grid`);
-        if ``None``, ``num_samples`` fresh samples from ``operator.sampler`` (``key``).
+      points, weights: a quadrature grid with ``dx`` weights (see :func:`quadrature_grid`).
+        ``points`` without ``weights`` are taken as samples from ``operator.sampler``; no
+        ``points`` means ``num_samples`` fresh samples from it (drawn with ``key``).
       importance_weighted: the network represents ``psi / sqrt(p)`` (training used the
         sampler's ``log_prob``), as :func:`~nestedlora_jax.operators.problem_operator` does
         by default.
@@ -135,11 +141,12 @@ def evaluate(
     if points is None:
         key = jax.random.PRNGKey(12345) if key is None else key
         points = np.asarray(sampler.sample(key, num_samples), np.float64)
-        on_grid = False
-    else:
-        if weights is None or len(weights) != len(points):
-            raise ValueError("a grid needs dx-weights of the same length as its points.")
-        on_grid = True
+    elif weights is not None and len(weights) != len(points):
+        raise ValueError(
+            f"a grid needs one dx-weight per point: got {len(points)} points and "
+            f"{len(weights)} weights."
+        )
+    on_grid = weights is not None
     xs = np.asarray(points, np.float32)
     f, Tf = network_values(apply, params, operator.op, xs, chunk=chunk)
     if transform is not None:

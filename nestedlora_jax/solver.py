@@ -107,6 +107,8 @@ def solve(
     resume: bool = False,
     history_path=None,
     callback=None,
+    eval_every: int | None = None,
+    num_periodic_eval_samples: int = 8192,
 ) -> SolveResult:
     """Learn the ``L`` lowest eigenstates of ``problem`` and evaluate them.
 
@@ -126,7 +128,15 @@ def solve(
         :func:`~nestedlora_jax.operators.problem_operator` (problem defaults otherwise).
       evaluation: ``"grid"`` (quadrature, d <= 2), ``"mc"`` (fresh samples) or ``"auto"``
         (grid when d <= 2).
+      eval_every: evaluate the EMA parameters every this many steps (a multiple of
+        ``log_every``) on ``num_periodic_eval_samples`` fresh samples (a fixed set, so
+        successive values are comparable) and record ``mean_rel_error``,
+        ``max_rel_error`` and ``subspace_distance_mean`` in the history.
     """
+    if eval_every is not None and (eval_every < 1 or eval_every % log_every):
+        raise ValueError(
+            f"eval_every ({eval_every}) must be a positive multiple of log_every ({log_every})."
+        )
     objective = make_objective(method)
     operator = problem_operator(
         problem, L, sampler, laplacian_method=laplacian_method, scale=scale, shift=shift
@@ -139,6 +149,18 @@ def solve(
     def init_params(key):
         # Fresh trainable parameters only: `apply` keeps the frozen features of `net`.
         return to_apply(eigenfunction_network_like(problem, L, kind, options, key))[1]
+
+    if eval_every is not None:
+        user_callback = callback
+        eval_points = np.asarray(operator.sampler.sample(jax.random.PRNGKey(seed + 7), num_periodic_eval_samples))
+
+        def callback(step, state):
+            extra = dict(user_callback(step, state) or {}) if user_callback is not None else {}
+            if step % eval_every == 0:
+                m = evaluate(apply, state.ema_params, problem, operator, points=eval_points,
+                             transform=_transform(objective, state.objective_state))
+                extra.update({k: m[k] for k in ("mean_rel_error", "max_rel_error", "subspace_distance_mean") if k in m})
+            return extra
 
     result = fit(
         apply,
@@ -187,10 +209,7 @@ def evaluate_result(problem, operator, apply, result: FitResult, objective: Obje
     points = weights = None
     if use_grid:
         points, weights = quadrature_grid(problem, L, grid_size)
-    state = result.state.objective_state
-    transform = None
-    if objective.name in ("spin", "neuralef"):
-        transform = lambda f: np.asarray(objective.transform(jax.numpy.asarray(f), state))
+    transform = _transform(objective, result.state.objective_state)
     return evaluate(
         apply,
         result.ema_params if params is None else params,
@@ -201,6 +220,13 @@ def evaluate_result(problem, operator, apply, result: FitResult, objective: Obje
         num_samples=num_eval_samples,
         transform=transform,
     )
+
+
+def _transform(objective: Objective, state):
+    """Raw outputs -> eigenfunction estimates (identity for NestedLoRA)."""
+    if objective.name.startswith("neuralsvd"):
+        return None
+    return lambda f: np.asarray(objective.transform(jax.numpy.asarray(f), state))
 
 
 def _table_view(metrics: dict) -> dict:

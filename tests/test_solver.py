@@ -38,3 +38,15 @@ def test_hydrogen_four_states():
     assert m["mean_rel_error"] <= 2e-2
     assert np.all(np.isfinite(m["rayleigh"]))
     assert m["subspace_distance_mean"] <= 2e-2
+
+
+def test_periodic_evaluation_is_recorded_in_the_history():
+    result = solve(
+        problems.HarmonicOscillator(dim=1), 2, steps=400, batch_size=64, learning_rate=3e-3,
+        progress=False, log_every=100, eval_every=200, num_periodic_eval_samples=1024,
+    )
+    evaluated = [h for h in result.fit.history if "mean_rel_error" in h]
+    assert [h["step"] for h in evaluated] == [200, 400]
+    assert evaluated[-1]["mean_rel_error"] < evaluated[0]["mean_rel_error"]
+    with pytest.raises(ValueError, match="eval_every"):
+        solve(problems.HarmonicOscillator(dim=1), 2, steps=10, log_every=100, eval_every=150)
