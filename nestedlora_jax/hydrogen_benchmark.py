@@ -25,6 +25,7 @@ from nestedlora_jax import metrics as M
 from nestedlora_jax._io import write_json_atomic
 from nestedlora_jax.problems import Hydrogen
 from nestedlora_jax.solver import METHODS, solve
+from nestedlora_jax.training import CollapseConfig
 
 # The paper's figures (method.md §6), read off its bar chart (about +-10%), 16 states.
 PAPER = {
@@ -57,11 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (ignored when --seeds is given)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: report mean +- std")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine-decayed to 1%%)")
-    p.add_argument("--hidden", type=int, nargs="+", default=[32, 32, 32], help="hidden widths of each MLP")
+    p.add_argument("--hidden", type=int, nargs="+", default=None,
+                   help="hidden widths: of each of the L parallel MLPs (default 32 32 32) or of the "
+                        "shared MLP of neuralsvd-joint (default 128 128 128, about the same "
+                        "number of parameters at L = 16)")
     p.add_argument("--grid", type=int, default=300, help="quadrature nodes per polar axis for evaluation")
     p.add_argument("--log-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=5000)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--no-collapse-remedy", action="store_true",
+                   help="only report collapsed functions, do not re-initialise them")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", default="results/hydrogen")
@@ -87,7 +93,7 @@ def run(args) -> dict:
             batch_size=args.batch,
             seed=seed,
             learning_rate=args.lr,
-            network_options={"hidden": tuple(args.hidden)},
+            network_options={"hidden": tuple(args.hidden or _default_hidden(args.method))},
             grid_size=args.grid,
             progress=not args.quiet,
             log_every=args.log_every,
@@ -95,6 +101,7 @@ def run(args) -> dict:
             checkpoint_every=every,
             resume=args.resume,
             history_path=os.path.join(seed_dir, "history.json"),
+            collapse=CollapseConfig(reinitialize=not args.no_collapse_remedy),
         )
         wall = time.perf_counter() - t0
         trained, train_time = result.fit.steps_run, result.fit.train_time
@@ -126,6 +133,10 @@ def run(args) -> dict:
     if not args.no_figures and last is not None:
         make_figures(problem, last, args.out, args.states)
     return out
+
+
+def _default_hidden(method: str) -> tuple[int, ...]:
+    return (128, 128, 128) if method == "neuralsvd-joint" else (32, 32, 32)
 
 
 def _collapsed(metrics) -> list[int]:
