@@ -115,7 +115,7 @@ def run(args) -> dict:
             "steps_per_s": trained / max(train_time, 1e-9),
             "bad_steps": result.fit.bad_steps,
             "reinitialized": result.fit.reinitialized,
-            "collapsed_states": _collapsed(result.metrics),
+            "collapsed_states": _collapsed(result.metrics) if args.method.startswith("neuralsvd") else None,
             "metrics": result.metrics,
         })
         last = result
@@ -140,7 +140,8 @@ def _default_hidden(method: str) -> tuple[int, ...]:
 
 
 def _collapsed(metrics) -> list[int]:
-    """States whose learned norm estimate has collapsed (E by norm far from E by Rayleigh)."""
+    """NestedLoRA states whose norm (the eigenvalue estimate) is off by more than 50%: the
+    signature of a collapsed function (baselines' raw norms carry no eigenvalue)."""
     norm, exact = np.asarray(metrics["norm"]), np.asarray(metrics["exact"])
     return [int(i) for i in np.flatnonzero(~np.isfinite(norm) | (np.abs(norm - exact) > 0.5 * np.abs(exact)))]
 
