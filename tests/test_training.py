@@ -176,3 +176,31 @@ def test_collapse_config_validation():
         CollapseConfig(threshold=2.0)
     with pytest.raises(ValueError, match="start_fraction"):
         CollapseConfig(start_fraction=0.9, stop_fraction=0.5)
+
+
+@pytest.mark.parametrize("reinitialize", [False, True])
+def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize):
+    """An exactly-zero function is a fixed point of the masked gradient (zero is a saddle):
+    without re-initialisation it stays dead; with it, it is replaced and learns."""
+    L = 2
+    net = eigenfunction_network(1, L, kind="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=0))
+    apply, params = to_apply(net)
+    # Zero function 1's output layer: f_1 == 0 everywhere.
+    params = jax.tree.map(lambda p: p.at[1].set(0.0) if p.shape[-1] == 1 else p, params)
+    op = problem_operator(problems.HarmonicOscillator(dim=1), L)
+
+    def init_params(key):
+        return to_apply(eigenfunction_network(1, L, kind="parallel", hidden=(16, 16),
+                                              rngs=nnx.Rngs(params=int(key[-1]) % 1000)))[1]
+
+    config = CollapseConfig(check_every=200, start_fraction=0.1, stop_fraction=0.5, reinitialize=reinitialize)
+    res = fit(apply, params, op.op, op.sampler, steps=1200, batch_size=64, progress=False,
+              log_every=100, learning_rate=3e-3, collapse=config, init_params=init_params)
+    flagged = [h["step"] for h in res.history if h.get("dead") == [1]]
+    assert flagged and flagged[0] == 200  # detected at the first check
+    if reinitialize:
+        assert res.reinitialized[0] == (200, [1])
+        assert res.eigenvalues[1] > 0.3 * (op.eigenvalues[1])  # alive and learning
+    else:
+        assert res.reinitialized == []
+        assert res.eigenvalues[1] == 0.0  # still exactly dead
