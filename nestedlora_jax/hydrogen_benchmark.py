@@ -66,11 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=5000)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--collapse-remedy", action="store_true",
-                   help="re-initialise functions detected as collapsed (default: only report "
-                        "them; on this benchmark re-initialisation did not help)")
-    p.add_argument("--no-collapse-remedy", dest="collapse_remedy", action="store_false",
-                   help=argparse.SUPPRESS)  # the default; kept for older command lines
+    p.add_argument("--no-collapse-remedy", action="store_true",
+                   help="only report collapsed functions, do not re-initialise them")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", default="results/hydrogen")
@@ -104,7 +101,7 @@ def run(args) -> dict:
             checkpoint_every=every,
             resume=args.resume,
             history_path=os.path.join(seed_dir, "history.json"),
-            collapse=CollapseConfig(reinitialize=args.collapse_remedy),
+            collapse=CollapseConfig(reinitialize=not args.no_collapse_remedy),
         )
         wall = time.perf_counter() - t0
         trained, train_time = result.fit.steps_run, result.fit.train_time

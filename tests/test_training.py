@@ -174,6 +174,8 @@ def test_reinitialize_replaces_only_dead_rows_and_resets_adam_moments():
 def test_collapse_config_validation():
     with pytest.raises(ValueError, match="threshold"):
         CollapseConfig(threshold=2.0)
+    with pytest.raises(ValueError, match="patience"):
+        CollapseConfig(patience=0)
     with pytest.raises(ValueError, match="start_fraction"):
         CollapseConfig(start_fraction=0.9, stop_fraction=0.5)
 
@@ -193,13 +195,14 @@ def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize
         return to_apply(eigenfunction_network(1, L, kind="parallel", hidden=(16, 16),
                                               rngs=nnx.Rngs(params=int(key[-1]) % 1000)))[1]
 
-    config = CollapseConfig(check_every=200, start_fraction=0.1, stop_fraction=0.5, reinitialize=reinitialize)
+    config = CollapseConfig(check_every=200, start_fraction=0.1, stop_fraction=0.5,
+                            reinitialize=reinitialize, patience=2)
     res = fit(apply, params, op.op, op.sampler, steps=1200, batch_size=64, progress=False,
               log_every=100, learning_rate=3e-3, collapse=config, init_params=init_params)
     flagged = [h["step"] for h in res.history if h.get("dead") == [1]]
     assert flagged and flagged[0] == 200  # detected at the first check
     if reinitialize:
-        assert res.reinitialized[0] == (200, [1])
+        assert res.reinitialized[0] == (400, [1])  # after `patience` = 2 consecutive flags
         assert res.eigenvalues[1] > 0.3 * (op.eigenvalues[1])  # alive and learning
     else:
         assert res.reinitialized == []
