@@ -23,6 +23,7 @@ import numpy as np
 
 from nestedlora_jax import metrics as M
 from nestedlora_jax.operators import ProblemOperator, energies_from_eigenvalues
+from nestedlora_jax.problems import Hydrogen
 
 __all__ = ["evaluate", "quadrature_grid", "network_values"]
 
@@ -50,8 +51,7 @@ def network_values(apply, params, operator, xs, *, chunk: int = 4096):
 def quadrature_grid(problem, L: int, num: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """A quadrature grid ``(points (N, d), dx-weights (N,))`` covering the first L states.
 
-    * boxes (the default sampler is uniform on a box): tensor Gauss-Legendre with ``num``
-      nodes per axis;
+    * boxes (``problem.box``): tensor Gauss-Legendre with ``num`` nodes per axis;
     * hydrogen (2-D): polar grid, Gauss-Legendre in ``r`` on ``[0, R]`` (R = 12 n_max + 20,
       where the slowest state has decayed below 1e-8) and ``num`` equispaced angles
       (exact for the trigonometric angular parts);
@@ -64,12 +64,10 @@ def quadrature_grid(problem, L: int, num: int = 200) -> tuple[np.ndarray, np.nda
             f"quadrature grids are provided for d <= 2 (got d = {dim}); evaluate on a Monte "
             "Carlo sample instead (evaluate(..., points=None))."
         )
-    sampler = problem.default_sampler(L)
-    if hasattr(sampler, "low") and hasattr(sampler, "high"):  # a box domain
-        lo, hi = (np.broadcast_to(np.asarray(b, np.float64), (dim,)) for b in (sampler.low, sampler.high))
+    if problem.box is not None:
+        lo, hi = (np.full(dim, float(b)) for b in problem.box)
         return _tensor_gauss_legendre(lo, hi, num)
-    name = type(problem).__name__
-    if name == "Hydrogen" and dim == 2:
+    if isinstance(problem, Hydrogen) and dim == 2:
         n_max = max(s[0] for s in problem.states(L))
         R = 12.0 * (n_max + 0.5) / getattr(problem, "Z", 1.0) + 20.0
         r, wr = np.polynomial.legendre.leggauss(num)
@@ -81,7 +79,7 @@ def quadrature_grid(problem, L: int, num: int = 200) -> tuple[np.ndarray, np.nda
         points = np.stack([rr * np.cos(tt), rr * np.sin(tt)], axis=-1).reshape(-1, 2)
         return points, np.outer(wr, wt).reshape(-1)
     radius = getattr(problem, "evaluation_radius", None)
-    R = float(radius(L)) if radius is not None else 8.0 * float(np.max(getattr(sampler, "scale", 1.0)))
+    R = float(radius(L)) if radius is not None else 8.0 * float(np.max(getattr(problem.default_sampler(L), "scale", 1.0)))
     return _tensor_gauss_legendre(np.full(dim, -R), np.full(dim, R), num)
 
 

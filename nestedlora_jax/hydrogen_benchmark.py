@@ -234,7 +234,8 @@ def make_figures(problem, result, out_dir, L):
 
     # --- normalised Gram matrix (log |G_ij|).
     fig, ax = plt.subplots(figsize=(4, 3.4))
-    G = np.abs(_normalised_gram(learned, w))
+    with jax.enable_x64(True):
+        G = np.abs(np.asarray(M.normalised_gram(learned, w)))
     im = ax.imshow(np.log10(G + 1e-12), cmap="viridis", vmin=-8, vmax=0)
     fig.colorbar(im, ax=ax, label="log10 |G_ij|")
     ax.set_title("normalised Gram matrix of learned functions", fontsize=8)
@@ -256,12 +257,6 @@ def make_figures(problem, result, out_dir, L):
         ax.legend(fontsize=7), fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "convergence.png"), dpi=110)
         plt.close(fig)
-
-
-def _normalised_gram(f, w):
-    G = (f * w[:, None]).T @ f
-    d = np.sqrt(np.clip(np.diag(G), 1e-300, None))
-    return G / d[:, None] / d[None, :]
 
 
 def main(argv=None) -> int:

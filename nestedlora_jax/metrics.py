@@ -31,6 +31,7 @@ Blocks = Sequence[tuple[int, int]]
 __all__ = [
     "inner",
     "gram",
+    "normalised_gram",
     "norms_squared",
     "rayleigh_quotients",
     "RelativeErrors",
@@ -92,6 +93,11 @@ def relative_errors(estimated: Array, exact: Array) -> RelativeErrors:
     return RelativeErrors(err, jnp.mean(err))
 
 
+def normalised_gram(f: Array, w: Array) -> Array:
+    """``G_ij = <f_i, f_j> / (||f_i|| ||f_j||)`` (L, L); a zero function gives a zero row."""
+    return gram(_unit(f, w), w)
+
+
 class Orthogonality(NamedTuple):
     frobenius: Array  # () ||G - I||_F / L
     max_offdiag: Array  # () max_{i != j} |G_ij|
@@ -103,7 +109,7 @@ def orthogonality(f: Array, w: Array) -> Orthogonality:
     Returns ``||G - I||_F / L`` and ``max_{i != j} |G_ij|`` (0 for L = 1). A zero (collapsed)
     function has a zero row and column in G (so it counts fully in the Frobenius term).
     """
-    g = gram(_unit(f, w), w)
+    g = normalised_gram(f, w)
     n = g.shape[0]
     eye = jnp.eye(n, dtype=g.dtype)
     off = jnp.abs(g) * (1 - eye)

@@ -26,6 +26,7 @@ from nestedlora_jax.evaluation import evaluate, quadrature_grid
 from nestedlora_jax.networks import eigenfunction_network, to_apply
 from nestedlora_jax.objectives import Objective, nested_lora_objective
 from nestedlora_jax.operators import ProblemOperator, energies_from_eigenvalues, problem_operator
+from nestedlora_jax.problems import Hydrogen
 from nestedlora_jax.training import CollapseConfig, FitResult, fit
 
 __all__ = ["METHODS", "SolveResult", "make_objective", "default_network", "solve"]
@@ -50,7 +51,7 @@ def default_network(problem, L: int, *, kind: str = "parallel", seed: int = 0, *
     """The eigenfunction network a problem asks for: radial input for Coulomb problems,
     periodic inputs on periodic boxes, the Dirichlet mask on wells."""
     options: dict[str, Any] = {}
-    if type(problem).__name__ == "Hydrogen":
+    if isinstance(problem, Hydrogen):
         options["radial_input"] = True
     if getattr(problem, "periodic", False):
         options["periodic"] = True
@@ -229,9 +230,7 @@ def evaluate_result(problem, operator, apply, result: FitResult, objective: Obje
 
 
 def _transform(objective: Objective, state):
-    """Raw outputs -> eigenfunction estimates (identity for NestedLoRA)."""
-    if objective.name.startswith("neuralsvd"):
-        return None
+    """Raw outputs -> the objective's eigenfunction estimates (identity for NestedLoRA)."""
     return lambda f: np.asarray(objective.transform(jax.numpy.asarray(f), state))
 
 
