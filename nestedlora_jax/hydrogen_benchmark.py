@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--no-collapse-remedy", action="store_true",
                    help="only report collapsed functions, do not re-initialise them")
+    p.add_argument("--data-parallel", type=int, nargs="?", const=-1, default=None, metavar="N",
+                   help="split each batch over N devices (all devices if N is omitted; "
+                        "--batch must be divisible by N)")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", default="results/hydrogen")
@@ -102,6 +105,7 @@ def run(args) -> dict:
             resume=args.resume,
             history_path=os.path.join(seed_dir, "history.json"),
             collapse=CollapseConfig(reinitialize=not args.no_collapse_remedy),
+            data_parallel=_data_parallel(args.data_parallel),
         )
         wall = time.perf_counter() - t0
         trained, train_time = result.fit.steps_run, result.fit.train_time
@@ -133,6 +137,10 @@ def run(args) -> dict:
     if not args.no_figures and last is not None:
         make_figures(problem, last, args.out, args.states)
     return out
+
+
+def _data_parallel(n: int | None) -> bool | int:
+    return False if n is None else (True if n < 0 else n)
 
 
 def _default_hidden(method: str) -> tuple[int, ...]:
@@ -169,6 +177,7 @@ def _environment() -> dict:
 
     return {
         "device": str(jax.devices()[0]),
+        "device_count": jax.device_count(),
         "platform": jax.default_backend(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

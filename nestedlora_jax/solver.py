@@ -110,6 +110,7 @@ def solve(
     callback=None,
     eval_every: int | None = None,
     num_periodic_eval_samples: int = 8192,
+    data_parallel: bool | int = False,
 ) -> SolveResult:
     """Learn the ``L`` lowest eigenstates of ``problem`` and evaluate them.
 
@@ -135,11 +136,19 @@ def solve(
         ``log_every``) on ``num_periodic_eval_samples`` fresh samples (a fixed set, so
         successive values are comparable) and record ``mean_rel_error``,
         ``max_rel_error`` and ``subspace_distance_mean`` in the history.
+      data_parallel: ``True`` splits every batch over all devices (``jax.devices()``, every
+        process's after ``jax.distributed.initialize()``), an int ``n`` over the first ``n``;
+        ``batch_size`` must be divisible by the device count. See :mod:`nestedlora_jax.parallel`.
     """
     if eval_every is not None and (eval_every < 1 or eval_every % log_every):
         raise ValueError(
             f"eval_every ({eval_every}) must be a positive multiple of log_every ({log_every})."
         )
+    mesh = None
+    if data_parallel is not False and data_parallel is not None:
+        from nestedlora_jax.parallel import data_parallel_mesh
+
+        mesh = data_parallel_mesh(None if data_parallel is True else int(data_parallel))
     objective = make_objective(method)
     if not objective.name.startswith("neuralsvd"):
         # The collapse test compares ||f_i||^2 with the Rayleigh quotient, which are equal
@@ -192,6 +201,7 @@ def solve(
         resume=resume,
         history_path=history_path,
         callback=callback,
+        mesh=mesh,
     )
     metrics = evaluate_result(
         problem, operator, apply, result, objective, L,

@@ -8,8 +8,11 @@ The loop is a thin composition of pure pieces:
   user's own training step.
 * ``make_train_step(...)`` -> a pure ``step(state, key) -> state`` (sample, gradient,
   guarded Optax update, EMA of parameters, running statistics), jit- and scan-friendly.
+* ``init_train_state(...)`` and ``train_steps(step, state, key, num_steps)``: pure, so several
+  seeds or problems train at once under ``jax.vmap`` and the loop nests in any ``jit``.
 * ``fit(...)`` runs it in jitted ``lax.scan`` chunks, shows progress, checkpoints with
-  Orbax, re-initialises collapsed functions and writes a JSON history.
+  Orbax, re-initialises collapsed functions and writes a JSON history; with a ``mesh`` it
+  trains data-parallel (batch sharded, parameters replicated; see :mod:`nestedlora_jax.parallel`).
 
 Reproducibility: the PRNG key of step ``t`` is ``fold_in(PRNGKey(seed), t)``, so a run
 resumed from a checkpoint sees exactly the samples of an uninterrupted run.
@@ -38,8 +41,10 @@ __all__ = [
     "TrainingDivergedError",
     "default_optimizer",
     "fit",
+    "init_train_state",
     "make_loss_fn",
     "make_train_step",
+    "train_steps",
 ]
 
 PyTree = Any
@@ -132,6 +137,7 @@ def make_train_step(
     *,
     ema_decay: float = 0.999,
     stats_decay: float = 0.99,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ):
     """A pure training step ``step(state, key) -> state``.
 
@@ -139,12 +145,16 @@ def make_train_step(
     Optax update only if the loss and every gradient leaf are finite; otherwise the step
     is skipped and counted (parameters, optimizer state and EMA untouched). The EMA of the
     parameters uses the warm-up ``min(ema_decay, (1 + t) / (10 + t))`` so short runs are
-    not dominated by the initialisation.
+    not dominated by the initialisation. With ``batch_sharding`` (e.g.
+    :func:`nestedlora_jax.parallel.batch_sharding`) the batch is laid out across devices
+    right where it is drawn, and XLA partitions the rest of the step to match.
     """
 
     def step(state: TrainState, key) -> TrainState:
         sample_key, operator_key = jax.random.split(key)
         xs = sample(sample_key, batch_size)
+        if batch_sharding is not None:
+            xs = jax.lax.with_sharding_constraint(xs, batch_sharding)
         (loss, (objective_state, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.objective_state, xs, operator_key
         )
@@ -176,6 +186,43 @@ def make_train_step(
         )
 
     return step
+
+
+def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, L: int,
+                     objective: Objective | None = None) -> TrainState:
+    """The :class:`TrainState` at step 0 for ``params`` (pure: ``vmap`` it over seeds).
+
+    ``L`` is the number of learned functions (the network's outputs); ``objective`` defaults
+    to sequential NestedLoRA, as in :func:`make_loss_fn`.
+    """
+    objective = objective if objective is not None else nested_lora_objective()
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=optimizer.init(params),
+        objective_state=objective.init(L, dtype),
+        norms=jnp.zeros((L,), dtype),
+        rayleigh=jnp.zeros((L,), dtype),
+        loss=jnp.zeros((), dtype),
+        bad_steps=jnp.zeros((), jnp.int32),
+        consecutive_bad=jnp.zeros((), jnp.int32),
+    )
+
+
+def train_steps(step: Callable[[TrainState, jax.Array], TrainState], state: TrainState,
+                key: jax.Array, num_steps: int) -> TrainState:
+    """Run ``num_steps`` (a Python int) of ``step`` in one ``lax.scan``; pure.
+
+    Step ``t`` uses the key ``fold_in(key, t)`` (``t`` counted from ``state.step``), the keys
+    :func:`fit` uses with ``key = PRNGKey(seed)``: so the same run can be split into chunks,
+    resumed, or batched over seeds with ``jax.vmap(lambda s, k: train_steps(step, s, k, n))``
+    and give the same numbers.
+    """
+    keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(state.step + jnp.arange(num_steps))
+    state, _ = jax.lax.scan(lambda s, k: (step(s, k), None), state, keys)
+    return state
 
 
 def default_optimizer(steps: int, learning_rate: float = 1e-3, final_fraction: float = 1e-2):
@@ -373,6 +420,8 @@ def fit(
     resume: bool = False,
     history_path: str | os.PathLike | None = None,
     callback: Callable[[int, TrainState], dict | None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
 ) -> FitResult:
     """Train ``apply(params, .)`` so its L outputs learn the top-L eigenfunctions.
 
@@ -411,6 +460,12 @@ def fit(
       history_path: JSON file rewritten after every chunk with the history so far.
       callback: ``callback(step, state) -> dict | None`` after every chunk; a returned
         dict is merged into that history entry (e.g. periodic evaluation).
+      mesh: train data-parallel on this device mesh (e.g.
+        :func:`nestedlora_jax.parallel.data_parallel_mesh`): each batch is split over the
+        mesh axis ``data_axis`` (``batch_size`` must be divisible by its size), parameters
+        and optimiser state are replicated. Same seed and global batch -> the same samples
+        and, to float round-off, the same result as on one device.
+      data_axis: name of the mesh axis the batch is split over.
     """
     if int(log_every) != log_every or log_every < 1:
         raise ValueError(f"log_every must be a positive integer, got {log_every!r}.")
@@ -434,24 +489,22 @@ def fit(
         apply, params, sampler, steps, batch_size, nesting, num_functions, objective.needs_even_batch
     )
 
+    place = lambda state: state
+    sharding = None
+    if mesh is not None:
+        from nestedlora_jax import parallel
+
+        parallel.check_batch_divisible(batch_size, mesh, data_axis)
+        sharding = parallel.batch_sharding(mesh, data_axis)
+        place = lambda state: parallel.replicate(state, mesh)
+
     optimizer = optimizer if optimizer is not None else default_optimizer(steps, learning_rate)
     loss_fn = make_loss_fn(apply, operator, objective)
-    step_fn = make_train_step(loss_fn, optimizer, sampler.sample, batch_size, ema_decay=ema_decay)
-    base_key = jax.random.PRNGKey(seed)
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=params,
-        opt_state=optimizer.init(params),
-        objective_state=objective.init(L, dtype),
-        norms=jnp.zeros((L,), dtype),
-        rayleigh=jnp.zeros((L,), dtype),
-        loss=jnp.zeros((), dtype),
-        bad_steps=jnp.zeros((), jnp.int32),
-        consecutive_bad=jnp.zeros((), jnp.int32),
+    step_fn = make_train_step(
+        loss_fn, optimizer, sampler.sample, batch_size, ema_decay=ema_decay, batch_sharding=sharding
     )
+    base_key = jax.random.PRNGKey(seed)
+    state = init_train_state(params, optimizer, L, objective)
 
     manager = None
     history: list = []
@@ -468,13 +521,11 @@ def fit(
                 history = extra.get("history", [])
                 reinitialized = extra.get("reinitialized", [])
                 flag_counts = np.asarray(extra.get("flag_counts", flag_counts), dtype=int)
+    state = place(state)
 
-    @jax.jit
-    def run_chunk(state, num):
-        # `num` is static via the length of the key array.
-        keys = jax.vmap(lambda t: jax.random.fold_in(base_key, t))(state.step + jnp.arange(num.shape[0]))
-        state, _ = jax.lax.scan(lambda s, k: (step_fn(s, k), None), state, keys)
-        return state
+    # At most three chunk lengths occur (log_every, the rest up to a multiple of it, the
+    # last one), so a static length costs at most three compilations.
+    run_chunk = jax.jit(lambda state, num: train_steps(step_fn, state, base_key, num), static_argnums=1)
 
     transform = eigenvalue_transform or (lambda t: t)
     bar = None
@@ -487,7 +538,7 @@ def fit(
     try:
         while int(state.step) < steps:
             num = min(log_every - int(state.step) % log_every, steps - int(state.step))
-            state = run_chunk(state, jnp.zeros((num,)))
+            state = run_chunk(state, num)
             step = int(state.step)
             if int(state.consecutive_bad) >= max_consecutive_bad_steps:
                 raise TrainingDivergedError(
@@ -516,7 +567,7 @@ def fit(
                     if dead.size and collapse.reinitialize and init_params is not None:
                         flag_counts[dead] = 0
                         fresh = init_params(jax.random.fold_in(jax.random.PRNGKey(seed + 1), step))
-                        state = _reinitialize_functions(state, fresh, dead)
+                        state = place(_reinitialize_functions(state, fresh, dead))
                         reinitialized.append((step, dead.tolist()))
                         entry["reinitialized"] = dead.tolist()
             if callback is not None:
