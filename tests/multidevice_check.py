@@ -60,6 +60,14 @@ def main():
     out["all_reduces"] = count_all_reduces(apply, params, op, L)
     for n in (2, 4):
         out[str(n)] = run(data_parallel_mesh(n))
+    from nestedlora_jax import solve
+
+    energies = {}
+    for dp in (False, 2):
+        res = solve(problem, 2, steps=20, batch_size=32, log_every=10, progress=False,
+                    network_options={"hidden": (8,)}, grid_size=40, data_parallel=dp)
+        energies[str(dp)] = res.energies.tolist()
+    out["solve_energies"] = energies
     try:
         run(data_parallel_mesh(4), batch=66)
         out["indivisible_error"] = None

@@ -53,6 +53,11 @@ def test_data_parallel_matches_single_device(multidevice, devices):
     assert multi["devices_holding_params"] == [devices]
 
 
+def test_solve_data_parallel_matches_single_device(multidevice):
+    energies = multidevice["solve_energies"]
+    np.testing.assert_allclose(energies["2"], energies["False"], rtol=1e-4)
+
+
 def test_data_parallel_step_is_partitioned(multidevice):
     # The compiled 4-device step reduces across devices: the batch work really is split.
     assert multidevice["all_reduces"] > 0
