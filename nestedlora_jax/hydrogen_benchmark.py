@@ -119,7 +119,7 @@ def run(args) -> dict:
             "steps_per_s": trained / max(train_time, 1e-9),
             "bad_steps": result.fit.bad_steps,
             "reinitialized": result.fit.reinitialized,
-            "collapsed_states": _collapsed(result.metrics) if args.method.startswith("neuralsvd") else None,
+            "collapsed_states": _collapsed(result.metrics) if result.objective.norms_are_eigenvalues else None,
             "metrics": result.metrics,
         })
         last = result

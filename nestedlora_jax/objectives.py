@@ -424,6 +424,9 @@ class Objective(NamedTuple):
         eigenfunction estimates (identity for NestedLoRA; a linear map for baselines, so it
         applies to ``Tf`` as well).
       needs_even_batch: ``True`` if the batch is split in halves.
+      norms_are_eigenvalues: ``True`` if at the optimum ``||f_i||^2`` equals the i-th
+        eigenvalue (NestedLoRA). Collapse detection compares the two, so it runs only for
+        such objectives; the baselines' raw outputs have arbitrary norms.
     """
 
     name: str
@@ -431,6 +434,7 @@ class Objective(NamedTuple):
     loss: Callable[[Any, Any, Any], tuple[Any, Any]]
     transform: Callable[[Any, Any], Any]
     needs_even_batch: bool
+    norms_are_eigenvalues: bool = False
 
 
 def nested_lora_objective(
@@ -449,4 +453,5 @@ def nested_lora_objective(
         loss=loss,
         transform=lambda f, state: f,
         needs_even_batch=bool(split_batch),
+        norms_are_eigenvalues=True,
     )

@@ -150,10 +150,6 @@ def solve(
 
         mesh = data_parallel_mesh(None if data_parallel is True else int(data_parallel))
     objective = make_objective(method)
-    if not objective.name.startswith("neuralsvd"):
-        # The collapse test compares ||f_i||^2 with the Rayleigh quotient, which are equal
-        # only at the NestedLoRA optimum; the baselines' raw outputs have arbitrary norms.
-        collapse = None
     operator = problem_operator(
         problem, L, sampler, laplacian_method=laplacian_method, scale=scale, shift=shift
     )

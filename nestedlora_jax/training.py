@@ -447,7 +447,8 @@ def fit(
       progress: show a tqdm progress bar (step rate, loss, eigenvalue estimates).
       eigenvalue_transform: maps operator eigenvalue estimates to reported units
         (e.g. energies) for the progress bar and history.
-      collapse: collapse detection / remedy (``None`` disables it).
+      collapse: collapse detection / remedy (``None`` disables it; always off for objectives
+        whose norms are not eigenvalue estimates, such as the baselines).
       init_params: ``key -> params`` fresh per-function parameters for re-initialising
         collapsed functions (leading axis L on every leaf); without it collapse is only
         reported.
@@ -484,6 +485,10 @@ def fit(
 
     if objective is None:
         objective = nested_lora_objective(nesting, weights, split_batch)
+    if not objective.norms_are_eigenvalues:
+        # The collapse test compares ||f_i||^2 with the Rayleigh quotient, equal only at the
+        # NestedLoRA optimum (see Objective.norms_are_eigenvalues).
+        collapse = None
     # Configuration is checked first; only then is the network traced (abstractly) for L.
     L = _validate_fit_args(
         apply, params, sampler, steps, batch_size, nesting, num_functions, objective.needs_even_batch

@@ -10,6 +10,7 @@ from flax import nnx
 from nestedlora_jax import problems
 from nestedlora_jax.networks import eigenfunction_network, to_apply
 from nestedlora_jax.operators import problem_operator
+from nestedlora_jax.objectives import nested_lora_objective
 from nestedlora_jax.training import (
     CollapseConfig,
     TrainingDivergedError,
@@ -207,3 +208,22 @@ def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize
     else:
         assert res.reinitialized == []
         assert res.eigenvalues[1] == 0.0  # still exactly dead
+
+
+def test_collapse_checks_skip_objectives_whose_norms_are_not_eigenvalues():
+    """A baseline's raw outputs have arbitrary norms, so collapse checks (which compare norms
+    with Rayleigh quotients) do not run for it; under NestedLoRA the same config runs them."""
+    from nestedlora_jax.baselines import neuralef_objective
+
+    L = 2
+    net = eigenfunction_network(1, L, kind="parallel", hidden=(8,), rngs=nnx.Rngs(params=0))
+    apply, params = to_apply(net)
+    op = problem_operator(problems.HarmonicOscillator(dim=1), L)
+    config = CollapseConfig(check_every=100, start_fraction=0.0, stop_fraction=1.0,
+                            threshold=0.99, reinitialize=False)
+    checked = {}
+    for objective in (neuralef_objective(), nested_lora_objective()):
+        res = fit(apply, params, op.op, op.sampler, steps=200, batch_size=64, progress=False,
+                  log_every=100, objective=objective, collapse=config)
+        checked[objective.norms_are_eigenvalues] = any("dead" in h for h in res.history)
+    assert checked == {False: False, True: True}
