@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="neuralsvd-seq")
     p.add_argument("--states", type=int, default=9, help="number of states L (9 = n <= 2, 16 = n <= 3)")
     p.add_argument("--steps", type=int, default=40000)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None,
+                   help="samples per step (default: 256 up to 9 states, 512 beyond: the noise of "
+                        "the quadratic term limits the last level, and on 16 states batch 512 "
+                        "cut the n = 3 block's subspace distance from 6.8e-4 to 3.0e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed (ignored when --seeds is given)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: report mean +- std")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine-decayed to 1%%)")
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     seeds = args.seeds if args.seeds else [args.seed]
+    if args.batch is None:
+        args.batch = default_batch(args.states)
     problem = Hydrogen(dim=2)
     os.makedirs(args.out, exist_ok=True)
     per_seed = []
@@ -137,6 +142,10 @@ def run(args) -> dict:
     if not args.no_figures and last is not None:
         make_figures(problem, last, args.out, args.states)
     return out
+
+
+def default_batch(states: int) -> int:
+    return 256 if states <= 9 else 512
 
 
 def _data_parallel(n: int | None) -> bool | int:

@@ -28,3 +28,13 @@ def test_benchmark_writes_results_and_figures(tmp_path, method):
         for name in ("eigenfunctions", "errors", "gram", "convergence"):
             data = (out / f"{name}.png").read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_default_batch_grows_with_the_number_of_states():
+    from nestedlora_jax.hydrogen_benchmark import build_parser, default_batch
+
+    assert build_parser().parse_args([]).batch is None  # resolved from --states in run()
+    assert default_batch(9) == 256 and default_batch(16) == 512
+    args = build_parser().parse_args(["--data-parallel"])
+    assert args.data_parallel == -1  # all devices
+    assert build_parser().parse_args(["--data-parallel", "2"]).data_parallel == 2
