@@ -199,10 +199,10 @@ def _environment() -> dict:
 
 
 def make_figures(problem, result, out_dir, L):
-    """Eigenfunctions (Procrustes-aligned within blocks) vs exact, errors, Gram, convergence."""
-    import matplotlib
+    """Eigenfunctions (Procrustes-aligned within blocks) vs exact, errors, Gram, convergence.
 
-    matplotlib.use("Agg")
+    Uses the current matplotlib backend (``main`` selects the file-only Agg backend; in a
+    notebook, inline plotting keeps working after this call)."""
     import matplotlib.pyplot as plt
 
     from nestedlora_jax.evaluation import network_values
@@ -279,6 +279,10 @@ def make_figures(problem, result, out_dir, L):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.no_figures:
+        import matplotlib
+
+        matplotlib.use("Agg")  # figures go to files; never open windows from a script
     run(args)
     return 0
 
