@@ -144,6 +144,32 @@ def run(args) -> dict:
     return out
 
 
+def load_run(out_dir, seed: int | None = None):
+    """The trained network of a finished (or interrupted) benchmark run, as a ``SolveResult``.
+
+    Reads the configuration from ``out_dir/results.json`` and restores the newest checkpoint
+    of ``seed`` (default: the last seed of the run), evaluated exactly as the run was.
+    """
+    import json
+
+    from nestedlora_jax.solver import restore
+
+    with open(os.path.join(out_dir, "results.json")) as fh:
+        config = json.load(fh)["config"]
+    seed = config["seeds"][-1] if seed is None else seed
+    if seed not in config["seeds"]:
+        raise ValueError(f"{out_dir} has seeds {config['seeds']}, not {seed}.")
+    return restore(
+        Hydrogen(dim=2),
+        config["states"],
+        os.path.join(out_dir, f"seed{seed}", "checkpoints"),
+        method=config["method"],
+        seed=seed,
+        network_options={"hidden": tuple(config["hidden"] or _default_hidden(config["method"]))},
+        grid_size=config["grid"],
+    )
+
+
 def default_batch(states: int) -> int:
     return 256 if states <= 9 else 512
 

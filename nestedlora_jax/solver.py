@@ -29,7 +29,7 @@ from nestedlora_jax.operators import ProblemOperator, energies_from_eigenvalues,
 from nestedlora_jax.problems import Hydrogen
 from nestedlora_jax.training import CollapseConfig, FitResult, fit
 
-__all__ = ["METHODS", "SolveResult", "make_objective", "default_network", "solve"]
+__all__ = ["METHODS", "SolveResult", "make_objective", "default_network", "restore", "solve"]
 
 METHODS = ("neuralsvd-seq", "neuralsvd-joint", "neuralef", "spin")
 
@@ -149,14 +149,9 @@ def solve(
         from nestedlora_jax.parallel import data_parallel_mesh
 
         mesh = data_parallel_mesh(None if data_parallel is True else int(data_parallel))
-    objective = make_objective(method)
-    operator = problem_operator(
-        problem, L, sampler, laplacian_method=laplacian_method, scale=scale, shift=shift
+    objective, operator, kind, options, apply, params = _build(
+        problem, L, method, seed, network_kind, network_options, sampler, scale, shift, laplacian_method
     )
-    kind = network_kind or ("shared" if method == "neuralsvd-joint" else "parallel")
-    options = dict(network_options or {})
-    net = default_network(problem, L, kind=kind, seed=seed, **options)
-    apply, params = to_apply(net)
 
     def init_params(key):
         # Fresh trainable parameters only: `apply` keeps the frozen features of `net`.
@@ -198,6 +193,78 @@ def solve(
         history_path=history_path,
         callback=callback,
         mesh=mesh,
+    )
+    metrics = evaluate_result(
+        problem, operator, apply, result, objective, L,
+        evaluation=evaluation, num_eval_samples=num_eval_samples, grid_size=grid_size,
+    )
+    table = M.summary_table(_table_view(metrics), title=f"{type(problem).__name__}, L = {L}, {method}")
+    return SolveResult(result, operator, apply, objective, metrics, table)
+
+
+def _build(problem, L, method, seed, network_kind, network_options, sampler, scale, shift,
+           laplacian_method):
+    """Objective, operator and initial network of a ``solve`` call (shared with ``restore``)."""
+    objective = make_objective(method)
+    operator = problem_operator(
+        problem, L, sampler, laplacian_method=laplacian_method, scale=scale, shift=shift
+    )
+    kind = network_kind or ("shared" if method == "neuralsvd-joint" else "parallel")
+    options = dict(network_options or {})
+    apply, params = to_apply(default_network(problem, L, kind=kind, seed=seed, **options))
+    return objective, operator, kind, options, apply, params
+
+
+def restore(
+    problem,
+    L: int,
+    checkpoint_dir,
+    *,
+    method: str = "neuralsvd-seq",
+    seed: int = 0,
+    network_kind: str | None = None,
+    network_options: dict | None = None,
+    optimizer=None,
+    sampler=None,
+    scale: float | None = None,
+    shift: float | None = None,
+    laplacian_method: str = "default",
+    evaluation: str = "auto",
+    num_eval_samples: int = 65536,
+    grid_size: int = 200,
+) -> SolveResult:
+    """Reload what ``solve(..., checkpoint_dir=...)`` trained, from its newest checkpoint.
+
+    Pass the same problem, ``L``, method, seed and network options as the ``solve`` call (and
+    its ``optimizer`` if it was not the default; only its state's structure matters). The
+    network is rebuilt, the saved training state (parameters, EMA, history) restored and
+    evaluated as ``solve`` does; ``result.fit.state.step`` says which step was restored.
+    """
+    from nestedlora_jax import checkpoint as ckpt
+    from nestedlora_jax.training import default_optimizer, init_train_state
+
+    objective, operator, _, _, apply, params = _build(
+        problem, L, method, seed, network_kind, network_options, sampler, scale, shift, laplacian_method
+    )
+    optimizer = optimizer if optimizer is not None else default_optimizer(1)
+    like = init_train_state(params, optimizer, L, objective)
+    manager = ckpt.CheckpointManager(checkpoint_dir)
+    try:
+        restored = manager.restore_latest(like)
+    finally:
+        manager.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir!r}: was it the checkpoint_dir of a solve call?")
+    state, extra = restored
+    result = FitResult(
+        params=state.params,
+        ema_params=state.ema_params,
+        eigenvalues=np.asarray(state.norms),
+        rayleigh=np.asarray(state.rayleigh),
+        history=extra.get("history", []),
+        bad_steps=int(state.bad_steps),
+        reinitialized=[tuple(r) for r in extra.get("reinitialized", [])],
+        state=state,
     )
     metrics = evaluate_result(
         problem, operator, apply, result, objective, L,

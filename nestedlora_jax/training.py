@@ -455,7 +455,8 @@ def fit(
       max_consecutive_bad_steps: stop with :class:`TrainingDivergedError` after this many
         consecutive non-finite steps.
       checkpoint_dir: Orbax checkpoint directory (atomic saves of the whole state).
-      checkpoint_every: steps between checkpoints (a multiple of ``log_every``).
+      checkpoint_every: steps between checkpoints (a multiple of ``log_every``); the final
+        state is saved in any case when ``checkpoint_dir`` is given.
       resume: continue from the latest checkpoint in ``checkpoint_dir``; gives the same
         parameters as an uninterrupted run with the same seed and configuration.
       history_path: JSON file rewritten after every chunk with the history so far.
@@ -586,7 +587,8 @@ def fit(
                 bar.set_postfix(loss=f"{entry['loss']:.4g}", eig=np.array2string(shown, precision=4), bad=entry["bad_steps"])
             if history_path is not None:
                 write_json_atomic(history_path, {"history": history, "reinitialized": reinitialized})
-            if manager is not None and checkpoint_every and step % checkpoint_every == 0:
+            # The final state is always saved, so a finished run can be reloaded.
+            if manager is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
                 manager.save(step, state, {"history": history, "reinitialized": reinitialized,
                                            "flag_counts": flag_counts.tolist()})
     finally:

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from nestedlora_jax.hydrogen_benchmark import main
@@ -24,6 +26,15 @@ def test_benchmark_writes_results_and_figures(tmp_path, method):
     assert results["environment"]["jax"]
     history = json.loads((out / "seed0" / "history.json").read_text())
     assert history["history"][-1]["step"] == 200
+    # The saved network is the evaluated one: reloading it reproduces the reported metrics.
+    from nestedlora_jax.hydrogen_benchmark import load_run
+
+    reloaded = load_run(out, seed=1)
+    assert int(reloaded.fit.state.step) == 200
+    saved = results["per_seed"][1]["metrics"]
+    np.testing.assert_allclose(reloaded.metrics["rayleigh"], saved["rayleigh"], rtol=1e-6)
+    np.testing.assert_allclose(reloaded.metrics["subspace_distance_blocks"],
+                               saved["subspace_distance_blocks"], rtol=1e-5, atol=1e-12)
     if figures:
         for name in ("eigenfunctions", "errors", "gram", "convergence"):
             data = (out / f"{name}.png").read_bytes()
