@@ -50,3 +50,24 @@ def test_periodic_evaluation_is_recorded_in_the_history():
     assert evaluated[-1]["mean_rel_error"] < evaluated[0]["mean_rel_error"]
     with pytest.raises(ValueError, match="eval_every"):
         solve(problems.HarmonicOscillator(dim=1), 2, steps=10, log_every=100, eval_every=150)
+
+
+def test_ritz_subspace_distance_undoes_mixing_across_levels():
+    """Exact eigenfunctions mixed across levels by an invertible Q: the learned span is exact,
+    so the Rayleigh-Ritz functions recover every level while the raw functions do not."""
+    import jax.numpy as jnp
+
+    from nestedlora_jax import evaluate, problem_operator, problems, quadrature_grid
+
+    problem, L = problems.HarmonicOscillator(dim=1), 3
+    op = problem_operator(problem, L)
+    Q = jnp.asarray([[1.0, 0.3, 0.0], [0.2, 1.0, 0.1], [0.0, 0.4, 1.0]])
+
+    def apply(params, x):  # the network represents psi / sqrt(p)
+        return (Q @ problem.eigenfunctions(x, L)) * jnp.exp(-0.5 * op.sampler.log_prob(x))
+
+    points, weights = quadrature_grid(problem, L, 400)
+    m = evaluate(apply, None, problem, op, points=points, weights=weights)
+    assert m["subspace_distance_mean"] > 1e-2
+    assert m["ritz_subspace_distance_mean"] < 1e-5
+    np.testing.assert_allclose(m["ritz"], problem.energies(L), rtol=1e-4)
