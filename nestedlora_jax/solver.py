@@ -194,10 +194,13 @@ def solve(
         callback=callback,
         mesh=mesh,
     )
-    metrics = evaluate_result(
-        problem, operator, apply, result, objective, L,
-        evaluation=evaluation, num_eval_samples=num_eval_samples, grid_size=grid_size,
-    )
+    return _evaluated(problem, L, method, operator, apply, objective, result,
+                      evaluation=evaluation, num_eval_samples=num_eval_samples, grid_size=grid_size)
+
+
+def _evaluated(problem, L, method, operator, apply, objective, result: FitResult, **evaluation):
+    """``solve``'s and ``restore``'s answer: the result evaluated, with its printable table."""
+    metrics = evaluate_result(problem, operator, apply, result, objective, L, **evaluation)
     table = M.summary_table(_table_view(metrics), title=f"{type(problem).__name__}, L = {L}, {method}")
     return SolveResult(result, operator, apply, objective, metrics, table)
 
@@ -256,22 +259,9 @@ def restore(
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir!r}: was it the checkpoint_dir of a solve call?")
     state, extra = restored
-    result = FitResult(
-        params=state.params,
-        ema_params=state.ema_params,
-        eigenvalues=np.asarray(state.norms),
-        rayleigh=np.asarray(state.rayleigh),
-        history=extra.get("history", []),
-        bad_steps=int(state.bad_steps),
-        reinitialized=[tuple(r) for r in extra.get("reinitialized", [])],
-        state=state,
-    )
-    metrics = evaluate_result(
-        problem, operator, apply, result, objective, L,
-        evaluation=evaluation, num_eval_samples=num_eval_samples, grid_size=grid_size,
-    )
-    table = M.summary_table(_table_view(metrics), title=f"{type(problem).__name__}, L = {L}, {method}")
-    return SolveResult(result, operator, apply, objective, metrics, table)
+    result = FitResult.from_state(state, extra.get("history", []), extra.get("reinitialized", []))
+    return _evaluated(problem, L, method, operator, apply, objective, result,
+                      evaluation=evaluation, num_eval_samples=num_eval_samples, grid_size=grid_size)
 
 
 def eigenfunction_network_like(problem, L, kind, options, key):

@@ -357,6 +357,24 @@ class FitResult:
     steps_run: int = 0
     train_time: float = 0.0
 
+    @classmethod
+    def from_state(cls, state: TrainState, history: list, reinitialized: list, *,
+                   steps_run: int = 0, train_time: float = 0.0) -> "FitResult":
+        """The result for a training state (at the end of ``fit``, or restored from disk;
+        JSON turns the ``(step, indices)`` pairs of ``reinitialized`` into lists)."""
+        return cls(
+            params=state.params,
+            ema_params=state.ema_params,
+            eigenvalues=np.asarray(state.norms),
+            rayleigh=np.asarray(state.rayleigh),
+            history=history,
+            bad_steps=int(state.bad_steps),
+            reinitialized=[tuple(r) for r in reinitialized],
+            state=state,
+            steps_run=steps_run,
+            train_time=train_time,
+        )
+
 
 def _validate_fit_args(apply, params, sampler, steps, batch_size, nesting, num_functions, split_batch):
     if int(steps) != steps or steps < 0:
@@ -596,15 +614,8 @@ def fit(
             bar.close()
         if manager is not None:
             manager.close()
-    return FitResult(
-        params=state.params,
-        ema_params=state.ema_params,
-        eigenvalues=np.asarray(state.norms),
-        rayleigh=np.asarray(state.rayleigh),
-        history=history,
-        bad_steps=int(state.bad_steps),
-        reinitialized=reinitialized,
-        state=state,
+    return FitResult.from_state(
+        state, history, reinitialized,
         steps_run=int(state.step) - start_step,
         train_time=time.perf_counter() - t_start,
     )
