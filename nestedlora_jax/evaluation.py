@@ -158,7 +158,7 @@ def evaluate(
         x64 = jnp.asarray(points, jnp.float64)
         psi = _exact_values(problem, x64, L)
         if importance_weighted:
-            half_log_p = 0.5 * np.asarray(jax.jit(jax.vmap(sampler.log_prob))(x64), np.float64)
+            half_log_p = 0.5 * np.asarray(_log_probs(sampler, x64), np.float64)
         else:
             half_log_p = None
         if on_grid:
@@ -177,8 +177,8 @@ def evaluate(
         t_norm = m["t_norm"] if on_grid or importance_weighted else np.full(L, np.nan)
         rayleigh = energies_from_eigenvalues(m["t_rayleigh"], scale, shift)
         norm = energies_from_eigenvalues(t_norm, scale, shift)
-        rel = np.abs(rayleigh - exact) / np.abs(exact)
-        rel_norm = np.abs(norm - exact) / np.abs(exact)
+        rel = np.asarray(M.relative_errors(rayleigh, exact).per_state)
+        rel_norm = np.asarray(M.relative_errors(norm, exact).per_state)
         ritz_energies = energies_from_eigenvalues(m["ritz"], scale, shift)
         out = {
             "exact": exact,
@@ -193,7 +193,7 @@ def evaluate(
             "orthogonality_fro": float(m["orthogonality_fro"]),
             "orthogonality_max": float(m["orthogonality_max"]),
             "ritz": ritz_energies,
-            "ritz_rel_error": np.abs(ritz_energies - exact) / np.abs(exact),
+            "ritz_rel_error": np.asarray(M.relative_errors(ritz_energies, exact).per_state),
             "blocks": [list(b) for b in blocks],
             "num_points": int(len(points)),
             "evaluation": "quadrature grid" if on_grid else "Monte Carlo",
@@ -243,9 +243,30 @@ def _metric_block(f, Tf, w, psi, blocks):
     return out
 
 
+def _per_point(fn, owner, xs, *args):
+    """``vmap(fn(owner, x, *args))`` over ``xs``, compiled. The library's problems and samplers
+    are frozen dataclasses, hence static arguments: compiled once per problem/sampler and
+    shape, not once per evaluation (periodic evaluation calls this often); an unhashable
+    user object is compiled afresh each call."""
+    try:
+        hash(owner)
+    except TypeError:
+        return jax.jit(jax.vmap(lambda x: fn(owner, x, *args)))(xs)
+    return _per_point_cached(fn, owner, xs, *args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def _per_point_cached(fn, owner, xs, *args):
+    return jax.vmap(lambda x: fn(owner, x, *args))(xs)
+
+
+def _log_probs(sampler, xs):
+    return _per_point(type(sampler).log_prob, sampler, xs)
+
+
 def _exact_values(problem, x64, L):
     try:
-        values = jax.jit(jax.vmap(lambda x: problem.eigenfunctions(x, L)))(x64)
+        values = _per_point(type(problem).eigenfunctions, problem, x64, L)
     except NotImplementedError:
         return None
     return np.asarray(values, np.float64)
