@@ -52,7 +52,7 @@ def main():
                      learning_rate=3e-3, seed=7, log_every=10, progress=False, collapse=None,
                      mesh=mesh)
         leaves = [np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(result.params)]
-        shardings = {str(x.sharding.device_set.__len__()) for x in jax.tree_util.tree_leaves(result.params)}
+        shardings = {str(len(x.sharding.device_set)) for x in jax.tree_util.tree_leaves(result.params)}
         return {"losses": [h["loss"] for h in result.history], "eigenvalues": result.eigenvalues.tolist(),
                 "params": leaves, "devices_holding_params": sorted(shardings)}
 
