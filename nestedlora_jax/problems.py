@@ -32,20 +32,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nestedlora_jax.samplers import GaussianSampler, RadialExponentialMixture, UniformBoxSampler
+from nestedlora_jax.samplers import (
+    CorrelatedGaussianSampler,
+    GaussianSampler,
+    RadialExponentialMixture,
+    UniformBoxSampler,
+    _as_matrix_tuple,
+    _symmetric_positive_definite,
+)
 
 Array = jax.Array
 
 __all__ = [
     "Problem",
     "HarmonicOscillator",
+    "CoupledOscillator",
     "Hydrogen",
     "InfiniteWell",
     "CosinePotential",
     "HAN_LU_ZHOU_COEFFICIENTS",
+    "HAN_LU_ZHOU_COEFFICIENTS_5D",
+    "HAN_LU_ZHOU_COEFFICIENTS_10D",
 ]
 
 HAN_LU_ZHOU_COEFFICIENTS = (0.814723686393179, 0.905791937075619)
+# Han, Lu, Zhou (J. Comput. Phys. 2020) in d = 5 and 10, as in the public NeuralSVD code; exact
+# ground energies -0.054018930536326 and -0.098087448866409.
+HAN_LU_ZHOU_COEFFICIENTS_5D = (
+    0.162944737278636, 0.181158387415124, 0.025397363258701, 0.182675171227804, 0.126471849245082,
+)
+HAN_LU_ZHOU_COEFFICIENTS_10D = HAN_LU_ZHOU_COEFFICIENTS_5D + (
+    0.019508080999882, 0.055699643773410, 0.109376303840997, 0.191501367086860, 0.192977707039855,
+)
 
 # Two energies closer than this (relative to max(1, |E|)) belong to one degenerate level.
 _DEGENERACY_RTOL = 1e-10
@@ -192,16 +210,20 @@ class Problem:
         its top eigenvalues ``t_i = scale * (c - E_i)``, ``shift = scale * c``, all in
         ``[1/2, 1]``.
 
-        ``c = E_L + D`` with ``D = max(E_L - E_1, |E_1|)`` (the spread of the wanted energies, or
-        the ground-state scale when ``L = 1``) puts ``t_L`` a spread below ``t_1``: the ratio
-        ``t_1 / t_L <= 2`` keeps later functions from collapsing (method.md §7: a small
+        ``c = E_L + D`` with ``D = E_L - E_1`` (the spread of the wanted energies; the
+        ground-state scale ``|E_1|``, or 1, when they are all equal) puts ``t_L`` a spread below
+        ``t_1``: the ratio ``t_1 / t_L = 2`` keeps later functions from collapsing (a small
         ``t_L / t_1`` is the main failure mode) while every wanted ``t_i`` stays positive and
         above the unwanted ones. ``scale = 1 / (c - E_1)`` normalises ``t_1 = 1``.
+
+        ``D`` is the spread and not ``max(spread, |E_1|)``: a large zero-point energy (an
+        oscillator in d = 10 has ``E_1 ~ 15`` under a spread of ~5) would otherwise squeeze the
+        wanted ``t_i`` into ``[0.75, 1]``, shrinking every relative eigengap the optimiser sees.
         """
         energies = self.energies(L)
-        spread = max(energies[-1] - energies[0], abs(energies[0]))
+        spread = energies[-1] - energies[0]
         if spread == 0.0:
-            spread = 1.0
+            spread = abs(energies[0]) or 1.0
         c = energies[-1] + spread
         scale = 1.0 / (c - energies[0])
         return float(scale), float(scale * c)
@@ -271,6 +293,99 @@ class HarmonicOscillator(Problem):
     def default_sampler(self, L: int) -> GaussianSampler:
         _check_L(L)
         return GaussianSampler(self.dim, scale=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoupledOscillator(Problem):
+    """``H = -Lap + x^T K x`` on ``R^d`` with ``K = Q diag(w^2) Q^T`` symmetric positive definite.
+
+    In the rotated coordinates ``y = Q^T x`` it separates into ``-d^2/dy_k^2 + w_k^2 y_k^2``,
+    whose levels are ``w_k (2 n + 1)`` with eigenfunctions ``w_k^{1/4} h_n(sqrt(w_k) y_k)``
+    (``h_n`` the normalised Hermite functions). So
+
+        E = sum_k w_k (2 n_k + 1),   psi = prod_k w_k^{1/4} h_{n_k}(sqrt(w_k) (Q^T x)_k),
+
+    ordered by energy, ties by the multi-index ``n``. With a random rotation and distinct
+    frequencies the problem is not separable in ``x`` and its low spectrum is non-degenerate
+    (up to accidental near-ties), the test case for many excited states in high dimension.
+
+    Args:
+      dim: dimension d.
+      K: the ``(d, d)`` matrix, symmetric positive definite; ``None`` draws
+        ``K = Q diag(w^2) Q^T`` from ``seed``: ``Q`` a Haar-random rotation, ``w`` uniform
+        on ``frequency_range``, sorted.
+      seed, frequency_range: used only when ``K`` is ``None``.
+
+    Default sampler: ``N(0, Sigma)`` with ``Sigma = Q diag(3 / (4 w)) Q^T``, 1.5 times the
+    variance of the ground state's ``psi^2`` along each axis. Per axis, the ground state's
+    ``E_p[f^4] = int psi^4 / p`` is ``1.06`` there (1 is the minimum, at ``p = psi^2``, which
+    would leave excited states ``f = psi / sqrt(p)`` unbounded); the product over axes is what
+    the variance of every Monte Carlo estimate scales with: ``1.06^50 = 19`` in d = 50, against
+    ``1.155^50 = 1350`` for the unit-width Gaussian at ``w = 1``.
+    """
+
+    dim: int = 2
+    K: Any = None
+    seed: int = 0
+    frequency_range: tuple[float, float] = (1.0, 2.0)
+    frequencies: tuple = dataclasses.field(init=False, repr=False, compare=False)
+    rotation: tuple = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check_dim(self.dim, "CoupledOscillator")
+        if self.K is None:
+            try:
+                lo, hi = (float(v) for v in self.frequency_range)
+            except (TypeError, ValueError):  # not two numbers: the ValueError below
+                lo = hi = math.nan
+            if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
+                raise ValueError(
+                    "CoupledOscillator: frequency_range must be (low, high) with "
+                    f"0 < low <= high; got {self.frequency_range!r}."
+                )
+            object.__setattr__(self, "frequency_range", (lo, hi))  # hashable (jit static)
+            rng = np.random.default_rng(self.seed)
+            q, r = np.linalg.qr(rng.standard_normal((self.dim, self.dim)))
+            q = q * np.sign(np.diag(r))[None, :]  # Haar measure (QR sign convention fixed)
+            w = np.sort(rng.uniform(lo, hi, self.dim))
+            K = (q * w**2) @ q.T
+        else:
+            K = _symmetric_positive_definite(self.K, self.dim, "K", "CoupledOscillator")
+        w2, q = np.linalg.eigh(K)
+        object.__setattr__(self, "K", _as_matrix_tuple(K))
+        object.__setattr__(self, "frequencies", tuple(float(v) for v in np.sqrt(w2)))
+        object.__setattr__(self, "rotation", _as_matrix_tuple(q))
+
+    def potential(self, x: Array) -> Array:
+        x = _check_point(x, self.dim, "CoupledOscillator.potential")
+        return x @ (jnp.asarray(self.K, x.dtype) @ x)
+
+    def _states(self, L: int):
+        w = np.asarray(self.frequencies)
+        return _lowest_states(lambda k, c: w[k] * (2.0 * np.arange(c) + 1.0), self.dim, L)
+
+    def energies(self, L: int) -> np.ndarray:
+        return self._states(_check_L(L))[0].astype(np.float64)
+
+    def multi_indices(self, L: int) -> np.ndarray:
+        """``(L, dim)`` quantum numbers ``n_k`` (along the rotated axes) of the ``L`` lowest
+        states, in order."""
+        return self._states(_check_L(L))[1]
+
+    def eigenfunctions(self, x: Array, L: int) -> Array:
+        """``(L,)``: ``psi_i(x) = prod_k w_k^{1/4} h_{n_ik}(sqrt(w_k) (Q^T x)_k)``."""
+        x = _check_point(x, self.dim, "CoupledOscillator.eigenfunctions")
+        index = self.multi_indices(L)
+        w = np.asarray(self.frequencies)
+        y = jnp.asarray(self.rotation, x.dtype).T @ x
+        h = _hermite_functions(jnp.asarray(np.sqrt(w), x.dtype) * y, int(index.max()))
+        h = h * jnp.asarray(w**0.25, x.dtype)[None, :]  # (n_max + 1, dim)
+        return jnp.prod(h[index, np.arange(self.dim)], axis=-1)
+
+    def default_sampler(self, L: int) -> CorrelatedGaussianSampler:
+        _check_L(L)
+        q, w = np.asarray(self.rotation), np.asarray(self.frequencies)
+        return CorrelatedGaussianSampler(self.dim, (q * (0.75 / w)) @ q.T)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,17 +700,31 @@ class CosinePotential(Problem):
 
     Args:
       dim: dimension d.
-      coefficients: ``c_i``, one per dimension (a single value is broadcast); default the
-        Han-Lu-Zhou pair (then ``dim`` must be 2, or pass matching coefficients).
+      coefficients: ``c_i``, one per dimension (a single value is broadcast); default
+        (``None``) the Han-Lu-Zhou coefficients of that dimension, tabulated for d = 2, 5
+        and 10 (:data:`HAN_LU_ZHOU_COEFFICIENTS`, ``_5D``, ``_10D``).
+
+    In d = 5 and 10 the coefficients are small (<= 0.19), so above the ground state lie ``2d``
+    nearly degenerate states (one quantum ``e^{+-i x_k}`` in one coordinate, energies near 1):
+    learn ``L = 1 + 2d`` (the whole cluster) rather than a number that cuts through it.
     """
 
     dim: int = 2
-    coefficients: Any = HAN_LU_ZHOU_COEFFICIENTS
+    coefficients: Any = None
 
     periodic: ClassVar[bool] = True
 
     def __post_init__(self):
         _check_dim(self.dim, "CosinePotential")
+        if self.coefficients is None:
+            table = {2: HAN_LU_ZHOU_COEFFICIENTS, 5: HAN_LU_ZHOU_COEFFICIENTS_5D,
+                     10: HAN_LU_ZHOU_COEFFICIENTS_10D}
+            if self.dim not in table:
+                raise ValueError(
+                    f"CosinePotential: the Han-Lu-Zhou coefficients are tabulated for d = 2, 5 "
+                    f"and 10, not d = {self.dim}; pass coefficients=(c_1, ..., c_d)."
+                )
+            object.__setattr__(self, "coefficients", table[self.dim])
         coefs = tuple(float(c) for c in np.ravel(self.coefficients))
         if len(coefs) == 1:
             coefs = coefs * self.dim
