@@ -15,7 +15,7 @@ proportional to the error being measured.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from nestedlora_jax import metrics as M
 from nestedlora_jax.operators import ProblemOperator, energies_from_eigenvalues
 from nestedlora_jax.problems import Hydrogen
 
-__all__ = ["evaluate", "quadrature_grid", "network_values"]
+__all__ = ["evaluate", "quadrature_grid", "network_values", "gram_statistics", "metrics_from_gram", "GramStatistics"]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -103,13 +103,30 @@ def evaluate(
     *,
     points: np.ndarray | None = None,
     weights: np.ndarray | None = None,
-    num_samples: int = 65536,
+    num_samples: int = 2**18,
     key: jax.Array | None = None,
     importance_weighted: bool = True,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
     chunk: int = 4096,
+    groups: int = 32,
 ) -> dict:
-    """All metrics of method.md §4 for the learned functions ``apply(params, .)``.
+    """All metrics of the evaluation protocol for the learned functions ``apply(params, .)``,
+    with standard errors on Monte Carlo samples.
+
+    Every metric is a function of inner products only, so the points enter through the Gram
+    matrix ``S = sum_n w_n z_n z_n^T`` of ``z = [f, Tf, psi]`` (``(3L,)`` per point: learned
+    functions, the operator applied to them, exact eigenfunctions, all in one ``L2``
+    representation). ``S`` is accumulated chunk by chunk (memory ``O(chunk * L + L^2)``, any
+    number of points, any dimension) and the metrics are computed from it (see
+    :func:`metrics_from_gram`).
+
+    On Monte Carlo samples the points are split into ``groups`` consecutive groups with their
+    own ``S_g``; the delete-one-group jackknife ``se^2 = (G-1)/G sum_g (theta_(g) - theta_(.))^2``
+    gives a standard error for every reported quantity (``<key>_se``), including nonlinear
+    ones (relative errors, subspace distances, Ritz values). Energies are ratio estimates on
+    the same samples, ``<f, Tf> / <f, f>``: the numerator's and denominator's noise cancel, so
+    at an exact eigenfunction (``Tf = t f`` pointwise) the estimate has zero variance and the
+    standard error is proportional to the error being measured.
 
     Args:
       apply, params: the network (one point -> ``(L,)``).
@@ -117,14 +134,18 @@ def evaluate(
         ``eigenfunctions``.
       operator: the :class:`~nestedlora_jax.operators.ProblemOperator` used in training
         (its operator, sampler and scaling).
-      points, weights: a quadrature grid with ``dx`` weights (see :func:`quadrature_grid`).
-        ``points`` without ``weights`` are taken as samples from ``operator.sampler``; no
-        ``points`` means ``num_samples`` fresh samples from it (drawn with ``key``).
+      points, weights: a quadrature grid with ``dx`` weights (see :func:`quadrature_grid`);
+        no standard errors (the grid is deterministic). ``points`` without ``weights`` are
+        taken as samples from ``operator.sampler``; no ``points`` means ``num_samples`` fresh
+        samples from it, drawn chunk by chunk from ``key`` (never all in memory at once).
       importance_weighted: the network represents ``psi / sqrt(p)`` (training used the
         sampler's ``log_prob``), as :func:`~nestedlora_jax.operators.problem_operator` does
         by default.
-      transform: maps raw outputs ``(N, L)`` to eigenfunction estimates (a baseline's
-        ``objective.transform`` with its state bound); identity by default.
+      transform: maps raw outputs ``(n, L)`` to eigenfunction estimates (a baseline's
+        ``objective.transform`` with its state bound; applied chunk by chunk, so it must act
+        on each point alone); identity by default.
+      chunk: points per compiled network call.
+      groups: jackknife groups for the standard errors (Monte Carlo only; >= 2).
 
     Returns:
       A dict of numpy values: per state ``exact``, ``rayleigh``, ``norm`` (energies),
@@ -133,81 +154,187 @@ def evaluate(
       ``orthogonality_fro``, ``orthogonality_max``, ``subspace_distance_blocks`` (per block),
       ``subspace_distance_mean``, ``subspace_distance_total``, ``angle_distance_mean``,
       ``ritz`` (Rayleigh-Ritz energies), ``ritz_rel_error`` and the block subspace distances
-      of the Ritz functions (``ritz_subspace_distance_blocks``, ``_mean``); plus ``blocks`` and
-      ``num_points``. Print it with ``metrics.summary_table``.
+      of the Ritz functions (``ritz_subspace_distance_blocks``, ``_mean``); on Monte Carlo
+      samples ``<key>_se`` beside each of them; plus ``blocks``, ``num_points`` and
+      ``evaluation``. Print it with ``metrics.summary_table``.
+
+    Raises:
+      ValueError: a grid with a weight count different from its point count; fewer Monte
+        Carlo samples than ``max(256, 3 L groups)``: each group's Gram matrix ``(3L, 3L)``
+        needs at least ``3L`` points for the jackknife to mean anything.
     """
-    scale, shift, sampler = operator.scale, operator.shift, operator.sampler
-    if points is None:
-        key = jax.random.PRNGKey(12345) if key is None else key
-        points = np.asarray(sampler.sample(key, num_samples), np.float64)
-    elif weights is not None and len(weights) != len(points):
+    on_grid = weights is not None
+    if on_grid and points is None:
+        raise ValueError("weights were given without points: pass the grid's points too.")
+    if on_grid and len(weights) != len(points):
         raise ValueError(
             f"a grid needs one dx-weight per point: got {len(points)} points and "
             f"{len(weights)} weights."
         )
-    on_grid = weights is not None
-    xs = np.asarray(points, np.float32)
-    f, Tf = network_values(apply, params, operator.op, xs, chunk=chunk)
-    if transform is not None:
-        f, Tf = np.asarray(transform(f), np.float64), np.asarray(transform(Tf), np.float64)
-    L = f.shape[1]
+    if not on_grid and (isinstance(groups, bool) or not isinstance(groups, (int, np.integer))
+                        or groups < 2):
+        raise ValueError(f"groups (jackknife groups) must be an int >= 2; got {groups!r}.")
+    L = int(np.shape(jax.eval_shape(lambda x: apply(params, x),
+                                    jax.ShapeDtypeStruct((problem.dim,), jnp.float32)))[0])
+    n_points = len(points) if points is not None else int(num_samples)
+    minimum = max(256, 3 * L * groups)
+    if not on_grid and n_points < minimum:
+        raise ValueError(
+            f"{n_points} Monte Carlo samples are too few to evaluate {L} functions with "
+            f"standard errors: use at least {minimum} (num_samples=..., or more points)."
+        )
     exact = np.asarray(problem.energies(L), np.float64)
-    blocks = problem.degenerate_blocks(L)
-
+    blocks = tuple(map(tuple, problem.degenerate_blocks(L)))
+    stats = gram_statistics(
+        apply, params, problem, operator, points=points, weights=weights,
+        num_samples=num_samples, key=key, importance_weighted=importance_weighted,
+        transform=transform, chunk=chunk, groups=1 if on_grid else groups,
+    )
     with jax.enable_x64(True):
-        x64 = jnp.asarray(points, jnp.float64)
-        psi = _exact_values(problem, x64, L)
-        if importance_weighted:
-            half_log_p = 0.5 * np.asarray(_log_probs(sampler, x64), np.float64)
+        total = stats.sums.sum(axis=0) / (1.0 if on_grid else stats.counts.sum())
+        m = metrics_from_gram(total, L, operator, exact, blocks, stats.has_psi)
+        if not on_grid:
+            loo = (stats.sums.sum(axis=0)[None] - stats.sums) / (
+                stats.counts.sum() - stats.counts)[:, None, None]
+            replicas = jax.vmap(lambda S: _metrics_from_gram_jit(
+                S, L, operator.scale, operator.shift, exact, blocks, stats.has_psi))(jnp.asarray(loo))
+            g = stats.sums.shape[0]
+            se = jax.tree_util.tree_map(
+                lambda r: np.sqrt((g - 1) / g * np.sum((np.asarray(r) - np.mean(np.asarray(r), axis=0)) ** 2, axis=0)),
+                replicas,
+            )
+    if not importance_weighted and not on_grid:
+        # L2(p) representation: the norms are not L2(dx) norms, so they carry no eigenvalue.
+        m["norm"] = np.full(L, np.nan)
+        m["rel_error_norm"] = np.full(L, np.nan)
+        m["mean_rel_error_norm"] = float("nan")
+    out = dict(m)
+    if not on_grid:
+        out.update({f"{k}_se": (float(v) if np.ndim(v) == 0 else v) for k, v in se.items()
+                    if k in m and not (not importance_weighted and k.startswith(("norm", "rel_error_norm", "mean_rel_error_norm")))})
+    out.update(
+        blocks=[list(b) for b in blocks],
+        num_points=int(stats.counts.sum()),
+        evaluation="quadrature grid" if on_grid else "Monte Carlo",
+    )
+    return out
+
+
+class GramStatistics(NamedTuple):
+    """Accumulated second moments of ``z = [f, Tf(, psi)]`` (all in one L2 representation).
+
+    ``sums[g] = sum_{n in group g} w_n z_n z_n^T`` ``(G, K, K)`` float64 (``K = 2L``, or
+    ``3L`` with exact eigenfunctions); ``counts[g]`` the number of points in group g;
+    ``has_psi`` whether the exact eigenfunctions are included.
+    """
+
+    sums: np.ndarray
+    counts: np.ndarray
+    has_psi: bool
+
+
+def gram_statistics(apply, params, problem, operator, *, points=None, weights=None,
+                    num_samples=2**18, key=None, importance_weighted=True, transform=None,
+                    chunk=4096, groups=1) -> GramStatistics:
+    """``S_g = sum_n w_n z_n z_n^T`` over ``groups`` consecutive groups of points, chunk by chunk.
+
+    On a grid (``weights`` given) ``w`` are the ``dx`` weights and the values are mapped to the
+    ``psi`` representation (``sqrt(p) f`` when importance-weighted); on samples ``w = 1`` and
+    everything is in the ``f = psi / sqrt(p)`` representation, whose plain means estimate
+    ``L2(dx)`` inner products (with ``importance_weighted=False`` the exact ``psi`` cannot be
+    compared and is left out). Samples are drawn chunk by chunk, chunk ``c`` from
+    ``fold_in(key, c)``, so any ``num_samples`` fits in memory.
+    """
+    on_grid = weights is not None
+    sampler = operator.sampler
+    key = jax.random.PRNGKey(12345) if key is None else key
+    n_total = len(points) if points is not None else int(num_samples)
+    bounds = np.linspace(0, n_total, groups + 1).round().astype(int)
+    sums, counts, has_psi = None, np.diff(bounds).astype(np.float64), None
+    for c, start in enumerate(range(0, n_total, chunk)):
+        stop = min(start + chunk, n_total)
+        if points is not None:
+            x = np.asarray(points[start:stop], np.float64)
         else:
-            half_log_p = None
+            x = np.asarray(sampler.sample(jax.random.fold_in(key, c), stop - start), np.float64)
+        f, Tf = network_values(apply, params, operator.op, x.astype(np.float32), chunk=chunk)
+        if transform is not None:
+            f, Tf = np.asarray(transform(f), np.float64), np.asarray(transform(Tf), np.float64)
+        with jax.enable_x64(True):
+            x64 = jnp.asarray(x, jnp.float64)
+            psi = _exact_values(problem, x64, f.shape[1])
+            half_log_p = (0.5 * np.asarray(_log_probs(sampler, x64), np.float64)
+                          if importance_weighted else None)
         if on_grid:
-            w = np.asarray(weights, np.float64)
+            w = np.asarray(weights[start:stop], np.float64)
             if half_log_p is not None:  # values of psi = sqrt(p) f
                 f, Tf = f * np.exp(half_log_p)[:, None], Tf * np.exp(half_log_p)[:, None]
         else:
-            w = np.full(len(points), 1.0 / len(points))
-            if psi is not None and half_log_p is not None:  # exact psi in the f representation
-                psi = psi * np.exp(-half_log_p)[:, None]
-            elif psi is not None:
-                psi = None  # L2(p) representation: no exact comparison without the density
-        f, Tf, w = jnp.asarray(f), jnp.asarray(Tf), jnp.asarray(w)
-        psi = None if psi is None else jnp.asarray(psi)
-        m = jax.tree_util.tree_map(np.asarray, _metric_block(f, Tf, w, psi, tuple(map(tuple, blocks))))
-        t_norm = m["t_norm"] if on_grid or importance_weighted else np.full(L, np.nan)
-        rayleigh = energies_from_eigenvalues(m["t_rayleigh"], scale, shift)
-        norm = energies_from_eigenvalues(t_norm, scale, shift)
-        rel = np.asarray(M.relative_errors(rayleigh, exact).per_state)
-        rel_norm = np.asarray(M.relative_errors(norm, exact).per_state)
-        ritz_energies = energies_from_eigenvalues(m["ritz"], scale, shift)
-        out = {
-            "exact": exact,
-            "rayleigh": rayleigh,
-            "norm": norm,
-            "rel_error": rel,
-            "rel_error_norm": rel_norm,
-            "residual": m["residual"] / scale,
-            "mean_rel_error": float(np.mean(rel)),
-            "max_rel_error": float(np.max(rel)),
-            "mean_rel_error_norm": float(np.mean(rel_norm)),
-            "orthogonality_fro": float(m["orthogonality_fro"]),
-            "orthogonality_max": float(m["orthogonality_max"]),
-            "ritz": ritz_energies,
-            "ritz_rel_error": np.asarray(M.relative_errors(ritz_energies, exact).per_state),
-            "blocks": [list(b) for b in blocks],
-            "num_points": int(len(points)),
-            "evaluation": "quadrature grid" if on_grid else "Monte Carlo",
-        }
-        if psi is not None:
-            out.update(
-                angle_distance=m["angle_distance"],
-                angle_distance_mean=float(m["angle_distance_mean"]),
-                subspace_distance_blocks=m["subspace_distance_blocks"],
-                subspace_distance_mean=float(m["subspace_distance_mean"]),
-                subspace_distance_total=float(m["subspace_distance_total"]),
-                ritz_subspace_distance_blocks=m["ritz_subspace_distance_blocks"],
-                ritz_subspace_distance_mean=float(m["ritz_subspace_distance_mean"]),
-            )
+            w = np.ones(stop - start)
+            if psi is not None:
+                # The exact psi in the f representation; without the density no comparison.
+                psi = psi * np.exp(-half_log_p)[:, None] if half_log_p is not None else None
+        if has_psi is None:
+            has_psi = psi is not None
+        z = np.concatenate([f, Tf] + ([psi] if has_psi else []), axis=1)
+        if sums is None:
+            sums = np.zeros((groups, z.shape[1], z.shape[1]))
+        # A chunk may straddle group boundaries.
+        for g in range(groups):
+            lo, hi = max(bounds[g], start), min(bounds[g + 1], stop)
+            if lo < hi:
+                zg, wg = z[lo - start : hi - start], w[lo - start : hi - start]
+                sums[g] += (zg * wg[:, None]).T @ zg
+    return GramStatistics(sums, counts, bool(has_psi))
+
+
+def metrics_from_gram(S, L: int, operator: ProblemOperator, exact, blocks, has_psi: bool) -> dict:
+    """Every metric from the Gram matrix ``S`` ``(K, K)`` of ``z = [f, Tf(, psi)]``.
+
+    Metrics depend on the points only through inner products, so they are evaluated on
+    pseudo-points: the rows of ``R = diag(sqrt(lambda)) V^T`` (``S = V diag(lambda) V^T``)
+    satisfy ``R^T R = S``, and :mod:`nestedlora_jax.metrics`' functions applied to ``K`` such
+    rows with unit weights give exactly what they give on the real points. Energies are
+    mapped with the operator's ``scale`` / ``shift``; relative errors use ``exact``.
+    Returns numpy values (floats for aggregates).
+    """
+    with jax.enable_x64(True):
+        out = _metrics_from_gram_jit(jnp.asarray(S, jnp.float64), L, operator.scale,
+                                     operator.shift, np.asarray(exact, np.float64),
+                                     tuple(map(tuple, blocks)), has_psi)
+    return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v)) for k, v in out.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 5, 6))
+def _metrics_from_gram_jit(S, L, scale, shift, exact, blocks, has_psi):
+    lam, V = jnp.linalg.eigh((S + S.T) / 2)
+    R = jnp.sqrt(jnp.maximum(lam, 0))[:, None] * V.T  # (K, K) pseudo-points
+    f, Tf = R[:, :L], R[:, L : 2 * L]
+    psi = R[:, 2 * L :] if has_psi else None
+    m = _metric_block(f, Tf, jnp.ones(R.shape[0], R.dtype), psi, blocks)
+    energy = lambda t: energies_from_eigenvalues(t, scale, shift)
+    rel = lambda e: M.relative_errors(e, exact).per_state
+    rayleigh, norm, ritz = energy(m["t_rayleigh"]), energy(m["t_norm"]), energy(m["ritz"])
+    out = {
+        "exact": exact,
+        "rayleigh": rayleigh,
+        "norm": norm,
+        "rel_error": rel(rayleigh),
+        "rel_error_norm": rel(norm),
+        "residual": m["residual"] / scale,
+        "mean_rel_error": jnp.mean(rel(rayleigh)),
+        "max_rel_error": jnp.max(rel(rayleigh)),
+        "mean_rel_error_norm": jnp.mean(rel(norm)),
+        "orthogonality_fro": m["orthogonality_fro"],
+        "orthogonality_max": m["orthogonality_max"],
+        "ritz": ritz,
+        "ritz_rel_error": rel(ritz),
+    }
+    for k in ("angle_distance", "angle_distance_mean", "subspace_distance_blocks",
+              "subspace_distance_mean", "subspace_distance_total",
+              "ritz_subspace_distance_blocks", "ritz_subspace_distance_mean"):
+        if k in m:
+            out[k] = m[k]
     return out
 
 
