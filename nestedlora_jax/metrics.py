@@ -322,6 +322,7 @@ _COLUMNS = {
     "rayleigh": ("E Rayleigh", "{:.8g}"),
     "norm": ("E norm", "{:.8g}"),
     "rel_error": ("rel err", "{:.2e}"),
+    "rel_error_se": ("+- (se)", "{:.1e}"),
     "residual": ("residual", "{:.2e}"),
     "angle_distance": ("angle dist", "{:.2e}"),
 }
