@@ -14,6 +14,8 @@ Layout (one concept per module):
 * ``evaluation``  ``evaluate``: every metric against a problem's exact answers
 * ``networks``    Flax NNX eigenfunction networks and ``to_apply`` (imports Flax)
 * ``solver``      ``solve(problem, L)``: all of the above in one call (imports Flax)
+* ``grid_baseline`` finite-difference sparse eigensolver baseline (needs scipy; import it
+                  explicitly: ``nestedlora_jax.grid_baseline``)
 
 The core (everything but ``networks`` and ``solver``) is pure JAX and imports no Flax;
 the Flax-based names below are loaded on first use.
