@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--grid-sizes", type=int, nargs="*", default=None,
                    help="also run the finite-difference grid solver with these points per axis")
+    p.add_argument("--grid-only", action="store_true",
+                   help="run only the grid baseline (--grid-sizes), written to grid_baseline.json")
     p.add_argument("--grid-time-limit", type=float, default=600.0, help="seconds per grid size")
     p.add_argument("--grid-memory-limit", type=float, default=20.0, help="GB per grid size")
     p.add_argument("--no-figures", action="store_true")
@@ -116,7 +118,17 @@ def run(args) -> dict:
     problem.energies(args.states)  # fails now, before training, if L is out of range
     seeds = args.seeds if args.seeds else [args.seed]
     out_dir = args.out or os.path.join("results", "high_dim", f"{args.problem}_d{args.dim}_L{args.states}")
+    if args.grid_only and not args.grid_sizes:
+        raise SystemExit("--grid-only needs --grid-sizes N [N ...] (grid points per axis).")
     os.makedirs(out_dir, exist_ok=True)
+    if args.grid_only:
+        grid = run_grid_baseline(problem, args)
+        out = {"config": vars(args) | {"out": out_dir}, "problem": describe(problem),
+               "exact_energies": problem.energies(args.states), "grid_baseline": grid,
+               "environment": _environment()}
+        write_json_atomic(os.path.join(out_dir, "grid_baseline.json"), out)
+        print_grid(grid)
+        return out
     log_every = args.log_every
     eval_every = args.eval_every - args.eval_every % log_every if args.eval_every else None
     per_seed, last = [], None
@@ -165,8 +177,7 @@ def run(args) -> dict:
     summary = {k: _mean_std([s["metrics"][k] for s in per_seed if k in s["metrics"]]) for k in SUMMARY_KEYS}
     out = {
         "config": vars(args) | {"seeds": seeds, "out": out_dir},
-        "problem": repr(problem) if args.problem != "coupled-oscillator" else
-        f"CoupledOscillator(dim={args.dim}, seed=0), frequencies {list(problem.frequencies)}",
+        "problem": describe(problem),
         "exact_energies": problem.energies(args.states),
         "per_seed": per_seed,
         "summary": summary,
@@ -204,6 +215,17 @@ def print_summary(args, summary, per_seed, grid=None):
             print(f"  {k:26s} {v['mean']:.3e} +- {v['std']:.1e} (over seeds)")
     print(f"  {'steps/s':26s} {np.mean([s['steps_per_s'] for s in per_seed]):.1f}")
     print(f"  {'wall time per seed (s)':26s} {np.mean([s['wall_time_s'] for s in per_seed]):.0f}")
+    print_grid(grid)
+
+
+def describe(problem) -> str:
+    if isinstance(problem, CoupledOscillator):
+        return (f"CoupledOscillator(dim={problem.dim}, seed={problem.seed}), "
+                f"frequencies {list(problem.frequencies)}")
+    return repr(problem)
+
+
+def print_grid(grid):
     for row in grid or []:
         if row.get("status") == "ok":
             print(f"  grid {row['num_points_per_axis']}^{row['dim']}: mean rel. error "
