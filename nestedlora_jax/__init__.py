@@ -7,11 +7,13 @@ Layout (one concept per module):
 * ``baselines``   SpIN and NeuralEF objectives with the same interface
 * ``laplacian``   Laplacians by autodiff (forward-over-forward, folx, Hutchinson, ...)
 * ``operators``   the (importance-weighted) negative Hamiltonian, energy conversion
-* ``samplers``    Gaussian, Laplace, uniform box, radial exponential mixture
-* ``problems``    oscillator, hydrogen, infinite well, cosine potential: exact answers
+* ``samplers``    Gaussian (isotropic or full covariance), Laplace, uniform box, radial mixture
+* ``problems``    oscillators (isotropic, coupled), hydrogen, infinite well, cosine potential:
+                  exact answers in any dimension
 * ``metrics``     eigenvalue errors, orthogonality, subspace / angle distances, Ritz values
 * ``training``    ``fit``: Optax loop with EMA, NaN guards, checkpoints, collapse remedy
-* ``evaluation``  ``evaluate``: every metric against a problem's exact answers
+* ``evaluation``  ``evaluate``: every metric against a problem's exact answers, on a grid or
+                  on Monte Carlo samples with standard errors
 * ``networks``    Flax NNX eigenfunction networks and ``to_apply`` (imports Flax)
 * ``solver``      ``solve(problem, L)``: all of the above in one call (imports Flax)
 * ``grid_baseline`` finite-difference sparse eigensolver baseline (needs scipy; import it
@@ -47,8 +49,16 @@ from nestedlora_jax.operators import (
     negative_hamiltonian,
     problem_operator,
 )
-from nestedlora_jax.problems import CosinePotential, HarmonicOscillator, Hydrogen, InfiniteWell, Problem
+from nestedlora_jax.problems import (
+    CosinePotential,
+    CoupledOscillator,
+    HarmonicOscillator,
+    Hydrogen,
+    InfiniteWell,
+    Problem,
+)
 from nestedlora_jax.samplers import (
+    CorrelatedGaussianSampler,
     GaussianSampler,
     LaplaceSampler,
     RadialExponentialMixture,
@@ -81,7 +91,9 @@ def __getattr__(name):
 
 __all__ = [
     "CollapseConfig",
+    "CorrelatedGaussianSampler",
     "CosinePotential",
+    "CoupledOscillator",
     "FitResult",
     "GaussianSampler",
     "HarmonicOscillator",
