@@ -15,6 +15,7 @@ proportional to the error being measured.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -214,7 +215,8 @@ def evaluate(
                     if k in m and not (not importance_weighted and k.startswith(("norm", "rel_error_norm", "mean_rel_error_norm")))})
     out.update(
         blocks=[list(b) for b in blocks],
-        num_points=int(stats.counts.sum()),
+        num_points=int(stats.counts.sum()) if not on_grid else int(len(points)),
+        num_nonfinite_points=stats.nonfinite,
         evaluation="quadrature grid" if on_grid else "Monte Carlo",
     )
     return out
@@ -225,12 +227,14 @@ class GramStatistics(NamedTuple):
 
     ``sums[g] = sum_{n in group g} w_n z_n z_n^T`` ``(G, K, K)`` float64 (``K = 2L``, or
     ``3L`` with exact eigenfunctions); ``counts[g]`` the number of points in group g;
-    ``has_psi`` whether the exact eigenfunctions are included.
+    ``has_psi`` whether the exact eigenfunctions are included; ``nonfinite`` how many points
+    were left out for non-finite values.
     """
 
     sums: np.ndarray
     counts: np.ndarray
     has_psi: bool
+    nonfinite: int = 0
 
 
 def gram_statistics(apply, params, problem, operator, *, points=None, weights=None,
@@ -250,7 +254,7 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
     key = jax.random.PRNGKey(12345) if key is None else key
     n_total = len(points) if points is not None else int(num_samples)
     bounds = np.linspace(0, n_total, groups + 1).round().astype(int)
-    sums, counts, has_psi = None, np.diff(bounds).astype(np.float64), None
+    sums, counts, has_psi, nonfinite = None, np.zeros(groups), None, 0
     for c, start in enumerate(range(0, n_total, chunk)):
         stop = min(start + chunk, n_total)
         if points is not None:
@@ -277,6 +281,12 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
         if has_psi is None:
             has_psi = psi is not None
         z = np.concatenate([f, Tf] + ([psi] if has_psi else []), axis=1)
+        # A non-finite value would turn every metric into NaN (or worse, send LAPACK into a
+        # non-terminating iteration): such points are left out and counted.
+        finite = np.all(np.isfinite(z), axis=1)
+        if not finite.all():
+            nonfinite += int(np.sum(~finite))
+            z, w = np.where(finite[:, None], z, 0.0), np.where(finite, w, 0.0)
         if sums is None:
             sums = np.zeros((groups, z.shape[1], z.shape[1]))
         # A chunk may straddle group boundaries.
@@ -285,7 +295,13 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
             if lo < hi:
                 zg, wg = z[lo - start : hi - start], w[lo - start : hi - start]
                 sums[g] += (zg * wg[:, None]).T @ zg
-    return GramStatistics(sums, counts, bool(has_psi))
+                counts[g] += np.count_nonzero(finite[lo - start : hi - start])
+    if nonfinite:
+        warnings.warn(
+            f"evaluation: {nonfinite} of {n_total} points gave non-finite network or operator "
+            "values and were left out of every metric (num_nonfinite_points in the result).",
+            RuntimeWarning, stacklevel=2)
+    return GramStatistics(sums, counts, bool(has_psi), nonfinite)
 
 
 def metrics_from_gram(S, L: int, operator: ProblemOperator, exact, blocks, has_psi: bool) -> dict:

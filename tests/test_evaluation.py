@@ -120,3 +120,17 @@ def test_too_few_samples_is_a_clear_error():
         evaluate(apply, None, problem, op, num_samples=500)
     with pytest.raises(ValueError, match="groups"):
         evaluate(apply, None, problem, op, num_samples=4096, groups=1)
+
+
+def test_non_finite_points_are_left_out_and_counted():
+    """A network that is NaN on part of space: those points are dropped (with a warning) and
+    the metrics of the rest stay finite and exact."""
+    problem, L = HarmonicOscillator(dim=2), 3
+    op = problem_operator(problem, L)
+    exact_net = perturbed_network(problem, L, op, eps=0.0)
+    apply = lambda params, x: jnp.where(x[0] > 2.5, jnp.nan, 1.0) * exact_net(params, x)
+    with pytest.warns(RuntimeWarning, match="points gave non-finite"):
+        mc = evaluate(apply, None, problem, op, num_samples=2**13, groups=8)
+    assert mc["num_nonfinite_points"] > 0
+    assert mc["num_points"] == 2**13 - mc["num_nonfinite_points"]
+    assert np.all(np.isfinite(mc["rayleigh"])) and mc["max_rel_error"] < 1e-4
