@@ -197,8 +197,12 @@ def evaluate(
         if not on_grid:
             loo = (stats.sums.sum(axis=0)[None] - stats.sums) / (
                 stats.counts.sum() - stats.counts)[:, None, None]
-            replicas = jax.vmap(lambda S: _metrics_from_gram_jit(
-                S, L, operator.scale, operator.shift, exact, blocks, stats.has_psi))(jnp.asarray(loo))
+            # A Python loop over the groups, not a vmap: XLA's CPU runtime has been seen to
+            # wedge (all threads asleep, never returning) on the vmapped float64 eigh/SVD graph;
+            # the loop costs G small dispatches of one compiled program.
+            parts = [_metrics_from_gram_jit(jnp.asarray(S), L, operator.scale, operator.shift,
+                                            exact, blocks, stats.has_psi) for S in loo]
+            replicas = jax.tree_util.tree_map(lambda *r: np.stack([np.asarray(v) for v in r]), *parts)
             g = stats.sums.shape[0]
             se = jax.tree_util.tree_map(
                 lambda r: np.sqrt((g - 1) / g * np.sum((np.asarray(r) - np.mean(np.asarray(r), axis=0)) ** 2, axis=0)),
