@@ -465,3 +465,17 @@ def test_operator_scaling_zero_spread_uses_ground_energy(problem, L):
     e1 = problem.energies(1)[0]
     np.testing.assert_allclose(scale, 1.0 / abs(e1), rtol=1e-14)
     np.testing.assert_allclose(shift - scale * e1, 1.0, rtol=1e-14)
+
+
+def test_lowest_states_in_a_hundred_dimensions_are_cheap_and_right():
+    """d = 100 enumerates in milliseconds (a tensor grid of modes would need 2^100 sums), and
+    the low spectrum follows from the frequencies: ground state sum(w), then one quantum
+    (2 w_k) in the softest axes, in order."""
+    from nestedlora_jax.problems import CoupledOscillator
+
+    problem = CoupledOscillator(dim=100)
+    E = problem.energies(8)
+    w = np.asarray(problem.frequencies)
+    np.testing.assert_allclose(E[0], w.sum(), rtol=1e-12)
+    expected = np.sort(np.concatenate([w.sum() + 2 * w, [w.sum() + 4 * w[0]]]))[:7]
+    np.testing.assert_allclose(E[1:], expected, rtol=1e-12)
