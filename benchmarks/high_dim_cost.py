@@ -395,6 +395,8 @@ def main(argv=None) -> dict | None:
     if args.markdown_only:
         with open(os.path.join(args.out, "results.json")) as fh:
             payload = json.load(fh)
+        # Rows may have been merged from several runs: refit the growth from them.
+        payload["growth_exponents"] = growth_exponents(payload["rows"])
         print(_write_reports(payload, args.out, not args.no_figures))
         return payload
     _resolve_defaults(args)
