@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from nestedlora_jax._io import write_json_atomic
-from nestedlora_jax.hydrogen_benchmark import _environment, _mean_std
+from nestedlora_jax.hydrogen_benchmark import _environment, _mean_std, seed_record
 from nestedlora_jax.problems import CosinePotential, CoupledOscillator, Hydrogen, InfiniteWell
 from nestedlora_jax.solver import METHODS, solve
 from nestedlora_jax.training import CollapseConfig
@@ -163,16 +163,7 @@ def run(args) -> dict:
               f"(standard error), max {m['max_rel_error']:.3e}; wall {wall:.0f} s, "
               f"{result.fit.steps_run / max(result.fit.train_time, 1e-9):.1f} steps/s, "
               f"re-initialised {result.fit.reinitialized}")
-        per_seed.append({
-            "seed": seed,
-            "wall_time_s": wall,
-            "train_time_s": result.fit.train_time,
-            "steps_per_s": result.fit.steps_run / max(result.fit.train_time, 1e-9),
-            "bad_steps": result.fit.bad_steps,
-            "reinitialized": result.fit.reinitialized,
-            "collapsed_states": collapsed_states(m),
-            "metrics": m,
-        })
+        per_seed.append(seed_record(seed, result, wall))
         last = result
     summary = {k: _mean_std([s["metrics"][k] for s in per_seed if k in s["metrics"]]) for k in SUMMARY_KEYS}
     out = {
@@ -199,12 +190,6 @@ def run_grid_baseline(problem, args) -> list[dict]:
         problem, args.states, args.grid_sizes, radius=grid_radius(problem, args.states),
         time_limit_s=args.grid_time_limit, memory_limit_bytes=args.grid_memory_limit * 1e9,
     )
-
-
-def collapsed_states(metrics) -> list[int]:
-    """States whose norm (the NestedLoRA eigenvalue estimate) is off by more than 50%."""
-    norm, exact = np.asarray(metrics["norm"]), np.asarray(metrics["exact"])
-    return [int(i) for i in np.flatnonzero(~np.isfinite(norm) | (np.abs(norm - exact) > 0.5 * np.abs(exact)))]
 
 
 def print_summary(args, summary, per_seed, grid=None):

@@ -117,16 +117,7 @@ def run(args) -> dict:
         print(result.table)
         print(f"seed {seed}: wall {wall:.1f} s, {trained / max(train_time, 1e-9):.0f} steps/s, "
               f"skipped steps {result.fit.bad_steps}, re-initialised {result.fit.reinitialized}")
-        per_seed.append({
-            "seed": seed,
-            "wall_time_s": wall,
-            "train_time_s": train_time,
-            "steps_per_s": trained / max(train_time, 1e-9),
-            "bad_steps": result.fit.bad_steps,
-            "reinitialized": result.fit.reinitialized,
-            "collapsed_states": _collapsed(result.metrics) if result.objective.norms_are_eigenvalues else None,
-            "metrics": result.metrics,
-        })
+        per_seed.append(seed_record(seed, result, wall))
         last = result
     summary = {k: _mean_std([s["metrics"][k] for s in per_seed if k in s["metrics"]]) for k in SUMMARY_KEYS}
     out = {
@@ -168,6 +159,21 @@ def load_run(out_dir, seed: int | None = None):
         network_options={"hidden": tuple(config["hidden"] or _default_hidden(config["method"]))},
         grid_size=config["grid"],
     )
+
+
+def seed_record(seed: int, result, wall: float) -> dict:
+    """One seed's entry of a benchmark's ``results.json`` (shared by the benchmarks)."""
+    trained, train_time = result.fit.steps_run, result.fit.train_time
+    return {
+        "seed": seed,
+        "wall_time_s": wall,
+        "train_time_s": train_time,
+        "steps_per_s": trained / max(train_time, 1e-9),
+        "bad_steps": result.fit.bad_steps,
+        "reinitialized": result.fit.reinitialized,
+        "collapsed_states": _collapsed(result.metrics) if result.objective.norms_are_eigenvalues else None,
+        "metrics": result.metrics,
+    }
 
 
 def default_batch(states: int) -> int:

@@ -25,13 +25,14 @@ def bench():
 def test_tiny_sweep_writes_one_row_per_configuration(bench, tmp_path):
     out = tmp_path / "cost"
     payload = bench.main(["--dims", "2", "3", "--states", "2", "--batch", "32",
-                          "--methods", "default", "hutchinson", "--probes", "2",
+                          "--methods", "hutchinson", "--probes", "2",
                           "--steps", "4", "--chunk", "2", "--repeats", "2", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["rows"] == json.loads(json.dumps(payload["rows"]))
     rows = results["rows"]
-    assert sorted((r["method"], r["d"]) for r in rows) == [
-        ("default", 2), ("default", 3), ("hutchinson", 2), ("hutchinson", 3)]
+    # One method keeps the suite short (each configuration starts a JAX process); the exact
+    # Laplacian's path is the timeout test's.
+    assert sorted((r["method"], r["d"]) for r in rows) == [("hutchinson", 2), ("hutchinson", 3)]
     for r in rows:
         assert r["status"] == "ok", r
         assert r["steps_per_s"] > 0 and math.isfinite(r["steps_per_s"])
@@ -47,12 +48,12 @@ def test_tiny_sweep_writes_one_row_per_configuration(bench, tmp_path):
     # A parallel network of 2 MLPs d -> 32 -> 32 -> 32 -> 1 (plus any extra parameters of
     # the default network): one more input weight per MLP and dimension.
     by = {(r["method"], r["d"]): r for r in rows}
-    assert by[("default", 3)]["param_count"] - by[("default", 2)]["param_count"] == 2 * 32
+    assert by[("hutchinson", 3)]["param_count"] - by[("hutchinson", 2)]["param_count"] == 2 * 32
     assert results["environment"]["jax"]
     assert results["config"]["states"] == 2 and results["config"]["batch"] == 32
     # d >= 5 is needed for the exponent fit: none here, and that is reported, not an error.
-    assert set(results["growth_exponents"]) == {"default", "hutchinson"}
-    assert (out / "cost_growth.md").read_text().count("| ok |") == 4
+    assert set(results["growth_exponents"]) == {"hutchinson"}
+    assert (out / "cost_growth.md").read_text().count("| ok |") == 2
     assert (out / "cost_growth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
