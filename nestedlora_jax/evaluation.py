@@ -197,32 +197,25 @@ def evaluate(
         num_samples=num_samples, key=key, importance_weighted=importance_weighted,
         transform=transform, chunk=chunk, groups=1 if on_grid else groups,
     )
-    with jax.enable_x64(True):
-        total = stats.sums.sum(axis=0) / (1.0 if on_grid else stats.counts.sum())
-        m = metrics_from_gram(total, L, operator, exact, blocks, stats.has_psi)
-        if not on_grid:
-            loo = (stats.sums.sum(axis=0)[None] - stats.sums) / (
-                stats.counts.sum() - stats.counts)[:, None, None]
-            # A Python loop over the groups, not a vmap: XLA's CPU runtime has been seen to
-            # wedge (all threads asleep, never returning) on the vmapped float64 eigh/SVD graph;
-            # the loop costs G small dispatches of one compiled program.
-            parts = [_metrics_from_gram_jit(jnp.asarray(S), L, operator.scale, operator.shift,
-                                            exact, blocks, stats.has_psi) for S in loo]
-            replicas = jax.tree_util.tree_map(lambda *r: np.stack([np.asarray(v) for v in r]), *parts)
-            g = stats.sums.shape[0]
-            se = jax.tree_util.tree_map(
-                lambda r: np.sqrt((g - 1) / g * np.sum((np.asarray(r) - np.mean(np.asarray(r), axis=0)) ** 2, axis=0)),
-                replicas,
-            )
+    total = stats.sums.sum(axis=0) / (1.0 if on_grid else stats.counts.sum())
+    out = metrics_from_gram(total, L, operator, exact, blocks, stats.has_psi)
+    if not on_grid:
+        loo = (stats.sums.sum(axis=0)[None] - stats.sums) / (
+            stats.counts.sum() - stats.counts)[:, None, None]
+        # A Python loop over the groups, not a vmap: XLA's CPU runtime has been seen to wedge
+        # (all threads asleep, never returning) on the vmapped float64 eigh/SVD graph; the
+        # loop costs G small dispatches of one compiled program.
+        replicas = [metrics_from_gram(S, L, operator, exact, blocks, stats.has_psi) for S in loo]
+        g = len(replicas)
+        for k in list(out):
+            r = np.stack([np.asarray(rep[k]) for rep in replicas])
+            se = np.sqrt((g - 1) / g * np.sum((r - r.mean(axis=0)) ** 2, axis=0))
+            out[f"{k}_se"] = float(se) if np.ndim(se) == 0 else se
     if not importance_weighted and not on_grid:
         # L2(p) representation: the norms are not L2(dx) norms, so they carry no eigenvalue.
-        m["norm"] = np.full(L, np.nan)
-        m["rel_error_norm"] = np.full(L, np.nan)
-        m["mean_rel_error_norm"] = float("nan")
-    out = dict(m)
-    if not on_grid:
-        out.update({f"{k}_se": (float(v) if np.ndim(v) == 0 else v) for k, v in se.items()
-                    if k in m and not (not importance_weighted and k.startswith(("norm", "rel_error_norm", "mean_rel_error_norm")))})
+        for k in ("norm", "rel_error_norm", "mean_rel_error_norm"):
+            out[k] = np.full(L, np.nan) if np.ndim(out[k]) else float("nan")
+            out.pop(f"{k}_se")
     out.update(
         blocks=[list(b) for b in blocks],
         num_points=int(stats.counts.sum()) if not on_grid else int(len(points)),

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from nestedlora_jax._io import write_json_atomic
-from nestedlora_jax.hydrogen_benchmark import _environment, _mean_std, seed_record
+from nestedlora_jax.hydrogen_benchmark import _environment, multiple_of, seed_record, summarize
 from nestedlora_jax.problems import CosinePotential, CoupledOscillator, Hydrogen, InfiniteWell
 from nestedlora_jax.solver import METHODS, solve
 from nestedlora_jax.training import CollapseConfig
@@ -151,7 +151,7 @@ def run(args) -> dict:
             log_every=log_every,
             eval_every=eval_every or None,
             checkpoint_dir=os.path.join(seed_dir, "checkpoints"),
-            checkpoint_every=max(log_every, args.checkpoint_every - args.checkpoint_every % log_every),
+            checkpoint_every=multiple_of(args.checkpoint_every, log_every),
             resume=args.resume,
             history_path=os.path.join(seed_dir, "history.json"),
             collapse=CollapseConfig(),
@@ -165,7 +165,7 @@ def run(args) -> dict:
               f"re-initialised {result.fit.reinitialized}")
         per_seed.append(seed_record(seed, result, wall))
         last = result
-    summary = {k: _mean_std([s["metrics"][k] for s in per_seed if k in s["metrics"]]) for k in SUMMARY_KEYS}
+    summary = summarize(per_seed, SUMMARY_KEYS)
     out = {
         "config": vars(args) | {"seeds": seeds, "out": out_dir},
         "problem": describe(problem),

@@ -91,7 +91,6 @@ def run(args) -> dict:
     for seed in seeds:
         seed_dir = os.path.join(args.out, f"seed{seed}")
         os.makedirs(seed_dir, exist_ok=True)
-        every = args.checkpoint_every - args.checkpoint_every % args.log_every or args.log_every
         t0 = time.perf_counter()
         result = solve(
             problem,
@@ -106,7 +105,7 @@ def run(args) -> dict:
             progress=not args.quiet,
             log_every=args.log_every,
             checkpoint_dir=os.path.join(seed_dir, "checkpoints"),
-            checkpoint_every=every,
+            checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
             resume=args.resume,
             history_path=os.path.join(seed_dir, "history.json"),
             collapse=CollapseConfig(reinitialize=not args.no_collapse_remedy),
@@ -119,7 +118,7 @@ def run(args) -> dict:
               f"skipped steps {result.fit.bad_steps}, re-initialised {result.fit.reinitialized}")
         per_seed.append(seed_record(seed, result, wall))
         last = result
-    summary = {k: _mean_std([s["metrics"][k] for s in per_seed if k in s["metrics"]]) for k in SUMMARY_KEYS}
+    summary = summarize(per_seed, SUMMARY_KEYS)
     out = {
         "config": vars(args) | {"seeds": seeds},
         "problem": "2-D hydrogen, H = -Lap - 1/r, E_n = -1/(4 (n + 1/2)^2)",
@@ -174,6 +173,17 @@ def seed_record(seed: int, result, wall: float) -> dict:
         "collapsed_states": _collapsed(result.metrics) if result.objective.norms_are_eigenvalues else None,
         "metrics": result.metrics,
     }
+
+
+def summarize(per_seed: list[dict], keys) -> dict:
+    """Mean, std and values over seeds of each metric in ``keys`` (None where absent)."""
+    return {k: _mean_std([s["metrics"][k] for s in per_seed if k in s["metrics"]]) for k in keys}
+
+
+def multiple_of(every: int, log_every: int) -> int:
+    """``every`` rounded down to a multiple of ``log_every`` (at least one of it): checkpoints
+    and periodic evaluations happen on logging steps."""
+    return max(log_every, every - every % log_every)
 
 
 def default_batch(states: int) -> int:
