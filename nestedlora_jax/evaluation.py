@@ -23,7 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from nestedlora_jax import metrics as M
-from nestedlora_jax.operators import ProblemOperator, energies_from_eigenvalues
+from nestedlora_jax.operators import (
+    ProblemOperator,
+    energies_from_eigenvalues,
+    known_energies,
+    valid_points,
+)
 from nestedlora_jax.problems import Hydrogen
 
 __all__ = ["evaluate", "quadrature_grid", "network_values", "gram_statistics", "metrics_from_gram", "GramStatistics"]
@@ -55,7 +60,7 @@ def network_values(apply, params, operator, xs, *, chunk: int = 512):
     return np.concatenate(fs), np.concatenate(Tfs)
 
 
-def quadrature_grid(problem, L: int, num: int = 200) -> tuple[np.ndarray, np.ndarray]:
+def quadrature_grid(problem, L: int, num: int = 200, *, sampler=None) -> tuple[np.ndarray, np.ndarray]:
     """A quadrature grid ``(points (N, d), dx-weights (N,))`` covering the first L states.
 
     * boxes (``problem.box``): tensor Gauss-Legendre with ``num`` nodes per axis;
@@ -63,7 +68,8 @@ def quadrature_grid(problem, L: int, num: int = 200) -> tuple[np.ndarray, np.nda
       where the slowest state has decayed below 1e-8) and ``num`` equispaced angles
       (exact for the trigonometric angular parts);
     * otherwise (``d <= 2``): tensor Gauss-Legendre on ``[-R, R]^d`` with ``R`` from the
-      problem's ``evaluation_radius(L)`` if it has one, else from its default sampler scale.
+      problem's ``evaluation_radius(L)`` if it has one, else from the scale of ``sampler``
+      (default: the problem's default sampler).
     """
     dim = problem.dim
     if dim > 2:
@@ -86,7 +92,11 @@ def quadrature_grid(problem, L: int, num: int = 200) -> tuple[np.ndarray, np.nda
         points = np.stack([rr * np.cos(tt), rr * np.sin(tt)], axis=-1).reshape(-1, 2)
         return points, np.outer(wr, wt).reshape(-1)
     radius = getattr(problem, "evaluation_radius", None)
-    R = float(radius(L)) if radius is not None else 8.0 * float(np.max(getattr(problem.default_sampler(L), "scale", 1.0)))
+    if radius is not None:
+        R = float(radius(L))
+    else:
+        sampler = problem.default_sampler(L) if sampler is None else sampler
+        R = 8.0 * float(np.max(getattr(sampler, "scale", 1.0)))
     return _tensor_gauss_legendre(np.full(dim, -R), np.full(dim, R), num)
 
 
@@ -137,8 +147,9 @@ def evaluate(
 
     Args:
       apply, params: the network (one point -> ``(L,)``).
-      problem: a problem with ``energies``, ``degenerate_blocks`` and (for distances)
-        ``eigenfunctions``.
+      problem: a problem; with ``energies`` (and ``degenerate_blocks``) errors against them
+        are reported, with ``eigenfunctions`` distances too. Without a known spectrum the
+        result has energies, residuals, orthogonality and Ritz values only.
       operator: the :class:`~nestedlora_jax.operators.ProblemOperator` used in training
         (its operator, sampler and scaling).
       points, weights: a quadrature grid with ``dx`` weights (see :func:`quadrature_grid`);
@@ -190,8 +201,11 @@ def evaluate(
             f"{n_points} Monte Carlo samples are too few to evaluate {L} functions with "
             f"standard errors: use at least {minimum} (num_samples=..., or more points)."
         )
-    exact = np.asarray(problem.energies(L), np.float64)
-    blocks = tuple(map(tuple, problem.degenerate_blocks(L)))
+    exact = known_energies(problem, L)
+    # Without a known spectrum there are no levels to group: every state is its own block (and
+    # no metric that needs the exact answer is reported).
+    blocks = (tuple((i, i + 1) for i in range(L)) if exact is None
+              else tuple(map(tuple, problem.degenerate_blocks(L))))
     stats = gram_statistics(
         apply, params, problem, operator, points=points, weights=weights,
         num_samples=num_samples, key=key, importance_weighted=importance_weighted,
@@ -214,12 +228,13 @@ def evaluate(
     if not importance_weighted and not on_grid:
         # L2(p) representation: the norms are not L2(dx) norms, so they carry no eigenvalue.
         for k in ("norm", "rel_error_norm", "mean_rel_error_norm"):
-            out[k] = np.full(L, np.nan) if np.ndim(out[k]) else float("nan")
-            out.pop(f"{k}_se")
+            if k in out:
+                out[k] = np.full(L, np.nan) if np.ndim(out[k]) else float("nan")
+                out.pop(f"{k}_se")
     out.update(
         blocks=[list(b) for b in blocks],
         num_points=int(stats.counts.sum()) if not on_grid else int(len(points)),
-        num_nonfinite_points=stats.nonfinite,
+        num_invalid_points=stats.invalid,
         evaluation="quadrature grid" if on_grid else "Monte Carlo",
     )
     return out
@@ -230,14 +245,14 @@ class GramStatistics(NamedTuple):
 
     ``sums[g] = sum_{n in group g} w_n z_n z_n^T`` ``(G, K, K)`` float64 (``K = 2L``, or
     ``3L`` with exact eigenfunctions); ``counts[g]`` the number of points in group g;
-    ``has_psi`` whether the exact eigenfunctions are included; ``nonfinite`` how many points
-    were left out for non-finite values.
+    ``has_psi`` whether the exact eigenfunctions are included; ``invalid`` how many points
+    were left out for non-finite or absurdly large values (``operators.valid_points``).
     """
 
     sums: np.ndarray
     counts: np.ndarray
     has_psi: bool
-    nonfinite: int = 0
+    invalid: int = 0
 
 
 def gram_statistics(apply, params, problem, operator, *, points=None, weights=None,
@@ -257,7 +272,7 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
     key = jax.random.PRNGKey(12345) if key is None else key
     n_total = len(points) if points is not None else int(num_samples)
     bounds = np.linspace(0, n_total, groups + 1).round().astype(int)
-    sums, counts, has_psi, nonfinite = None, np.zeros(groups), None, 0
+    sums, counts, has_psi, invalid = None, np.zeros(groups), None, 0
     for c, start in enumerate(range(0, n_total, chunk)):
         stop = min(start + chunk, n_total)
         if points is not None:
@@ -265,6 +280,9 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
         else:
             x = np.asarray(sampler.sample(jax.random.fold_in(key, c), stop - start), np.float64)
         f, Tf = network_values(apply, params, operator.op, x.astype(np.float32), chunk=chunk)
+        # The training rule: a point with a non-finite or absurd raw value (a singularity met
+        # numerically, e.g. a grid node on the nucleus) is not evaluated.
+        valid = np.asarray(valid_points(f, Tf))
         if transform is not None:
             f, Tf = np.asarray(transform(f), np.float64), np.asarray(transform(Tf), np.float64)
         with jax.enable_x64(True):
@@ -286,9 +304,9 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
         z = np.concatenate([f, Tf] + ([psi] if has_psi else []), axis=1)
         # A non-finite value would turn every metric into NaN (or worse, send LAPACK into a
         # non-terminating iteration): such points are left out and counted.
-        finite = np.all(np.isfinite(z), axis=1)
+        finite = valid & np.all(np.isfinite(z), axis=1)
         if not finite.all():
-            nonfinite += int(np.sum(~finite))
+            invalid += int(np.sum(~finite))
             z, w = np.where(finite[:, None], z, 0.0), np.where(finite, w, 0.0)
         if sums is None:
             sums = np.zeros((groups, z.shape[1], z.shape[1]))
@@ -299,12 +317,19 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
                 zg, wg = z[lo - start : hi - start], w[lo - start : hi - start]
                 sums[g] += (zg * wg[:, None]).T @ zg
                 counts[g] += np.count_nonzero(finite[lo - start : hi - start])
-    if nonfinite:
+    if invalid == n_total:
+        raise ValueError(
+            f"evaluation: every one of the {n_total} points gave a non-finite or absurd network "
+            "or operator value (beyond operators.MAX_ABS_OPERATOR_VALUE): nothing to evaluate. "
+            "Check the points (inside the domain, not on a singularity) and the parameters."
+        )
+    if invalid:
         warnings.warn(
-            f"evaluation: {nonfinite} of {n_total} points gave non-finite network or operator "
-            "values and were left out of every metric (num_nonfinite_points in the result).",
+            f"evaluation: {invalid} of {n_total} points gave non-finite or absurd network or "
+            "operator values (e.g. a point on a singularity of the potential) and were left "
+            "out of every metric (num_invalid_points in the result).",
             RuntimeWarning, stacklevel=2)
-    return GramStatistics(sums, counts, bool(has_psi), nonfinite)
+    return GramStatistics(sums, counts, bool(has_psi), invalid)
 
 
 def metrics_from_gram(S, L: int, operator: ProblemOperator, exact, blocks, has_psi: bool) -> dict:
@@ -314,12 +339,14 @@ def metrics_from_gram(S, L: int, operator: ProblemOperator, exact, blocks, has_p
     pseudo-points: the rows of ``R = diag(sqrt(lambda)) V^T`` (``S = V diag(lambda) V^T``)
     satisfy ``R^T R = S``, and :mod:`nestedlora_jax.metrics`' functions applied to ``K`` such
     rows with unit weights give exactly what they give on the real points. Energies are
-    mapped with the operator's ``scale`` / ``shift``; relative errors use ``exact``.
+    mapped with the operator's ``scale`` / ``shift``; relative errors use ``exact`` (``None``:
+    an unknown spectrum, no errors reported).
     Returns numpy values (floats for aggregates).
     """
     with jax.enable_x64(True):
         out = _metrics_from_gram_jit(jnp.asarray(S, jnp.float64), L, operator.scale,
-                                     operator.shift, np.asarray(exact, np.float64),
+                                     operator.shift,
+                                     None if exact is None else np.asarray(exact, np.float64),
                                      tuple(map(tuple, blocks)), has_psi)
     return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v)) for k, v in out.items()}
 
@@ -332,23 +359,26 @@ def _metrics_from_gram_jit(S, L, scale, shift, exact, blocks, has_psi):
     psi = R[:, 2 * L :] if has_psi else None
     m = _metric_block(f, Tf, jnp.ones(R.shape[0], R.dtype), psi, blocks)
     energy = lambda t: energies_from_eigenvalues(t, scale, shift)
-    rel = lambda e: M.relative_errors(e, exact).per_state
     rayleigh, norm, ritz = energy(m["t_rayleigh"]), energy(m["t_norm"]), energy(m["ritz"])
     out = {
-        "exact": exact,
         "rayleigh": rayleigh,
         "norm": norm,
-        "rel_error": rel(rayleigh),
-        "rel_error_norm": rel(norm),
         "residual": m["residual"] / scale,
-        "mean_rel_error": jnp.mean(rel(rayleigh)),
-        "max_rel_error": jnp.max(rel(rayleigh)),
-        "mean_rel_error_norm": jnp.mean(rel(norm)),
         "orthogonality_fro": m["orthogonality_fro"],
         "orthogonality_max": m["orthogonality_max"],
         "ritz": ritz,
-        "ritz_rel_error": rel(ritz),
     }
+    if exact is not None:  # errors against a known spectrum
+        rel = lambda e: M.relative_errors(e, exact).per_state
+        out.update(
+            exact=exact,
+            rel_error=rel(rayleigh),
+            rel_error_norm=rel(norm),
+            mean_rel_error=jnp.mean(rel(rayleigh)),
+            max_rel_error=jnp.max(rel(rayleigh)),
+            mean_rel_error_norm=jnp.mean(rel(norm)),
+            ritz_rel_error=rel(ritz),
+        )
     for k in ("angle_distance", "angle_distance_mean", "subspace_distance_blocks",
               "subspace_distance_mean", "subspace_distance_total",
               "ritz_subspace_distance_blocks", "ritz_subspace_distance_mean"):

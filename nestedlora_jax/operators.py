@@ -36,13 +36,34 @@ Array = jax.Array
 Operator = Callable[..., tuple[Array, Array]]
 
 __all__ = [
+    "MAX_ABS_OPERATOR_VALUE",
+    "valid_points",
     "negative_hamiltonian",
     "apply_operator",
     "energies_from_eigenvalues",
     "eigenvalues_from_energies",
     "problem_operator",
     "ProblemOperator",
+    "known_energies",
+    "ritz_energies",
+    "scaling_from_energies",
 ]
+
+
+# Values of f or T f beyond this are not a function's values but a singularity met numerically
+# (e.g. -1/r at a point rounded onto the nucleus: -9e18 in float32). The operators are scaled so
+# the wanted eigenvalues are O(1); a legitimate sample would need r ~ 1e-10 for 2-D hydrogen,
+# probability ~1e-20 per point under the default sampler.
+MAX_ABS_OPERATOR_VALUE = 1e10
+
+
+def valid_points(f, Tf, max_abs_value: float = MAX_ABS_OPERATOR_VALUE):
+    """``(B,)`` bool: the points whose ``f`` and ``Tf`` ``(B, L)`` are finite and no larger than
+    ``max_abs_value`` in magnitude. Training skips a batch with an invalid point, evaluation
+    leaves such points out (and counts them): the one rule for both."""
+    f, Tf = jnp.asarray(f), jnp.asarray(Tf)
+    ok = lambda v: jnp.all(jnp.isfinite(v) & (jnp.abs(v) <= max_abs_value), axis=-1)
+    return ok(f.reshape(f.shape[0], -1)) & ok(Tf.reshape(Tf.shape[0], -1))
 
 
 def _check_scalar_fn(fn: Callable, x: Array, name: str) -> None:
@@ -157,15 +178,90 @@ def eigenvalues_from_energies(energies: Any, scale: float, shift: float):
     return shift - scale * energies
 
 
+def scaling_from_energies(energies) -> tuple[float, float]:
+    """``(scale, shift)`` of ``T = scale * (-H) + shift`` for learning the states of ``energies``
+    (ascending): their eigenvalues ``t_i = scale * (c - E_i)`` lie in ``[1/2, 1]``.
+
+    ``c = E_L + D`` with ``D = E_L - E_1`` (the spread of the wanted energies; the ground-state
+    scale ``|E_1|``, or 1, when they are all equal) puts ``t_L`` a spread below ``t_1``: the
+    ratio ``t_1 / t_L = 2`` keeps later functions from collapsing (a small ``t_L / t_1`` is the
+    main failure mode) while every wanted ``t_i`` stays positive and above the unwanted ones.
+    ``scale = 1 / (c - E_1)`` normalises ``t_1 = 1``.
+
+    ``D`` is the spread and not ``max(spread, |E_1|)``: a large zero-point energy (an oscillator
+    in d = 10 has ``E_1 ~ 15`` under a spread of ~5) would otherwise squeeze the wanted ``t_i``
+    into ``[0.75, 1]``, shrinking every relative eigengap the optimiser sees.
+    """
+    energies = np.asarray(energies, np.float64)
+    if energies.ndim != 1 or energies.size == 0 or not np.all(np.isfinite(energies)):
+        raise ValueError(f"energies must be a non-empty 1-D array of finite values; got {energies!r}.")
+    spread = float(energies[-1] - energies[0])
+    if spread == 0.0:
+        spread = abs(float(energies[0])) or 1.0
+    c = float(energies[-1]) + spread
+    scale = 1.0 / (c - float(energies[0]))
+    return float(scale), float(scale * c)
+
+
+def ritz_energies(apply, params, potential, sampler, *, kinetic: float = 1.0,
+                  num_samples: int = 8192, key: Array | None = None) -> np.ndarray:
+    """Rayleigh-Ritz energies ``(L,)`` ascending of ``H = -kinetic Lap + V`` on the span of the
+    functions ``psi = sqrt(p) apply(params, .)``, estimated on ``num_samples`` points from
+    ``sampler`` (importance-weighted, as in training).
+
+    By the Hylleraas-Undheim-MacDonald theorem the ``k``-th Ritz value of any ``L``-dimensional
+    trial space bounds ``E_k`` from above (up to the Monte Carlo error), so even the Ritz
+    values of an untrained network give a shift above the wanted energies: this is how
+    :func:`~nestedlora_jax.solver.solve` scales the operator of a problem whose spectrum is
+    unknown (``scaling_from_energies(ritz_energies(...))``). Rank-deficient directions
+    (``metrics.rayleigh_ritz``) are dropped; missing values are filled with the largest one.
+    """
+    from nestedlora_jax import metrics as M
+
+    key = jax.random.PRNGKey(0) if key is None else key
+    op = negative_hamiltonian(potential, kinetic=kinetic, log_prob=sampler.log_prob)
+    xs = sampler.sample(key, num_samples)
+    f, Tf = jax.jit(lambda p, xs: apply_operator(op, lambda x: apply(p, x), xs))(params, xs)
+    f, Tf = np.asarray(f, np.float64), np.asarray(Tf, np.float64)
+    ok = np.asarray(valid_points(f, Tf))
+    f, Tf = f[ok], Tf[ok]
+    with jax.enable_x64(True):
+        ritz = np.asarray(M.rayleigh_ritz(jnp.asarray(f), jnp.asarray(Tf),
+                                          jnp.ones(len(f), jnp.float64)).eigenvalues)
+    energies = -ritz[np.isfinite(ritz)]  # T = -H: descending Ritz values of -H, ascending E
+    if energies.size == 0:
+        raise ValueError(
+            "could not estimate the spectrum: the network's functions have no usable Ritz "
+            "values on the sampler's points; pass scale and shift explicitly."
+        )
+    energies = np.sort(energies)
+    return np.concatenate([energies, np.full(f.shape[1] - energies.size, energies[-1])])
+
+
 class ProblemOperator(NamedTuple):
     """What ``problem_operator`` builds: the operator, its sampler and scaling, and the exact
-    operator eigenvalues ``t = shift - scale * E`` of the ``L`` wanted states (``(L,)`` float64)."""
+    operator eigenvalues ``t = shift - scale * E`` of the ``L`` wanted states (``(L,)`` float64;
+    ``None`` when the problem's spectrum is unknown)."""
 
     op: Operator
     sampler: Any
     scale: float
     shift: float
-    eigenvalues: np.ndarray
+    eigenvalues: np.ndarray | None
+
+
+def known_energies(problem: Any, L: int) -> np.ndarray | None:
+    """``problem.energies(L)``, or ``None`` when the problem does not know its spectrum
+    (``energies`` missing or raising ``NotImplementedError``). A bad ``L`` still raises."""
+    energies = getattr(problem, "energies", None)
+    if energies is None:
+        return None
+    try:
+        return np.asarray(energies(L), np.float64)
+    except NotImplementedError:
+        if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 1:
+            raise ValueError(f"L (the number of states) must be a Python int >= 1; got {L!r}.")
+        return None
 
 
 def problem_operator(
@@ -185,19 +281,46 @@ def problem_operator(
     ``problem.default_sampler(L)`` (unless ``sampler`` is given), and importance-weights with the
     sampler's ``log_prob`` (so batch means estimate ``L2(dx)`` inner products); with
     ``importance_weighting=False`` the network represents ``psi`` itself and batch means estimate
-    ``L2(p)`` inner products.
+    ``L2(p)`` inner products. A problem without a known spectrum needs ``scale`` and ``shift``
+    (``solve`` estimates them, see :func:`ritz_energies`).
 
     Raises:
       ValueError: ``L`` not an int >= 1 or more states than the problem's exact list provides;
-        sampler dimension different from ``problem.dim``; unknown Laplacian method.
+        sampler dimension different from ``problem.dim``; unknown Laplacian method; a
+        non-callable potential; an unknown spectrum without ``scale`` and ``shift``; a
+        non-finite or non-positive ``scale``, a non-finite ``shift``.
     """
-    energies = problem.energies(L)  # validates L (ValueError if too large or < 1)
+    energies = known_energies(problem, L)  # validates L (ValueError if too large or < 1)
+    if not callable(getattr(problem, "potential", None)):
+        raise ValueError(
+            f"{type(problem).__name__}.potential must be a function of one point (d,) -> scalar; "
+            f"got {getattr(problem, 'potential', None)!r}."
+        )
     if sampler is None:
-        sampler = problem.default_sampler(L)
+        try:
+            sampler = problem.default_sampler(L)
+        except NotImplementedError:
+            raise ValueError(
+                f"{type(problem).__name__} has no default_sampler: pass sampler=... (an object "
+                "with dim, sample(key, n) and log_prob(x))."
+            ) from None
     check_sampler_dim(sampler, problem.dim)
-    default_scale, default_shift = problem.operator_scaling(L)
-    scale = default_scale if scale is None else float(scale)
-    shift = default_shift if shift is None else float(shift)
+    if scale is None or shift is None:
+        if energies is None:
+            raise ValueError(
+                f"{type(problem).__name__} has no known spectrum (energies), so the operator "
+                "T = scale * (-H) + shift cannot be scaled from it: pass scale and shift (with "
+                "shift / scale above the highest wanted energy), or use solve(), which "
+                "estimates them from Rayleigh-Ritz values of the initial network."
+            )
+        default_scale, default_shift = problem.operator_scaling(L)
+        scale = default_scale if scale is None else scale
+        shift = default_shift if shift is None else shift
+    if isinstance(scale, bool) or not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0; got {scale!r}.")
+    if isinstance(shift, bool) or not np.isfinite(shift):
+        raise ValueError(f"shift must be a finite number; got {shift!r}.")
+    scale, shift = float(scale), float(shift)
     op = negative_hamiltonian(
         problem.potential,
         kinetic=problem.kinetic,
@@ -207,5 +330,5 @@ def problem_operator(
         num_probes=num_probes,
         log_prob=sampler.log_prob if importance_weighting else None,
     )
-    eigenvalues = eigenvalues_from_energies(energies, scale, shift)
+    eigenvalues = None if energies is None else eigenvalues_from_energies(energies, scale, shift)
     return ProblemOperator(op, sampler, scale, shift, eigenvalues)

@@ -101,13 +101,15 @@ def _check_point(x: Array, dim: int, cls: str) -> Array:
 def _safe_radius(x: Array) -> Array:
     """``|x|`` clamped below at ``sqrt(finfo.tiny)`` (1e-19 in float32, 1e-154 in float64).
 
-    Finite and with a finite (zero) gradient at the origin, so ``-Z / r`` and ``exp(-k r)`` never
-    produce NaN/Inf, and exact wherever ``|x|^2`` is a normal number.
+    Finite and with a finite (zero) gradient at the origin, so ``exp(-k r)`` and polynomials in
+    ``r`` are smooth there, and exact wherever ``|x|^2`` is a normal number. NaN stays NaN (the
+    clamp must not turn a broken input into a valid-looking point). Not for ``1 / r``: see
+    ``Hydrogen.potential``.
     """
     r2 = jnp.sum(x * x)
     floor = jnp.asarray(jnp.finfo(x.dtype).tiny, x.dtype)
     # Double-where: the clamped branch is constant, so its gradient is 0 rather than NaN.
-    return jnp.sqrt(jnp.where(r2 > floor, r2, floor))
+    return jnp.sqrt(jnp.where(r2 < floor, floor, r2))
 
 
 def _blocks_from_energies(energies: np.ndarray) -> list[tuple[int, int]]:
@@ -206,26 +208,11 @@ class Problem:
 
     def operator_scaling(self, L: int) -> tuple[float, float]:
         """``(scale, shift)`` so that ``T = scale * (-H) + shift`` has the ``L`` lowest states as
-        its top eigenvalues ``t_i = scale * (c - E_i)``, ``shift = scale * c``, all in
-        ``[1/2, 1]``.
+        its top eigenvalues, all in ``[1/2, 1]``: :func:`~nestedlora_jax.operators.scaling_from_energies`
+        of the exact energies (its docstring gives the rule and why)."""
+        from nestedlora_jax.operators import scaling_from_energies
 
-        ``c = E_L + D`` with ``D = E_L - E_1`` (the spread of the wanted energies; the
-        ground-state scale ``|E_1|``, or 1, when they are all equal) puts ``t_L`` a spread below
-        ``t_1``: the ratio ``t_1 / t_L = 2`` keeps later functions from collapsing (a small
-        ``t_L / t_1`` is the main failure mode) while every wanted ``t_i`` stays positive and
-        above the unwanted ones. ``scale = 1 / (c - E_1)`` normalises ``t_1 = 1``.
-
-        ``D`` is the spread and not ``max(spread, |E_1|)``: a large zero-point energy (an
-        oscillator in d = 10 has ``E_1 ~ 15`` under a spread of ~5) would otherwise squeeze the
-        wanted ``t_i`` into ``[0.75, 1]``, shrinking every relative eigengap the optimiser sees.
-        """
-        energies = self.energies(L)
-        spread = energies[-1] - energies[0]
-        if spread == 0.0:
-            spread = abs(energies[0]) or 1.0
-        c = energies[-1] + spread
-        scale = 1.0 / (c - energies[0])
-        return float(scale), float(scale * c)
+        return scaling_from_energies(self.energies(L))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,8 +445,9 @@ class Hydrogen(Problem):
     ``S_lm = r^l Y_lm`` the real solid harmonics; order ``l = 0..n-1``, then ``m = -l..l``.
     Eigenfunctions are implemented for ``n <= 4`` (``l <= 3``, 30 states); energies for any n.
 
-    The radius is clamped below at ``sqrt(finfo.tiny)`` (``_safe_radius``), so the potential and
-    eigenfunctions are finite at every point, the origin included.
+    The eigenfunctions clamp the radius below at ``sqrt(finfo.tiny)`` (``_safe_radius``), so they
+    and their derivatives are finite at every point, the origin included; the potential is
+    exact (``-inf`` at the nucleus, see ``potential``).
 
     Default sampler (``L`` states, levels up to ``n_max``): ``RadialExponentialMixture`` with
     ``shape = dim`` (density finite, with a cusp, at the nucleus), one component per level with
@@ -488,9 +476,20 @@ class Hydrogen(Problem):
         object.__setattr__(self, "Z", float(self.Z))
 
     def potential(self, x: Array) -> Array:
-        """``V(x) = -Z / max(|x|, sqrt(finfo.tiny))``: finite everywhere."""
+        """``V(x) = -Z / |x|``, exactly: ``-inf`` at the nucleus, NaN for a NaN input.
+
+        Clamping ``r`` would turn a point at (or rounded onto) the nucleus into a huge finite
+        value (-9e18 in float32) that looks valid; unclamped, such a point is seen for what it
+        is: training skips a batch holding it and evaluation leaves it out and says so
+        (:func:`~nestedlora_jax.operators.valid_points`, which also rejects values beyond
+        ``MAX_ABS_OPERATOR_VALUE``, e.g. from ``r ~ 1e-19``).
+        """
         x = _check_point(x, self.dim, "Hydrogen.potential")
-        return -self.Z / _safe_radius(x)
+        r2 = jnp.sum(x * x)
+        # Double-where: a finite gradient wherever r > 0 (the r = 0 branch never differentiates
+        # sqrt at 0); written with == so that NaN takes the sqrt branch and stays NaN.
+        r = jnp.where(r2 == 0, 0, jnp.sqrt(jnp.where(r2 == 0, 1, r2)))
+        return -self.Z / r
 
     def states(self, L: int) -> list[tuple]:
         """Quantum numbers of the ``L`` lowest states: 2-D ``(n, l, 'c' | 's')``, 3-D

@@ -25,9 +25,18 @@ from nestedlora_jax.baselines import neuralef_objective, spin_objective
 from nestedlora_jax.evaluation import evaluate, quadrature_grid
 from nestedlora_jax.networks import eigenfunction_network, to_apply
 from nestedlora_jax.objectives import Objective, nested_lora_objective
-from nestedlora_jax.operators import ProblemOperator, energies_from_eigenvalues, problem_operator
+from nestedlora_jax.operators import (
+    ProblemOperator,
+    energies_from_eigenvalues,
+    known_energies,
+    problem_operator,
+    ritz_energies,
+    scaling_from_energies,
+)
 from nestedlora_jax.problems import Hydrogen
-from nestedlora_jax.training import CollapseConfig, FitResult, fit
+from nestedlora_jax.training import CollapseConfig, FitResult, check_positive_int, fit
+
+EVALUATIONS = ("auto", "grid", "mc")
 
 __all__ = ["METHODS", "SolveResult", "make_objective", "default_network", "restore", "solve"]
 
@@ -132,7 +141,12 @@ def solve(
       network_options: extra keywords for
         :func:`~nestedlora_jax.networks.eigenfunction_network` (``hidden``, ``fourier_features``, ...).
       sampler, scale, shift, laplacian_method: passed to
-        :func:`~nestedlora_jax.operators.problem_operator` (problem defaults otherwise).
+        :func:`~nestedlora_jax.operators.problem_operator` (problem defaults otherwise). A
+        problem whose spectrum is unknown (no ``energies``) trains too: without ``scale`` and
+        ``shift`` they come from the Rayleigh-Ritz energies of the initial network on 8192
+        samples (upper bounds of the wanted energies, :func:`~nestedlora_jax.operators.ritz_energies`),
+        through the same rule as for known spectra; the evaluation then reports energies,
+        residuals, orthogonality and Ritz values, and no errors.
       evaluation: ``"grid"`` (quadrature, d <= 2), ``"mc"`` (fresh samples) or ``"auto"``
         (grid when d <= 2).
       eval_every: evaluate the EMA parameters every this many steps (a multiple of
@@ -143,10 +157,20 @@ def solve(
         process's after ``jax.distributed.initialize()``), an int ``n`` over the first ``n``;
         ``batch_size`` must be divisible by the device count. See :mod:`nestedlora_jax.parallel`.
     """
-    if eval_every is not None and (eval_every < 1 or eval_every % log_every):
+    check_positive_int("L (the number of states)", L)
+    check_positive_int("log_every", log_every)
+    if eval_every is not None and (not isinstance(eval_every, int) or isinstance(eval_every, bool)
+                                   or eval_every < 1 or eval_every % log_every):
         raise ValueError(
-            f"eval_every ({eval_every}) must be a positive multiple of log_every ({log_every})."
+            f"eval_every ({eval_every!r}) must be a positive multiple of log_every ({log_every})."
         )
+    if data_parallel is not False and data_parallel is not None and data_parallel is not True:
+        check_positive_int("data_parallel (a device count, or True for all)", data_parallel)
+    # Everything evaluation will need is checked now: a bad setting must not cost a training.
+    _check_evaluation(problem, L, evaluation, grid_size, num_eval_samples)
+    if eval_every is not None:
+        _check_evaluation(problem, L, "mc", grid_size, num_periodic_eval_samples,
+                          name="num_periodic_eval_samples")
     mesh = None
     if data_parallel is not False and data_parallel is not None:
         from nestedlora_jax.parallel import data_parallel_mesh
@@ -211,15 +235,59 @@ def _evaluated(problem, L, method, operator, apply, objective, result: FitResult
 
 def _build(problem, L, method, seed, network_kind, network_options, sampler, scale, shift,
            laplacian_method):
-    """Objective, operator and initial network of a ``solve`` call (shared with ``restore``)."""
+    """Objective, operator and initial network of a ``solve`` call (shared with ``restore``).
+
+    A problem without a known spectrum and no ``scale``/``shift`` given is scaled from the
+    Rayleigh-Ritz energies of the initial network (:func:`~nestedlora_jax.operators.ritz_energies`,
+    upper bounds of the wanted energies): deterministic for a seed, so ``restore`` rebuilds the
+    same operator."""
     objective = make_objective(method)
+    kind = network_kind or ("shared" if method == "neuralsvd-joint" else "parallel")
+    options = dict(network_options or {})
+    if network_options is not None and not isinstance(network_options, dict):
+        raise ValueError(f"network_options must be a dict of keywords, got {network_options!r}.")
+    apply, params = to_apply(default_network(problem, L, kind=kind, seed=seed, **options))
+    if (scale is None or shift is None) and known_energies(problem, L) is None:
+        unscaled = problem_operator(problem, L, sampler, scale=1.0, shift=0.0)
+        estimate = ritz_energies(apply, params, problem.potential, unscaled.sampler,
+                                 kinetic=problem.kinetic, key=jax.random.PRNGKey(seed))
+        est_scale, est_shift = scaling_from_energies(estimate)
+        scale = est_scale if scale is None else scale
+        shift = est_shift if shift is None else shift
     operator = problem_operator(
         problem, L, sampler, laplacian_method=laplacian_method, scale=scale, shift=shift
     )
-    kind = network_kind or ("shared" if method == "neuralsvd-joint" else "parallel")
-    options = dict(network_options or {})
-    apply, params = to_apply(default_network(problem, L, kind=kind, seed=seed, **options))
     return objective, operator, kind, options, apply, params
+
+
+def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_eval_samples"):
+    """Fail before training on evaluation settings that could not be used after it."""
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}.")
+    use_grid = evaluation == "grid" or (evaluation == "auto" and problem.dim <= 2)
+    if evaluation == "grid" and problem.dim > 2:
+        raise ValueError(
+            f"evaluation='grid' needs d <= 2 (a tensor grid in d = {problem.dim} has "
+            f"grid_size^{problem.dim} points): use evaluation='mc' (or 'auto')."
+        )
+    if use_grid:
+        check_positive_int("grid_size", grid_size)
+        if grid_size < 2:
+            raise ValueError(f"grid_size must be >= 2 nodes per axis, got {grid_size}.")
+        points = grid_size ** problem.dim
+        if points * 3 * L * 8 > 8e9:
+            raise ValueError(
+                f"grid_size={grid_size} gives {points:.3g} points, too many to evaluate {L} "
+                "functions in memory (over 8 GB): use a smaller grid_size."
+            )
+    else:
+        check_positive_int(name, num_samples)
+        minimum = max(256, 3 * L * 32)
+        if num_samples < minimum:
+            raise ValueError(
+                f"{name}={num_samples} is too few Monte Carlo samples to evaluate {L} functions "
+                f"with standard errors: use at least {minimum}."
+            )
 
 
 def restore(
@@ -250,6 +318,7 @@ def restore(
     from nestedlora_jax import checkpoint as ckpt
     from nestedlora_jax.training import default_optimizer, init_train_state
 
+    _check_evaluation(problem, L, evaluation, grid_size, num_eval_samples)
     objective, operator, _, _, apply, params = _build(
         problem, L, method, seed, network_kind, network_options, sampler, scale, shift, laplacian_method
     )
@@ -277,12 +346,11 @@ def eigenfunction_network_like(problem, L, kind, options, key):
 def evaluate_result(problem, operator, apply, result: FitResult, objective: Objective, L, *,
                     evaluation="auto", num_eval_samples=2**18, grid_size=200, params=None):
     """Evaluate a :class:`FitResult` (EMA parameters by default) on a grid or fresh samples."""
-    if evaluation not in ("auto", "grid", "mc"):
-        raise ValueError(f"evaluation must be 'auto', 'grid' or 'mc', got {evaluation!r}.")
+    _check_evaluation(problem, L, evaluation, grid_size, num_eval_samples)
     use_grid = evaluation == "grid" or (evaluation == "auto" and problem.dim <= 2)
     points = weights = None
     if use_grid:
-        points, weights = quadrature_grid(problem, L, grid_size)
+        points, weights = quadrature_grid(problem, L, grid_size, sampler=operator.sampler)
     transform = _transform(objective, result.state.objective_state)
     return evaluate(
         apply,

@@ -215,8 +215,13 @@ def test_float32_default_and_jit():
 
     psi, v, _ = evaluate(jnp.array([0.5, -0.25]))
     assert psi.dtype == jnp.float32 and v.dtype == jnp.float32
-    # The nucleus itself: finite potential, eigenfunctions and gradients (radius clamped).
-    assert all(bool(jnp.all(jnp.isfinite(a))) for a in evaluate(jnp.zeros(2)))
+    # The nucleus itself: finite eigenfunctions and gradients (radius clamped); the potential
+    # is -inf there, not a huge finite number, and NaN in gives NaN out.
+    psi0, v0, jac0 = evaluate(jnp.zeros(2))
+    assert bool(jnp.all(jnp.isfinite(psi0))) and bool(jnp.all(jnp.isfinite(jac0)))
+    assert float(v0) == -np.inf
+    assert np.isnan(float(problem.potential(jnp.array([np.nan, 0.0]))))
+    assert np.all(np.isnan(np.asarray(problem.eigenfunctions(jnp.array([np.nan, 0.0]), 4))))
 
 
 def test_boundary_mask_and_flags():
