@@ -20,9 +20,13 @@ resumed from a checkpoint sees exactly the samples of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -33,12 +37,14 @@ import optax
 
 from nestedlora_jax._io import write_json_atomic
 from nestedlora_jax.objectives import NESTINGS, Objective, nested_lora_objective
+from nestedlora_jax.operators import MAX_ABS_OPERATOR_VALUE, valid_points
 
 __all__ = [
     "CollapseConfig",
     "FitResult",
     "TrainState",
     "TrainingDivergedError",
+    "TrainingInterrupted",
     "default_optimizer",
     "fit",
     "init_train_state",
@@ -48,25 +54,50 @@ __all__ = [
 ]
 
 PyTree = Any
+MAX_SEED = 2**31 - 16  # seeds are 32-bit; fit and solve derive seed + 1 and seed + 7
 Apply = Callable[[PyTree, jax.Array], jax.Array]
 Operator = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 class TrainingDivergedError(RuntimeError):
-    """Raised when too many consecutive steps had a non-finite loss or gradient."""
+    """Raised when too many consecutive steps were skipped (non-finite or absurd values)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM, after saving a checkpoint.
+
+    A ``KeyboardInterrupt``, so it stops a script or notebook cell like any interrupt.
+    Attributes: ``signal_name`` (``"SIGINT"``/``"SIGTERM"``), ``step`` (the last completed
+    step), ``checkpoint_dir`` (where that step was saved; ``None`` without one) and ``result``
+    (the :class:`FitResult` of the training so far).
+    """
+
+    def __init__(self, message, *, signal_name, step, checkpoint_dir, result):
+        super().__init__(message)
+        self.signal_name, self.step = signal_name, step
+        self.checkpoint_dir, self.result = checkpoint_dir, result
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention for death by this signal: 128 + signal number."""
+        return 128 + int(getattr(signal, self.signal_name))
 
 
 # ----------------------------------------------------------------- loss
 
 
-def make_loss_fn(apply: Apply, operator: Operator, objective: Objective | None = None):
+def make_loss_fn(apply: Apply, operator: Operator, objective: Objective | None = None, *,
+                 max_abs_value: float = MAX_ABS_OPERATOR_VALUE):
     """Build ``loss_fn(params, objective_state, xs) -> (loss, (objective_state, stats))``.
 
     ``f, Tf = vmap(operator(lambda x: apply(params, x), .))(xs)``, both ``(B, L)``; the
     loss is ``objective.loss`` (default :func:`nested_lora_objective` with sequential
     nesting), whose gradient never differentiates ``Tf``. ``stats`` holds per-function
     batch estimates: ``norms`` = mean_b f_bi^2 (the NestedLoRA eigenvalue estimate) and
-    ``rayleigh`` = Rayleigh quotients of the objective's eigenfunction estimates.
+    ``rayleigh`` = Rayleigh quotients of the objective's eigenfunction estimates; and
+    ``invalid_points``, the number of points whose ``f`` or ``Tf`` is non-finite or larger
+    than ``max_abs_value`` in magnitude (see :func:`~nestedlora_jax.operators.valid_points`;
+    :func:`make_train_step` skips such a batch).
     """
     objective = objective if objective is not None else nested_lora_objective()
     takes_key = _accepts_key(operator)
@@ -87,7 +118,8 @@ def make_loss_fn(apply: Apply, operator: Operator, objective: Objective | None =
         # A function that is exactly zero (fully collapsed) has no Rayleigh quotient; report
         # 0 rather than NaN so the collapse test can see it.
         rayleigh = jnp.where(phi_sq > 0, jnp.mean(phi * Tphi, axis=0) / jnp.where(phi_sq > 0, phi_sq, 1), 0)
-        stats = {"norms": jnp.mean(f * f, axis=0), "rayleigh": rayleigh}
+        stats = {"norms": jnp.mean(f * f, axis=0), "rayleigh": rayleigh,
+                 "invalid_points": jnp.sum(~valid_points(f, Tf, max_abs_value))}
         return loss, (jax.lax.stop_gradient(objective_state), stats)
 
     return loss_fn
@@ -142,8 +174,11 @@ def make_train_step(
     """A pure training step ``step(state, key) -> state``.
 
     Draws ``xs = sample(key, batch_size)``, computes the masked gradient, and applies the
-    Optax update only if the loss and every gradient leaf are finite; otherwise the step
-    is skipped and counted (parameters, optimizer state and EMA untouched). The EMA of the
+    Optax update only if it is sound: every point's values valid (finite and not absurdly
+    large, ``stats["invalid_points"] == 0``), the loss, the gradients, the update and the new
+    parameters finite (a NaN learning rate gives finite gradients but NaN parameters).
+    Otherwise the step is skipped and counted (parameters, optimizer state and EMA untouched):
+    one point at a singularity costs one step, not the run. The EMA of the
     parameters uses the warm-up ``min(ema_decay, (1 + t) / (10 + t))`` so short runs are
     not dominated by the initialisation. With ``batch_sharding`` (e.g.
     :func:`nestedlora_jax.parallel.batch_sharding`) the batch is laid out across devices
@@ -158,9 +193,12 @@ def make_train_step(
         (loss, (objective_state, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.objective_state, xs, operator_key
         )
-        ok = jnp.isfinite(loss) & _tree_all_finite(grads) & _tree_all_finite(objective_state)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ok = (jnp.isfinite(loss) & _tree_all_finite(grads) & _tree_all_finite(objective_state)
+              & _tree_all_finite(params) & _tree_all_finite(opt_state))
+        if "invalid_points" in stats:
+            ok = ok & (stats["invalid_points"] == 0)
         t = state.step.astype(jnp.float32)
         decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
         ema = jax.tree_util.tree_map(
@@ -212,16 +250,24 @@ def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, L:
 
 
 def train_steps(step: Callable[[TrainState, jax.Array], TrainState], state: TrainState,
-                key: jax.Array, num_steps: int) -> TrainState:
+                key: jax.Array, num_steps: int, *,
+                max_consecutive_bad: int | None = None) -> TrainState:
     """Run ``num_steps`` (a Python int) of ``step`` in one ``lax.scan``; pure.
 
     Step ``t`` uses the key ``fold_in(key, t)`` (``t`` counted from ``state.step``), the keys
     :func:`fit` uses with ``key = PRNGKey(seed)``: so the same run can be split into chunks,
     resumed, or batched over seeds with ``jax.vmap(lambda s, k: train_steps(step, s, k, n))``
-    and give the same numbers.
+    and give the same numbers. With ``max_consecutive_bad``, once that many consecutive steps
+    were skipped the remaining steps of the scan leave the state as it is (``state.step``
+    stops there), so a diverged run stops where it diverged, not at the end of the chunk.
     """
     keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(state.step + jnp.arange(num_steps))
-    state, _ = jax.lax.scan(lambda s, k: (step(s, k), None), state, keys)
+    if max_consecutive_bad is None:
+        body = step
+    else:
+        def body(s, k):
+            return jax.lax.cond(s.consecutive_bad >= max_consecutive_bad, lambda s, k: s, step, s, k)
+    state, _ = jax.lax.scan(lambda s, k: (body(s, k), None), state, keys)
     return state
 
 
@@ -326,6 +372,63 @@ def _reinitialize_functions(state: TrainState, fresh_params, dead: np.ndarray) -
     return state._replace(params=params, ema_params=ema, opt_state=opt_state, norms=norms)
 
 
+# ----------------------------------------------------------------- interrupts and resume
+
+
+@contextlib.contextmanager
+def _interrupt_requests():
+    """Turn the first SIGINT / SIGTERM into a request (the signal's name appended to the
+    yielded list) that the loop serves between chunks, where the state is consistent with
+    the history; a second SIGINT raises ``KeyboardInterrupt`` at once. Python delivers signals
+    only to the main thread: elsewhere (a worker thread) nothing is installed."""
+    requests: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if requests and name == "SIGINT":
+            raise KeyboardInterrupt
+        requests.append(name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _interrupt(signal_name, state, manager, metadata, history, reinitialized, start_step, t_start):
+    step = int(state.step)
+    where = None
+    if manager is not None:
+        if manager.latest_step() != step:
+            manager.save(step, state, metadata())
+        where = manager.directory
+    saved = (f"checkpoint of step {step} saved in {where}; resume=True (--resume) continues it"
+             if where else "no checkpoint_dir, nothing saved")
+    result = FitResult.from_state(state, history, reinitialized, steps_run=step - start_step,
+                                  train_time=time.perf_counter() - t_start)
+    return TrainingInterrupted(f"training interrupted by {signal_name} at step {step}: {saved}.",
+                               signal_name=signal_name, step=step, checkpoint_dir=where,
+                               result=result)
+
+
+def _check_resumed_config(saved: dict | None, current: dict, directory: str) -> None:
+    if saved is None:  # a checkpoint from before configurations were recorded
+        return
+    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if differ:
+        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"cannot resume the run in {directory} with a different configuration ({details}): "
+            "the result would mix two runs. Resume with the saved values, or start a new run in "
+            "another folder."
+        )
+
+
 # ----------------------------------------------------------------- fit
 
 
@@ -376,11 +479,29 @@ class FitResult:
         )
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+    """``value`` as an int if it is one (not a bool, not a float) and positive (or zero)."""
+    if not _is_int(value) or value < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r}.")
+    return int(value)
+
+
+def check_positive_float(name: str, value) -> float:
+    """``value`` as a float if it is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
 def _validate_fit_args(apply, params, sampler, steps, batch_size, nesting, num_functions, split_batch):
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}.")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_positive_int("steps", steps, allow_zero=True)
+    check_positive_int("batch_size", batch_size)
     if split_batch and batch_size % 2:
         raise ValueError(
             f"batch_size must be even for this objective (the quadratic term uses two "
@@ -388,12 +509,21 @@ def _validate_fit_args(apply, params, sampler, steps, batch_size, nesting, num_f
         )
     if nesting not in NESTINGS:
         raise ValueError(f"unknown nesting {nesting!r}; expected one of {NESTINGS}.")
-    if num_functions is not None and (int(num_functions) != num_functions or num_functions < 1):
-        raise ValueError(f"num_functions L must be a positive integer, got {num_functions!r}.")
+    if num_functions is not None:
+        check_positive_int("num_functions L", num_functions)
     dim = getattr(sampler, "dim", None)
-    if dim is None:
+    if dim is None or not callable(getattr(sampler, "sample", None)):
         raise ValueError("sampler must have a `dim` attribute and sample(key, n) / log_prob(x).")
-    out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((dim,), jnp.float32))
+    if not callable(apply):
+        raise ValueError(f"apply must be a function apply(params, x), got {type(apply).__name__}.")
+    try:
+        out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((dim,), jnp.float32))
+    except Exception as exc:  # noqa: BLE001 - re-raised with what to check
+        raise ValueError(
+            f"apply(params, x) fails on one point x of shape ({dim},), the sampler's dimension: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Was the network "
+            f"built for another input dimension than the problem's d = {dim}?"
+        ) from exc
     if len(out.shape) != 1:
         raise ValueError(
             f"apply(params, x) must map one point of shape ({dim},) to (L,), got output "
@@ -433,6 +563,7 @@ def fit(
     collapse: CollapseConfig | None = CollapseConfig(),
     init_params: Callable[[jax.Array], PyTree] | None = None,
     max_consecutive_bad_steps: int = 100,
+    max_abs_value: float = MAX_ABS_OPERATOR_VALUE,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
@@ -471,12 +602,24 @@ def fit(
         collapsed functions (leading axis L on every leaf); without it collapse is only
         reported.
       max_consecutive_bad_steps: stop with :class:`TrainingDivergedError` after this many
-        consecutive non-finite steps.
-      checkpoint_dir: Orbax checkpoint directory (atomic saves of the whole state).
+        consecutive skipped steps (checked at every step: the run stops where it diverged).
+      max_abs_value: a batch with a network or operator value beyond this magnitude (or
+        non-finite) is skipped and counted in ``bad_steps``
+        (:func:`~nestedlora_jax.operators.valid_points`).
+      checkpoint_dir: Orbax checkpoint directory (atomic saves of the whole state). A
+        directory that already holds checkpoints needs ``resume=True``: a new run never
+        mixes its checkpoints with an old one's.
       checkpoint_every: steps between checkpoints (a multiple of ``log_every``); the final
         state is saved in any case when ``checkpoint_dir`` is given.
-      resume: continue from the latest checkpoint in ``checkpoint_dir``; gives the same
-        parameters as an uninterrupted run with the same seed and configuration.
+      resume: continue from the latest intact checkpoint in ``checkpoint_dir`` (a damaged
+        newer one is skipped with a warning); gives the same parameters as an uninterrupted run
+        with the same seed and configuration. The configuration that determines the result
+        (steps, batch size, seed, learning rate, EMA decay, L, objective, collapse remedy) is
+        saved with every checkpoint, and a resume with different values is refused.
+
+    SIGINT (Ctrl-C) and SIGTERM stop training at the end of the running chunk (at most
+    ``log_every`` steps; a second Ctrl-C stops at once), save a checkpoint of that step when
+    ``checkpoint_dir`` is given, and raise :class:`TrainingInterrupted`.
       history_path: JSON file rewritten after every chunk with the history so far.
       callback: ``callback(step, state) -> dict | None`` after every chunk; a returned
         dict is merged into that history entry (e.g. periodic evaluation).
@@ -487,20 +630,30 @@ def fit(
         and, to float round-off, the same result as on one device.
       data_axis: name of the mesh axis the batch is split over.
     """
-    if int(log_every) != log_every or log_every < 1:
-        raise ValueError(f"log_every must be a positive integer, got {log_every!r}.")
+    check_positive_int("log_every", log_every)
     if checkpoint_every is not None:
         if checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir.")
-        if checkpoint_every < 1 or checkpoint_every % log_every:
+        if not _is_int(checkpoint_every) or checkpoint_every < 1 or checkpoint_every % log_every:
             raise ValueError(
                 f"checkpoint_every ({checkpoint_every}) must be a positive multiple of "
                 f"log_every ({log_every})."
             )
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir of the run to resume.")
-    if max_consecutive_bad_steps < 1:
-        raise ValueError(f"max_consecutive_bad_steps must be >= 1, got {max_consecutive_bad_steps}.")
+    check_positive_int("max_consecutive_bad_steps", max_consecutive_bad_steps)
+    check_positive_float("max_abs_value", max_abs_value)
+    if optimizer is None:
+        check_positive_float("learning_rate", learning_rate)
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float, np.floating)) \
+            or not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}.")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        # PRNGKey takes 32 bits (a larger int is silently truncated: 2**40 gives the key of 0),
+        # and the loop derives seed + 1 for re-initialisations.
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}.")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable(step, state), got {type(callback).__name__}.")
 
     if objective is None:
         objective = nested_lora_objective(nesting, weights, split_batch)
@@ -522,13 +675,21 @@ def fit(
         sharding = parallel.batch_sharding(mesh, data_axis)
         place = lambda state: parallel.replicate(state, mesh)
 
+    optimizer_given = optimizer is not None
     optimizer = optimizer if optimizer is not None else default_optimizer(steps, learning_rate)
-    loss_fn = make_loss_fn(apply, operator, objective)
+    loss_fn = make_loss_fn(apply, operator, objective, max_abs_value=max_abs_value)
     step_fn = make_train_step(
         loss_fn, optimizer, sampler.sample, batch_size, ema_decay=ema_decay, batch_sharding=sharding
     )
     base_key = jax.random.PRNGKey(seed)
     state = init_train_state(params, optimizer, L, objective)
+    run_config = {
+        "steps": int(steps), "batch_size": int(batch_size), "seed": int(seed),
+        "learning_rate": float(learning_rate) if optimizer_given is False else "custom optimizer",
+        "ema_decay": float(ema_decay), "num_functions": int(L), "objective": objective.name,
+        "collapse": None if collapse is None else dataclasses.asdict(collapse),
+        "reinitialize_with": None if init_params is None else "init_params",
+    }
 
     manager = None
     history: list = []
@@ -538,18 +699,33 @@ def fit(
         from nestedlora_jax import checkpoint as ckpt
 
         manager = ckpt.CheckpointManager(checkpoint_dir)
-        if resume:
-            restored = manager.restore_latest(state)
-            if restored is not None:
-                state, extra = restored
-                history = extra.get("history", [])
-                reinitialized = extra.get("reinitialized", [])
-                flag_counts = np.asarray(extra.get("flag_counts", flag_counts), dtype=int)
+        try:
+            if not resume and manager.all_steps():
+                raise FileExistsError(
+                    f"checkpoint_dir {manager.directory} already holds checkpoints of a run "
+                    f"(steps {manager.all_steps()}): pass resume=True to continue it, or use an "
+                    "empty folder (a new run would mix its checkpoints with the old ones)."
+                )
+            if resume:
+                restored = manager.restore_latest(state)
+                if restored is not None:
+                    state, extra = restored
+                    _check_resumed_config(extra.get("fit_config"), run_config, manager.directory)
+                    history = extra.get("history", [])
+                    reinitialized = extra.get("reinitialized", [])
+                    flag_counts = np.asarray(extra.get("flag_counts", flag_counts), dtype=int)
+        except BaseException:
+            manager.close()
+            raise
     state = place(state)
 
     # At most three chunk lengths occur (log_every, the rest up to a multiple of it, the
     # last one), so a static length costs at most three compilations.
-    run_chunk = jax.jit(lambda state, num: train_steps(step_fn, state, base_key, num), static_argnums=1)
+    run_chunk = jax.jit(
+        lambda state, num: train_steps(step_fn, state, base_key, num,
+                                       max_consecutive_bad=max_consecutive_bad_steps),
+        static_argnums=1,
+    )
 
     transform = eigenvalue_transform or (lambda t: t)
     bar = None
@@ -559,56 +735,63 @@ def fit(
         bar = tqdm(total=steps, initial=int(state.step), desc="nestedlora", dynamic_ncols=True)
     t_start = time.perf_counter()
     start_step = int(state.step)
+    metadata = lambda: {"history": history, "reinitialized": reinitialized,
+                        "flag_counts": flag_counts.tolist(), "fit_config": run_config}
     try:
-        while int(state.step) < steps:
-            num = min(log_every - int(state.step) % log_every, steps - int(state.step))
-            state = run_chunk(state, num)
-            step = int(state.step)
-            if int(state.consecutive_bad) >= max_consecutive_bad_steps:
-                raise TrainingDivergedError(
-                    f"{int(state.consecutive_bad)} consecutive steps up to step {step} had a "
-                    f"non-finite loss or gradient (skipped, {int(state.bad_steps)} in total); "
-                    "training stopped. Check the sampler (samples at singular points), the "
-                    "operator and the learning rate."
-                )
-            norms, rq = np.asarray(state.norms), np.asarray(state.rayleigh)
-            entry = {
-                "step": step,
-                "loss": float(state.loss),
-                "eigenvalues": transform(norms).tolist(),
-                "rayleigh": transform(rq).tolist(),
-                "bad_steps": int(state.bad_steps),
-                "time": time.perf_counter() - t_start,
-            }
-            if collapse is not None and step % collapse.check_every < num:
-                if collapse.start_fraction * steps <= step <= collapse.stop_fraction * steps:
-                    dead = dead_functions(norms, rq, collapse.threshold)
-                    entry["dead"] = dead.tolist()
-                    flagged = np.zeros(L, dtype=bool)
-                    flagged[dead] = True
-                    flag_counts = np.where(flagged, flag_counts + 1, 0)
-                    dead = np.flatnonzero(flag_counts >= collapse.patience)
-                    if dead.size and collapse.reinitialize and init_params is not None:
-                        flag_counts[dead] = 0
-                        fresh = init_params(jax.random.fold_in(jax.random.PRNGKey(seed + 1), step))
-                        state = place(_reinitialize_functions(state, fresh, dead))
-                        reinitialized.append((step, dead.tolist()))
-                        entry["reinitialized"] = dead.tolist()
-            if callback is not None:
-                extra = callback(step, state)
-                if extra:
-                    entry.update(extra)
-            history.append(entry)
-            if bar is not None:
-                bar.update(num)
-                shown = transform(norms)[: min(L, 4)]
-                bar.set_postfix(loss=f"{entry['loss']:.4g}", eig=np.array2string(shown, precision=4), bad=entry["bad_steps"])
-            if history_path is not None:
-                write_json_atomic(history_path, {"history": history, "reinitialized": reinitialized})
-            # The final state is always saved, so a finished run can be reloaded.
-            if manager is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
-                manager.save(step, state, {"history": history, "reinitialized": reinitialized,
-                                           "flag_counts": flag_counts.tolist()})
+        with _interrupt_requests() as interrupted:
+            while int(state.step) < steps:
+                if interrupted:
+                    raise _interrupt(interrupted[0], state, manager, metadata, history,
+                                     reinitialized, start_step, t_start)
+                num = min(log_every - int(state.step) % log_every, steps - int(state.step))
+                state = run_chunk(state, num)
+                step = int(state.step)
+                if int(state.consecutive_bad) >= max_consecutive_bad_steps:
+                    raise TrainingDivergedError(
+                        f"{int(state.consecutive_bad)} consecutive steps up to step {step} were "
+                        f"skipped ({int(state.bad_steps)} in total): a non-finite loss, gradient "
+                        "or update, or a batch with a point whose network or operator value is "
+                        f"non-finite or beyond max_abs_value = {max_abs_value:g}; training "
+                        "stopped. Check the sampler (points at singularities or outside the "
+                        "domain), the operator's scale and the learning rate."
+                    )
+                norms, rq = np.asarray(state.norms), np.asarray(state.rayleigh)
+                entry = {
+                    "step": step,
+                    "loss": float(state.loss),
+                    "eigenvalues": transform(norms).tolist(),
+                    "rayleigh": transform(rq).tolist(),
+                    "bad_steps": int(state.bad_steps),
+                    "time": time.perf_counter() - t_start,
+                }
+                if collapse is not None and step % collapse.check_every < num:
+                    if collapse.start_fraction * steps <= step <= collapse.stop_fraction * steps:
+                        dead = dead_functions(norms, rq, collapse.threshold)
+                        entry["dead"] = dead.tolist()
+                        flagged = np.zeros(L, dtype=bool)
+                        flagged[dead] = True
+                        flag_counts = np.where(flagged, flag_counts + 1, 0)
+                        dead = np.flatnonzero(flag_counts >= collapse.patience)
+                        if dead.size and collapse.reinitialize and init_params is not None:
+                            flag_counts[dead] = 0
+                            fresh = init_params(jax.random.fold_in(jax.random.PRNGKey(seed + 1), step))
+                            state = place(_reinitialize_functions(state, fresh, dead))
+                            reinitialized.append((step, dead.tolist()))
+                            entry["reinitialized"] = dead.tolist()
+                if callback is not None:
+                    extra = callback(step, state)
+                    if extra:
+                        entry.update(extra)
+                history.append(entry)
+                if bar is not None:
+                    bar.update(num)
+                    shown = transform(norms)[: min(L, 4)]
+                    bar.set_postfix(loss=f"{entry['loss']:.4g}", eig=np.array2string(shown, precision=4), bad=entry["bad_steps"])
+                if history_path is not None:
+                    write_json_atomic(history_path, {"history": history, "reinitialized": reinitialized})
+                # The final state is always saved, so a finished run can be reloaded.
+                if manager is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+                    manager.save(step, state, metadata())
     finally:
         if bar is not None:
             bar.close()

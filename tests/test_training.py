@@ -141,7 +141,9 @@ def test_nan_batches_are_skipped_and_counted_and_training_converges():
 def test_consecutive_bad_steps_stop_with_an_error_naming_the_step():
     apply, params, op = _setup()
     sampler = _NaNSampler(op.sampler, rate=2.0)  # every batch poisoned
-    with pytest.raises(TrainingDivergedError, match=r"25 consecutive steps up to step 25"):
+    # The limit is checked at every step, not once per chunk: the run stops at step 20 of a
+    # 25-step chunk.
+    with pytest.raises(TrainingDivergedError, match=r"20 consecutive steps up to step 20"):
         fit(apply, params, op.op, sampler, steps=100, batch_size=8, progress=False,
             log_every=25, max_consecutive_bad_steps=20)
 
