@@ -52,6 +52,8 @@ import time
 
 import numpy as np
 
+from nestedlora_jax.run_folder import positive_float, positive_int, seed_int
+
 METHODS = ("default", "hutchinson")
 DEFAULT_DIMS = (2, 5, 10, 20, 50, 100)
 # The exponent fit starts at d = 5: at d = 2 fixed per-step costs (sampling, the optimizer,
@@ -338,20 +340,20 @@ def make_figure(payload: dict, path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dims", type=int, nargs="+", default=None, help="dimensions (default 2 5 10 20 50 100)")
-    p.add_argument("--states", type=int, default=8, help="number of states L")
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--dims", type=positive_int, nargs="+", default=None, help="dimensions (default 2 5 10 20 50 100)")
+    p.add_argument("--states", type=positive_int, default=8, help="number of states L")
+    p.add_argument("--batch", type=positive_int, default=512)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--probes", type=int, default=8, help="num_probes for hutchinson")
-    p.add_argument("--min-time", type=float, default=None,
+    p.add_argument("--probes", type=positive_int, default=8, help="num_probes for hutchinson")
+    p.add_argument("--min-time", type=positive_float, default=None,
                    help="seconds of timed steps per configuration, over all repeats (default 3)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="fixed steps per repeat instead of --min-time (rounded up to chunks)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--chunk", type=positive_int, default=None,
                    help="steps per jitted train_steps scan (default 10)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a child is killed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds before a child is killed")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", default="results/high_dim_cost")
     p.add_argument("--quick", action="store_true", help="tiny run for a smoke test: d = 2, 5, few steps")
     p.add_argument("--no-figures", action="store_true")

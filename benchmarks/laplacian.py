@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nestedlora_jax.run_folder import positive_int
+
 from nestedlora_jax.laplacian import (
     DEFAULT_LAPLACIAN_METHOD,
     EXACT_LAPLACIAN_METHODS,
@@ -159,11 +161,11 @@ def cpu_model():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--dims", type=int, nargs="+", default=[2, 3, 6, 12, 24, 48])
-    parser.add_argument("--outputs", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--probes", type=int, default=8, help="num_probes for hutchinson")
+    parser.add_argument("--batch", type=positive_int, default=512)
+    parser.add_argument("--dims", type=positive_int, nargs="+", default=[2, 3, 6, 12, 24, 48])
+    parser.add_argument("--outputs", type=positive_int, nargs="+", default=[1, 16])
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--probes", type=positive_int, default=8, help="num_probes for hutchinson")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
         "--markdown-only",

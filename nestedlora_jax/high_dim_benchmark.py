@@ -32,8 +32,18 @@ import jax
 import numpy as np
 
 from nestedlora_jax._io import write_json_atomic
-from nestedlora_jax.hydrogen_benchmark import _environment, multiple_of, seed_record, summarize
+from nestedlora_jax.hydrogen_benchmark import _environment, multiple_of, run_cli, seed_record, summarize
 from nestedlora_jax.problems import CosinePotential, CoupledOscillator, Hydrogen, InfiniteWell
+from nestedlora_jax.run_folder import (
+    RunFolderError,
+    escaping_symlinks,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    prepare_run_folder,
+    check_sizes,
+    seed_int,
+)
 from nestedlora_jax.solver import METHODS, solve
 from nestedlora_jax.training import CollapseConfig
 
@@ -84,43 +94,85 @@ def build_parser() -> argparse.ArgumentParser:
                     "spectrum; Monte Carlo evaluation with standard errors; optional grid baseline.",
     )
     p.add_argument("--problem", choices=PROBLEMS, default="coupled-oscillator")
-    p.add_argument("--dim", type=int, default=10)
-    p.add_argument("--states", type=int, default=16, help="number of states L")
+    p.add_argument("--dim", type=positive_int, default=10)
+    p.add_argument("--states", type=positive_int, default=16, help="number of states L")
     p.add_argument("--method", choices=METHODS, default="neuralsvd-seq")
-    p.add_argument("--steps", type=int, default=20000)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0, help="seed (ignored when --seeds is given)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine-decayed to 1%%; the hydrogen benchmark's too: in d = 5, 3000 steps, 3e-3 reached 1.6e-3 where 1e-3 reached 1.9e-2)")
-    p.add_argument("--hidden", type=int, nargs="+", default=None,
+    p.add_argument("--steps", type=non_negative_int, default=20000)
+    p.add_argument("--batch", type=positive_int, default=512)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed (ignored when --seeds is given)")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=None)
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate (cosine-decayed to 1%%; the hydrogen benchmark's too: in d = 5, 3000 steps, 3e-3 reached 1.6e-3 where 1e-3 reached 1.9e-2)")
+    p.add_argument("--hidden", type=positive_int, nargs="+", default=None,
                    help="hidden widths of each parallel MLP (default 32 32 32)")
-    p.add_argument("--eval-samples", type=int, default=2**18,
+    p.add_argument("--eval-samples", type=positive_int, default=2**18,
                    help="Monte Carlo samples of the final evaluation (chunked)")
-    p.add_argument("--eval-every", type=int, default=2000,
+    p.add_argument("--eval-every", type=non_negative_int, default=2000,
                    help="periodic Monte Carlo evaluation (8192 fixed samples) every this many steps; 0: off")
-    p.add_argument("--log-every", type=int, default=500)
-    p.add_argument("--checkpoint-every", type=int, default=5000)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--grid-sizes", type=int, nargs="*", default=None,
+    p.add_argument("--log-every", type=positive_int, default=500)
+    p.add_argument("--checkpoint-every", type=positive_int, default=5000)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (refused if a result-shaping option changed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (without it, a folder holding a run is refused)")
+    p.add_argument("--grid-sizes", type=positive_int, nargs="*", default=None,
                    help="also run the finite-difference grid solver with these points per axis")
     p.add_argument("--grid-only", action="store_true",
                    help="run only the grid baseline (--grid-sizes), written to grid_baseline.json")
-    p.add_argument("--grid-time-limit", type=float, default=600.0, help="seconds per grid size")
-    p.add_argument("--grid-memory-limit", type=float, default=20.0, help="GB per grid size")
+    p.add_argument("--grid-time-limit", type=positive_float, default=600.0, help="seconds per grid size")
+    p.add_argument("--grid-memory-limit", type=positive_float, default=20.0, help="GB per grid size")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", default=None, help="default results/high_dim/<problem>_d<dim>_L<states>")
     return p
 
 
+# Options whose change would make a resumed run a different run.
+RESULT_KEYS = ("problem", "dim", "states", "method", "steps", "batch", "lr", "hidden")
+
+
+def check_args(args) -> None:
+    """Combinations argparse cannot check (ValueError naming the option)."""
+    if args.dim > 1000:
+        raise ValueError(f"--dim {args.dim}: the problems here hold d x d matrices and d-dimensional "
+                         "Hessians per point; use d <= 1000.")
+    check_sizes(states=args.states, batch=args.batch, hidden=args.hidden, dim=args.dim,
+                kind="shared" if args.method == "neuralsvd-joint" else "parallel")
+    if args.batch % 2:
+        raise ValueError(f"--batch must be even (the objective splits it in halves), got {args.batch}.")
+    if args.grid_only and not args.grid_sizes:
+        raise ValueError("--grid-only needs --grid-sizes N [N ...] (grid points per axis).")
+    for n in args.grid_sizes or ():
+        if n < 3:
+            raise ValueError(f"--grid-sizes {n}: a finite-difference grid needs at least 3 points per axis.")
+    if args.eval_every and args.eval_every < args.log_every:
+        raise ValueError(f"--eval-every {args.eval_every} is below --log-every {args.log_every}: "
+                         "evaluations happen on logging steps; use a multiple of --log-every, or 0 (off).")
+    minimum = max(256, 3 * args.states * 32)
+    if args.eval_samples < minimum:
+        raise ValueError(f"--eval-samples {args.eval_samples} is too few to evaluate {args.states} "
+                         f"states with standard errors: use at least {minimum}.")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds has repeated seeds: {args.seeds}.")
+
+
 def run(args) -> dict:
+    check_args(args)
     problem = make_problem(args.problem, args.dim)
     problem.energies(args.states)  # fails now, before training, if L is out of range
     seeds = args.seeds if args.seeds else [args.seed]
     out_dir = args.out or os.path.join("results", "high_dim", f"{args.problem}_d{args.dim}_L{args.states}")
-    if args.grid_only and not args.grid_sizes:
-        raise SystemExit("--grid-only needs --grid-sizes N [N ...] (grid points per axis).")
-    os.makedirs(out_dir, exist_ok=True)
+    if args.grid_only:
+        # The grid baseline may share a training run's folder: it only guards its own file.
+        os.makedirs(out_dir, exist_ok=True)
+        bad = escaping_symlinks(out_dir)
+        if bad:
+            raise RunFolderError(f"--out {out_dir} holds symlinks pointing outside it ({', '.join(bad[:3])}).")
+        if os.path.lexists(os.path.join(out_dir, "grid_baseline.json")) and not args.overwrite:
+            raise RunFolderError(f"{out_dir}/grid_baseline.json exists: --overwrite replaces it, "
+                                 "or choose another --out.")
+    else:
+        prepare_run_folder(out_dir, vars(args) | {"seeds": seeds, "out": out_dir}, resume=args.resume,
+                           overwrite=getattr(args, "overwrite", False), result_keys=RESULT_KEYS)
     if args.grid_only:
         grid = run_grid_baseline(problem, args)
         out = {"config": vars(args) | {"out": out_dir}, "problem": describe(problem),
@@ -302,13 +354,13 @@ def make_figures(problem, result, out_dir, L, max_slice_states: int = 8):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.no_figures:
         import matplotlib
 
         matplotlib.use("Agg")
-    run(args)
-    return 0
+    return run_cli(parser, run, args)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,16 @@ import numpy as np
 from nestedlora_jax import metrics as M
 from nestedlora_jax._io import write_json_atomic
 from nestedlora_jax.problems import Hydrogen
+from nestedlora_jax.run_folder import (
+    non_negative_int,
+    positive_float,
+    positive_int,
+    prepare_run_folder,
+    check_sizes,
+    seed_int,
+)
 from nestedlora_jax.solver import METHODS, solve
-from nestedlora_jax.training import CollapseConfig
+from nestedlora_jax.training import CollapseConfig, TrainingInterrupted
 
 # The paper's figures (method.md §6), read off its bar chart (about +-10%), 16 states.
 PAPER = {
@@ -52,26 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Learn the lowest states of 2-D hydrogen (-Lap - 1/r) and report every metric.",
     )
     p.add_argument("--method", choices=METHODS, default="neuralsvd-seq")
-    p.add_argument("--states", type=int, default=9, help="number of states L (9 = n <= 2, 16 = n <= 3)")
-    p.add_argument("--steps", type=int, default=40000)
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--states", type=positive_int, default=9, help="number of states L (9 = n <= 2, 16 = n <= 3)")
+    p.add_argument("--steps", type=non_negative_int, default=40000)
+    p.add_argument("--batch", type=positive_int, default=None,
                    help="samples per step (default: 256 up to 9 states, 512 beyond: the noise of "
                         "the quadratic term limits the last level, and on 16 states batch 512 "
                         "cut the n = 3 block's subspace distance from 6.8e-4 to 3.0e-4)")
-    p.add_argument("--seed", type=int, default=0, help="seed (ignored when --seeds is given)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: report mean +- std")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine-decayed to 1%%)")
-    p.add_argument("--hidden", type=int, nargs="+", default=None,
+    p.add_argument("--seed", type=seed_int, default=0, help="seed (ignored when --seeds is given)")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=None, help="several seeds: report mean +- std")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate (cosine-decayed to 1%%)")
+    p.add_argument("--hidden", type=positive_int, nargs="+", default=None,
                    help="hidden widths: of each of the L parallel MLPs (default 32 32 32) or of the "
                         "shared MLP of neuralsvd-joint (default 128 128 128, about the same "
                         "number of parameters at L = 16)")
-    p.add_argument("--grid", type=int, default=300, help="quadrature nodes per polar axis for evaluation")
-    p.add_argument("--log-every", type=int, default=500)
-    p.add_argument("--checkpoint-every", type=int, default=5000)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--grid", type=positive_int, default=300, help="quadrature nodes per polar axis for evaluation")
+    p.add_argument("--log-every", type=positive_int, default=500)
+    p.add_argument("--checkpoint-every", type=positive_int, default=5000)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (refused if a result-shaping option changed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (without it, a folder holding a run is refused)")
     p.add_argument("--no-collapse-remedy", action="store_true",
                    help="only report collapsed functions, do not re-initialise them")
-    p.add_argument("--data-parallel", type=int, nargs="?", const=-1, default=None, metavar="N",
+    p.add_argument("--data-parallel", type=positive_int, nargs="?", const=-1, default=None, metavar="N",
                    help="split each batch over N devices (all devices if N is omitted; "
                         "--batch must be divisible by N)")
     p.add_argument("--no-figures", action="store_true")
@@ -80,12 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Options whose change would make a resumed run a different run.
+RESULT_KEYS = ("method", "states", "steps", "batch", "lr", "hidden", "no_collapse_remedy")
+
+
+def check_args(args) -> None:
+    """Combinations argparse cannot check (ValueError with the option's name)."""
+    check_sizes(states=args.states, batch=args.batch, hidden=args.hidden, dim=2,
+                kind="shared" if args.method == "neuralsvd-joint" else "parallel")
+    if args.states > 30:
+        raise ValueError(f"--states {args.states}: the 2-D hydrogen table is evaluated up to 30 "
+                         "states in this benchmark (n <= 4 has 25, n <= 5 has 36); use at most 30.")
+    if args.batch is not None and args.batch % 2:
+        raise ValueError(f"--batch must be even (the objective splits it in halves), got {args.batch}.")
+    if args.grid < 8:
+        raise ValueError(f"--grid {args.grid} is too coarse for quadrature: use at least 8 nodes per axis.")
+    if args.grid ** 2 * 3 * args.states * 8 > 8e9:
+        raise ValueError(f"--grid {args.grid} needs over 8 GB to evaluate {args.states} states: use a smaller grid.")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds has repeated seeds: {args.seeds}.")
+
+
 def run(args) -> dict:
     seeds = args.seeds if args.seeds else [args.seed]
     if args.batch is None:
         args.batch = default_batch(args.states)
+    check_args(args)
     problem = Hydrogen(dim=2)
-    os.makedirs(args.out, exist_ok=True)
+    prepare_run_folder(args.out, vars(args) | {"seeds": seeds}, resume=args.resume,
+                       overwrite=getattr(args, "overwrite", False), result_keys=RESULT_KEYS)
     per_seed = []
     last = None
     for seed in seeds:
@@ -320,12 +354,27 @@ def make_figures(problem, result, out_dir, L):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.no_figures:
         import matplotlib
 
         matplotlib.use("Agg")  # figures go to files; never open windows from a script
-    run(args)
+    return run_cli(parser, run, args)
+
+
+def run_cli(parser, run_fn, args) -> int:
+    """Run a benchmark command: a configuration error (a bad option or combination, a folder
+    conflict; every one is raised before training starts) becomes a usage error (exit 2, one
+    line); an interrupt (Ctrl-C, SIGTERM) a message saying what was saved, with the signal's
+    exit code (130, 143)."""
+    try:
+        run_fn(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    except TrainingInterrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

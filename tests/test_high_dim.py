@@ -47,10 +47,23 @@ def test_benchmark_writes_results_with_standard_errors_and_resumes(tmp_path):
     for name in ("errors", "convergence", "slice"):
         data = (out / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-    # Resume to 300 steps: continues from the step-200 checkpoint.
-    assert main([a if a != "200" else "300" for a in args] + ["--resume", "--no-figures"]) == 0
+    # Resume from the step-100 checkpoint (as after an interruption): trains steps 101-200 only
+    # and ends where the uninterrupted run did.
+    import shutil
+
+    import pytest
+
+    final = results["per_seed"][0]["metrics"]["rayleigh"]
+    shutil.rmtree(out / "seed0" / "checkpoints" / "200")
+    assert main(args + ["--resume", "--no-figures"]) == 0
     history = json.loads((out / "seed0" / "history.json").read_text())["history"]
-    assert history[-1]["step"] == 300 and [h["step"] for h in history].count(200) == 1
+    assert [h["step"] for h in history].count(200) == 1 and history[-1]["step"] == 200
+    resumed = json.loads((out / "results.json").read_text())["per_seed"][0]["metrics"]["rayleigh"]
+    np.testing.assert_allclose(resumed, final, rtol=1e-6)
+    # A resume that changes the schedule (more steps) would mix two runs: refused, by name.
+    with pytest.raises(SystemExit) as exit_info:
+        main([a if a != "200" else "300" for a in args] + ["--resume", "--no-figures"])
+    assert exit_info.value.code == 2
 
 
 def test_problem_names_and_bad_dimensions():
