@@ -441,8 +441,11 @@ def _log_probs(sampler, xs):
 
 
 def _exact_values(problem, x64, L):
+    eigenfunctions = getattr(type(problem), "eigenfunctions", None)
+    if eigenfunctions is None:  # a problem written without the method: no distances
+        return None
     try:
-        values = _per_point(type(problem).eigenfunctions, problem, x64, L)
+        values = _per_point(eigenfunctions, problem, x64, L)
     except NotImplementedError:
         return None
     return np.asarray(values, np.float64)
