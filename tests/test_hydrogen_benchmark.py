@@ -9,7 +9,8 @@ import pytest
 from nestedlora_jax.hydrogen_benchmark import main
 
 
-@pytest.mark.parametrize("method", ["neuralsvd-seq", "spin"])
+# The SpIN path of the benchmark is a slow test (its objective recovers eigh in test_baselines).
+@pytest.mark.parametrize("method", ["neuralsvd-seq", pytest.param("spin", marks=pytest.mark.slow)])
 def test_benchmark_writes_results_and_figures(tmp_path, method):
     out = tmp_path / "h"
     figures = method == "neuralsvd-seq"
