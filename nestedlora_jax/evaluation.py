@@ -195,7 +195,7 @@ def evaluate(
     L = int(np.shape(jax.eval_shape(lambda x: apply(params, x),
                                     jax.ShapeDtypeStruct((problem.dim,), jnp.float32)))[0])
     n_points = len(points) if points is not None else int(num_samples)
-    minimum = max(256, 3 * L * groups)
+    minimum = min_monte_carlo_samples(L, groups)
     if not on_grid and n_points < minimum:
         raise ValueError(
             f"{n_points} Monte Carlo samples are too few to evaluate {L} functions with "
@@ -238,6 +238,13 @@ def evaluate(
         evaluation="quadrature grid" if on_grid else "Monte Carlo",
     )
     return out
+
+
+def min_monte_carlo_samples(L: int, groups: int = 32) -> int:
+    """The fewest Monte Carlo samples :func:`evaluate` takes for ``L`` functions: each of the
+    ``groups`` jackknife groups needs its ``(3L, 3L)`` Gram matrix estimated from ``3L`` points
+    or more, and never fewer than 256 points in all."""
+    return max(256, 3 * L * groups)
 
 
 class GramStatistics(NamedTuple):

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nestedlora_jax._checks import check_positive_int
+
 Array = jax.Array
 Activation = Callable[[Array], Array]
 
@@ -78,12 +80,6 @@ class Frozen(nnx.Variable):
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _check_hidden(hidden: Any) -> tuple[int, ...]:
@@ -127,7 +123,7 @@ class PeriodicEmbedding(nnx.Module):
     """
 
     def __init__(self, in_features: int, period: float | Sequence[float] = 2 * math.pi):
-        self.in_features = _check_positive_int("in_features", in_features)
+        self.in_features = check_positive_int("in_features", in_features)
         periods = (
             (period,) * in_features if np.ndim(period) == 0 else tuple(np.ravel(period).tolist())
         )
@@ -161,8 +157,8 @@ class RandomFourierFeatures(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.in_features = _check_positive_int("in_features", in_features)
-        _check_positive_int("fourier num_features", num_features)
+        self.in_features = check_positive_int("in_features", in_features)
+        check_positive_int("fourier num_features", num_features)
         if not float(scale) > 0:
             raise ValueError(f"fourier scale must be positive, got {scale!r}")
         self.out_features = 2 * num_features
@@ -203,7 +199,7 @@ class InputFeatures(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.in_features = _check_positive_int("in_features", in_features)
+        self.in_features = check_positive_int("in_features", in_features)
         is_periodic = periodic is not None and periodic is not False
         if is_periodic and radial:
             raise ValueError(
@@ -266,8 +262,8 @@ class MLP(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("out_features (number of functions L)", out_features)
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features (number of functions L)", out_features)
         sizes = (in_features, *_check_hidden(hidden), out_features)
         self.activation = _check_activation(activation)
         self.layers = nnx.List(
@@ -331,8 +327,8 @@ class ParallelMLPs(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("num_functions (number of functions L)", num_functions)
+        check_positive_int("in_features", in_features)
+        check_positive_int("num_functions (number of functions L)", num_functions)
         sizes = (in_features, *_check_hidden(hidden), 1)
         self.activation = _check_activation(activation)
         self.layers = nnx.List(
@@ -392,7 +388,7 @@ class Envelope(nnx.Module):
         radial_eps: float = _RADIUS_EPS,
         param_dtype: Any = jnp.float32,
     ):
-        _check_positive_int("num_functions", num_functions)
+        check_positive_int("num_functions", num_functions)
         lengths = _decay_lengths(decay_length, num_functions)
         self.learnable = bool(learnable)
         self.radial_eps = float(radial_eps)
@@ -518,8 +514,8 @@ def eigenfunction_network(
         raise ValueError(f"unknown kind {kind!r}: expected one of {_KINDS}")
     if envelope not in _ENVELOPES:
         raise ValueError(f"unknown envelope {envelope!r}: expected one of {_ENVELOPES}")
-    _check_positive_int("dim", dim)
-    _check_positive_int("num_functions (number of functions L)", num_functions)
+    check_positive_int("dim", dim)
+    check_positive_int("num_functions (number of functions L)", num_functions)
     # Validate everything before building anything (building draws random numbers).
     if hidden is None:
         hidden = (32, 32, 32) if kind == "parallel" else (64, 64, 64)

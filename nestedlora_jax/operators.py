@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nestedlora_jax._checks import check_num_states, check_positive_float
 from nestedlora_jax.laplacian import LAPLACIAN_METHODS, STOCHASTIC_LAPLACIAN_METHODS, laplacian
 from nestedlora_jax.samplers import check_sampler_dim
 
@@ -259,8 +260,7 @@ def known_energies(problem: Any, L: int) -> np.ndarray | None:
     try:
         return np.asarray(energies(L), np.float64)
     except NotImplementedError:
-        if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 1:
-            raise ValueError(f"L (the number of states) must be a Python int >= 1; got {L!r}.")
+        check_num_states(L)
         return None
 
 
@@ -316,11 +316,10 @@ def problem_operator(
         default_scale, default_shift = problem.operator_scaling(L)
         scale = default_scale if scale is None else scale
         shift = default_shift if shift is None else shift
-    if isinstance(scale, bool) or not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite number > 0; got {scale!r}.")
+    scale = check_positive_float("scale", scale)
     if isinstance(shift, bool) or not np.isfinite(shift):
         raise ValueError(f"shift must be a finite number; got {shift!r}.")
-    scale, shift = float(scale), float(shift)
+    shift = float(shift)
     op = negative_hamiltonian(
         problem.potential,
         kinetic=problem.kinetic,

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nestedlora_jax._checks import check_num_states
 from nestedlora_jax.samplers import (
     CorrelatedGaussianSampler,
     GaussianSampler,
@@ -72,12 +73,6 @@ _DEGENERACY_RTOL = 1e-10
 # ---------------------------------------------------------------------------------------------
 # Shared helpers.
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_L(L: Any) -> int:
-    if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 1:
-        raise ValueError(f"L (the number of states) must be a Python int >= 1; got {L!r}.")
-    return int(L)
 
 
 def _check_dim(dim: Any, cls: str, allowed: tuple[int, ...] | None = None) -> None:
@@ -261,13 +256,13 @@ class HarmonicOscillator(Problem):
         return values, index
 
     def energies(self, L: int) -> np.ndarray:
-        L = _check_L(L)
+        L = check_num_states(L)
         degree, _ = self._states(L)
         return (2.0 * degree + self.dim).astype(np.float64)
 
     def multi_indices(self, L: int) -> np.ndarray:
         """``(L, dim)`` Hermite degrees of the ``L`` lowest states, in order."""
-        return self._states(_check_L(L))[1]
+        return self._states(check_num_states(L))[1]
 
     def eigenfunctions(self, x: Array, L: int) -> Array:
         """``(L,)``: ``psi_i(x) = prod_k h_{m_ik}(x_k)``."""
@@ -277,7 +272,7 @@ class HarmonicOscillator(Problem):
         return jnp.prod(h[index, np.arange(self.dim)], axis=-1)
 
     def default_sampler(self, L: int) -> GaussianSampler:
-        _check_L(L)
+        check_num_states(L)
         return GaussianSampler(self.dim, scale=1.0)
 
 
@@ -351,12 +346,12 @@ class CoupledOscillator(Problem):
         return _lowest_states(lambda k, c: w[k] * (2.0 * np.arange(c) + 1.0), self.dim, L)
 
     def energies(self, L: int) -> np.ndarray:
-        return self._states(_check_L(L))[0].astype(np.float64)
+        return self._states(check_num_states(L))[0].astype(np.float64)
 
     def multi_indices(self, L: int) -> np.ndarray:
         """``(L, dim)`` quantum numbers ``n_k`` (along the rotated axes) of the ``L`` lowest
         states, in order."""
-        return self._states(_check_L(L))[1]
+        return self._states(check_num_states(L))[1]
 
     def eigenfunctions(self, x: Array, L: int) -> Array:
         """``(L,)``: ``psi_i(x) = prod_k w_k^{1/4} h_{n_ik}(sqrt(w_k) (Q^T x)_k)``."""
@@ -369,7 +364,7 @@ class CoupledOscillator(Problem):
         return jnp.prod(h[index, np.arange(self.dim)], axis=-1)
 
     def default_sampler(self, L: int) -> CorrelatedGaussianSampler:
-        _check_L(L)
+        check_num_states(L)
         q, w = np.asarray(self.rotation), np.asarray(self.frequencies)
         return CorrelatedGaussianSampler(self.dim, (q * (0.75 / w)) @ q.T)
 
@@ -494,7 +489,7 @@ class Hydrogen(Problem):
     def states(self, L: int) -> list[tuple]:
         """Quantum numbers of the ``L`` lowest states: 2-D ``(n, l, 'c' | 's')``, 3-D
         ``(n, l, m)``."""
-        L = _check_L(L)
+        L = check_num_states(L)
         out = []
         n = 0 if self.dim == 2 else 1
         while len(out) < L:
@@ -619,7 +614,7 @@ class InfiniteWell(Problem):
 
     def multi_indices(self, L: int) -> np.ndarray:
         """``(L, dim)`` quantum numbers ``n_i >= 1`` of the ``L`` lowest states, in order."""
-        L = _check_L(L)
+        L = check_num_states(L)
         # Integer 1-D spectrum n^2 (exact ties), index m -> n = m + 1.
         return _lowest_states(lambda k, c: np.arange(1, c + 1) ** 2, self.dim, L)[1] + 1
 
@@ -635,7 +630,7 @@ class InfiniteWell(Problem):
         return (2.0 / a) ** (self.dim / 2) * jnp.prod(waves, axis=-1)
 
     def default_sampler(self, L: int) -> UniformBoxSampler:
-        _check_L(L)
+        check_num_states(L)
         return UniformBoxSampler(0.0, self.length, self.dim)
 
 
@@ -743,14 +738,14 @@ class CosinePotential(Problem):
 
     def multi_indices(self, L: int) -> np.ndarray:
         """``(L, dim)`` indices of the 1-D modes (ascending order per coordinate) of each state."""
-        return self._states(_check_L(L))[1]
+        return self._states(check_num_states(L))[1]
 
     def _states(self, L: int):
         spectra = [_cosine_1d(c)[0] for c in self.coefficients]
         return _lowest_states(lambda k, count: spectra[k][:count], self.dim, L)
 
     def energies(self, L: int) -> np.ndarray:
-        return self._states(_check_L(L))[0].astype(np.float64)
+        return self._states(check_num_states(L))[0].astype(np.float64)
 
     def eigenfunctions(self, x: Array, L: int) -> Array:
         x = _check_point(x, self.dim, "CosinePotential.eigenfunctions")
@@ -777,5 +772,5 @@ class CosinePotential(Problem):
         return jnp.prod(jnp.stack(factors, axis=-1), axis=-1)
 
     def default_sampler(self, L: int) -> UniformBoxSampler:
-        _check_L(L)
+        check_num_states(L)
         return UniformBoxSampler(-math.pi, math.pi, self.dim)

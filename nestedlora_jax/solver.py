@@ -22,7 +22,8 @@ from flax import nnx
 
 from nestedlora_jax import metrics as M
 from nestedlora_jax.baselines import neuralef_objective, spin_objective
-from nestedlora_jax.evaluation import evaluate, quadrature_grid
+from nestedlora_jax._checks import check_positive_int, is_int
+from nestedlora_jax.evaluation import evaluate, min_monte_carlo_samples, quadrature_grid
 from nestedlora_jax.networks import eigenfunction_network, to_apply
 from nestedlora_jax.objectives import Objective, nested_lora_objective
 from nestedlora_jax.operators import (
@@ -34,7 +35,7 @@ from nestedlora_jax.operators import (
     scaling_from_energies,
 )
 from nestedlora_jax.problems import Hydrogen
-from nestedlora_jax.training import CollapseConfig, FitResult, check_positive_int, fit
+from nestedlora_jax.training import CollapseConfig, FitResult, fit
 
 EVALUATIONS = ("auto", "grid", "mc")
 
@@ -159,8 +160,7 @@ def solve(
     """
     check_positive_int("L (the number of states)", L)
     check_positive_int("log_every", log_every)
-    if eval_every is not None and (not isinstance(eval_every, int) or isinstance(eval_every, bool)
-                                   or eval_every < 1 or eval_every % log_every):
+    if eval_every is not None and (not is_int(eval_every) or eval_every < 1 or eval_every % log_every):
         raise ValueError(
             f"eval_every ({eval_every!r}) must be a positive multiple of log_every ({log_every})."
         )
@@ -260,8 +260,9 @@ def _build(problem, L, method, seed, network_kind, network_options, sampler, sca
     return objective, operator, kind, options, apply, params
 
 
-def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_eval_samples"):
-    """Fail before training on evaluation settings that could not be used after it."""
+def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_eval_samples") -> bool:
+    """Fail before training on evaluation settings that could not be used after it; return
+    whether the evaluation is on a quadrature grid."""
     if evaluation not in EVALUATIONS:
         raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}.")
     use_grid = evaluation == "grid" or (evaluation == "auto" and problem.dim <= 2)
@@ -282,12 +283,13 @@ def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_
             )
     else:
         check_positive_int(name, num_samples)
-        minimum = max(256, 3 * L * 32)
+        minimum = min_monte_carlo_samples(L)
         if num_samples < minimum:
             raise ValueError(
                 f"{name}={num_samples} is too few Monte Carlo samples to evaluate {L} functions "
                 f"with standard errors: use at least {minimum}."
             )
+    return use_grid
 
 
 def restore(
@@ -318,7 +320,6 @@ def restore(
     from nestedlora_jax import checkpoint as ckpt
     from nestedlora_jax.training import default_optimizer, init_train_state
 
-    _check_evaluation(problem, L, evaluation, grid_size, num_eval_samples)
     objective, operator, _, _, apply, params = _build(
         problem, L, method, seed, network_kind, network_options, sampler, scale, shift, laplacian_method
     )
@@ -346,8 +347,7 @@ def eigenfunction_network_like(problem, L, kind, options, key):
 def evaluate_result(problem, operator, apply, result: FitResult, objective: Objective, L, *,
                     evaluation="auto", num_eval_samples=2**18, grid_size=200, params=None):
     """Evaluate a :class:`FitResult` (EMA parameters by default) on a grid or fresh samples."""
-    _check_evaluation(problem, L, evaluation, grid_size, num_eval_samples)
-    use_grid = evaluation == "grid" or (evaluation == "auto" and problem.dim <= 2)
+    use_grid = _check_evaluation(problem, L, evaluation, grid_size, num_eval_samples)
     points = weights = None
     if use_grid:
         points, weights = quadrature_grid(problem, L, grid_size, sampler=operator.sampler)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import math
 import os
 import signal
 import threading
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nestedlora_jax._checks import check_positive_float, check_positive_int, is_int
 from nestedlora_jax._io import write_json_atomic
 from nestedlora_jax.objectives import NESTINGS, Objective, nested_lora_objective
 from nestedlora_jax.operators import MAX_ABS_OPERATOR_VALUE, valid_points
@@ -479,26 +479,6 @@ class FitResult:
         )
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
-    """``value`` as an int if it is one (not a bool, not a float) and positive (or zero)."""
-    if not _is_int(value) or value < (0 if allow_zero else 1):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {kind} integer, got {value!r}.")
-    return int(value)
-
-
-def check_positive_float(name: str, value) -> float:
-    """``value`` as a float if it is a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
 def _validate_fit_args(apply, params, sampler, steps, batch_size, nesting, num_functions, split_batch):
     check_positive_int("steps", steps, allow_zero=True)
     check_positive_int("batch_size", batch_size)
@@ -616,10 +596,6 @@ def fit(
         with the same seed and configuration. The configuration that determines the result
         (steps, batch size, seed, learning rate, EMA decay, L, objective, collapse remedy) is
         saved with every checkpoint, and a resume with different values is refused.
-
-    SIGINT (Ctrl-C) and SIGTERM stop training at the end of the running chunk (at most
-    ``log_every`` steps; a second Ctrl-C stops at once), save a checkpoint of that step when
-    ``checkpoint_dir`` is given, and raise :class:`TrainingInterrupted`.
       history_path: JSON file rewritten after every chunk with the history so far.
       callback: ``callback(step, state) -> dict | None`` after every chunk; a returned
         dict is merged into that history entry (e.g. periodic evaluation).
@@ -629,12 +605,16 @@ def fit(
         and optimiser state are replicated. Same seed and global batch -> the same samples
         and, to float round-off, the same result as on one device.
       data_axis: name of the mesh axis the batch is split over.
+
+    SIGINT (Ctrl-C) and SIGTERM stop training at the end of the running chunk (at most
+    ``log_every`` steps; a second Ctrl-C stops at once), save a checkpoint of that step when
+    ``checkpoint_dir`` is given, and raise :class:`TrainingInterrupted`.
     """
     check_positive_int("log_every", log_every)
     if checkpoint_every is not None:
         if checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir.")
-        if not _is_int(checkpoint_every) or checkpoint_every < 1 or checkpoint_every % log_every:
+        if not is_int(checkpoint_every) or checkpoint_every < 1 or checkpoint_every % log_every:
             raise ValueError(
                 f"checkpoint_every ({checkpoint_every}) must be a positive multiple of "
                 f"log_every ({log_every})."
@@ -648,7 +628,7 @@ def fit(
     if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float, np.floating)) \
             or not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}.")
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
         # PRNGKey takes 32 bits (a larger int is silently truncated: 2**40 gives the key of 0),
         # and the loop derives seed + 1 for re-initialisations.
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}.")
@@ -685,7 +665,7 @@ def fit(
     state = init_train_state(params, optimizer, L, objective)
     run_config = {
         "steps": int(steps), "batch_size": int(batch_size), "seed": int(seed),
-        "learning_rate": float(learning_rate) if optimizer_given is False else "custom optimizer",
+        "learning_rate": "custom optimizer" if optimizer_given else float(learning_rate),
         "ema_decay": float(ema_decay), "num_functions": int(L), "objective": objective.name,
         "collapse": None if collapse is None else dataclasses.asdict(collapse),
         "reinitialize_with": None if init_params is None else "init_params",

@@ -1,0 +1,36 @@
+"""Argument checks shared by the core and the networks: one wording, one rule, everywhere."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def is_int(x: Any) -> bool:
+    """An integer (Python or numpy), and not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    """``value`` as an int if it is one (not a bool, not a float) and positive (or zero)."""
+    if not is_int(value) or value < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r}.")
+    return int(value)
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def check_num_states(L: Any) -> int:
+    """``L``, the number of states, as an int >= 1 (the problems' and operators' rule)."""
+    if not is_int(L) or L < 1:
+        raise ValueError(f"L (the number of states) must be a Python int >= 1; got {L!r}.")
+    return int(L)
