@@ -32,16 +32,17 @@ import jax
 import numpy as np
 
 from nestedlora_jax._io import write_json_atomic
+from nestedlora_jax.evaluation import min_monte_carlo_samples
 from nestedlora_jax.hydrogen_benchmark import _environment, multiple_of, run_cli, seed_record, summarize
 from nestedlora_jax.problems import CosinePotential, CoupledOscillator, Hydrogen, InfiniteWell
 from nestedlora_jax.run_folder import (
     RunFolderError,
-    escaping_symlinks,
+    check_no_escaping_symlinks,
+    check_training_args,
     non_negative_int,
     positive_float,
     positive_int,
     prepare_run_folder,
-    check_sizes,
     seed_int,
 )
 from nestedlora_jax.solver import METHODS, solve
@@ -135,10 +136,7 @@ def check_args(args) -> None:
     if args.dim > 1000:
         raise ValueError(f"--dim {args.dim}: the problems here hold d x d matrices and d-dimensional "
                          "Hessians per point; use d <= 1000.")
-    check_sizes(states=args.states, batch=args.batch, hidden=args.hidden, dim=args.dim,
-                kind="shared" if args.method == "neuralsvd-joint" else "parallel")
-    if args.batch % 2:
-        raise ValueError(f"--batch must be even (the objective splits it in halves), got {args.batch}.")
+    check_training_args(args, dim=args.dim)
     if args.grid_only and not args.grid_sizes:
         raise ValueError("--grid-only needs --grid-sizes N [N ...] (grid points per axis).")
     for n in args.grid_sizes or ():
@@ -147,12 +145,10 @@ def check_args(args) -> None:
     if args.eval_every and args.eval_every < args.log_every:
         raise ValueError(f"--eval-every {args.eval_every} is below --log-every {args.log_every}: "
                          "evaluations happen on logging steps; use a multiple of --log-every, or 0 (off).")
-    minimum = max(256, 3 * args.states * 32)
+    minimum = min_monte_carlo_samples(args.states)
     if args.eval_samples < minimum:
         raise ValueError(f"--eval-samples {args.eval_samples} is too few to evaluate {args.states} "
                          f"states with standard errors: use at least {minimum}.")
-    if args.seeds and len(set(args.seeds)) != len(args.seeds):
-        raise ValueError(f"--seeds has repeated seeds: {args.seeds}.")
 
 
 def run(args) -> dict:
@@ -164,9 +160,7 @@ def run(args) -> dict:
     if args.grid_only:
         # The grid baseline may share a training run's folder: it only guards its own file.
         os.makedirs(out_dir, exist_ok=True)
-        bad = escaping_symlinks(out_dir)
-        if bad:
-            raise RunFolderError(f"--out {out_dir} holds symlinks pointing outside it ({', '.join(bad[:3])}).")
+        check_no_escaping_symlinks(out_dir)
         if os.path.lexists(os.path.join(out_dir, "grid_baseline.json")) and not args.overwrite:
             raise RunFolderError(f"{out_dir}/grid_baseline.json exists: --overwrite replaces it, "
                                  "or choose another --out.")

@@ -25,11 +25,11 @@ from nestedlora_jax import metrics as M
 from nestedlora_jax._io import write_json_atomic
 from nestedlora_jax.problems import Hydrogen
 from nestedlora_jax.run_folder import (
+    check_training_args,
     non_negative_int,
     positive_float,
     positive_int,
     prepare_run_folder,
-    check_sizes,
     seed_int,
 )
 from nestedlora_jax.solver import METHODS, solve
@@ -97,19 +97,13 @@ RESULT_KEYS = ("method", "states", "steps", "batch", "lr", "hidden", "no_collaps
 
 def check_args(args) -> None:
     """Combinations argparse cannot check (ValueError with the option's name)."""
-    check_sizes(states=args.states, batch=args.batch, hidden=args.hidden, dim=2,
-                kind="shared" if args.method == "neuralsvd-joint" else "parallel")
+    check_training_args(args, dim=2)
     if args.states > 30:
         raise ValueError(f"--states {args.states}: the 2-D hydrogen table is evaluated up to 30 "
                          "states in this benchmark (n <= 4 has 25, n <= 5 has 36); use at most 30.")
-    if args.batch is not None and args.batch % 2:
-        raise ValueError(f"--batch must be even (the objective splits it in halves), got {args.batch}.")
     if args.grid < 8:
         raise ValueError(f"--grid {args.grid} is too coarse for quadrature: use at least 8 nodes per axis.")
-    if args.grid ** 2 * 3 * args.states * 8 > 8e9:
-        raise ValueError(f"--grid {args.grid} needs over 8 GB to evaluate {args.states} states: use a smaller grid.")
-    if args.seeds and len(set(args.seeds)) != len(args.seeds):
-        raise ValueError(f"--seeds has repeated seeds: {args.seeds}.")
+    # A grid too large for memory is refused by solve, before training.
 
 
 def run(args) -> dict:

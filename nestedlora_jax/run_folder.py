@@ -34,7 +34,9 @@ __all__ = [
     "escaping_symlinks",
     "non_negative_int",
     "positive_float",
+    "check_no_escaping_symlinks",
     "check_sizes",
+    "check_training_args",
     "positive_int",
     "prepare_run_folder",
     "seed_int",
@@ -42,7 +44,7 @@ __all__ = [
 
 RUN_CONFIG = "run_config.json"
 # What a run writes at the top of its folder (figures are matched by extension).
-_RUN_FILES = (RUN_CONFIG, "results.json", "grid_baseline.json")
+_RUN_FILES = ("results.json", "grid_baseline.json")
 _RUN_GLOBS = ("seed*", "*.png")
 
 
@@ -115,11 +117,20 @@ def positive_float(text: str) -> float:
 
 
 def run_entries(out_dir: str) -> list[str]:
-    """The entries of ``out_dir`` that belong to a run (empty: no run there)."""
+    """The entries of ``out_dir`` that hold a run's work (empty: no run there).
+
+    ``run_config.json`` alone and empty folders are not work: a command that stopped at a bad
+    option after the folder was prepared (its check in ``solve`` comes after this gate) must
+    not make the next, corrected command need ``--overwrite``.
+    """
     found = [os.path.join(out_dir, f) for f in _RUN_FILES if os.path.lexists(os.path.join(out_dir, f))]
     for pattern in _RUN_GLOBS:
         found += glob.glob(os.path.join(glob.escape(out_dir), pattern))
-    return sorted(set(found))
+    return sorted(e for e in set(found) if not _is_empty_folder(e))
+
+
+def _is_empty_folder(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path) and not any(os.scandir(path))
 
 
 def escaping_symlinks(out_dir: str) -> list[str]:
@@ -134,6 +145,27 @@ def escaping_symlinks(out_dir: str) -> list[str]:
                 if os.path.commonpath([root, target]) != root:
                     bad.append(path)
     return bad
+
+
+def check_no_escaping_symlinks(out_dir: str) -> None:
+    """``RunFolderError`` if a symlink under ``out_dir`` points outside it."""
+    bad = escaping_symlinks(out_dir)
+    if bad:
+        raise RunFolderError(
+            f"--out {out_dir} holds symlinks pointing outside it ({', '.join(bad[:3])}): a run "
+            "would write through them. Remove them, or use another folder."
+        )
+
+
+def check_training_args(args, dim: int) -> None:
+    """The checks both training commands share (``--states``, ``--batch``, ``--hidden``,
+    ``--seeds``): ``ValueError`` naming the option."""
+    check_sizes(states=args.states, batch=args.batch, hidden=args.hidden, dim=dim,
+                kind="shared" if args.method == "neuralsvd-joint" else "parallel")
+    if args.batch is not None and args.batch % 2:
+        raise ValueError(f"--batch must be even (the objective splits it in halves), got {args.batch}.")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds has repeated seeds: {args.seeds}.")
 
 
 def prepare_run_folder(out_dir: str, config: dict, *, resume: bool, overwrite: bool,
@@ -158,12 +190,7 @@ def prepare_run_folder(out_dir: str, config: dict, *, resume: bool, overwrite: b
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise RunFolderError(f"--out {out_dir} is a file, not a folder.")
     os.makedirs(out_dir, exist_ok=True)
-    bad = escaping_symlinks(out_dir)
-    if bad:
-        raise RunFolderError(
-            f"--out {out_dir} holds symlinks pointing outside it ({', '.join(bad[:3])}): a run "
-            "would write through them. Remove them, or use another folder."
-        )
+    check_no_escaping_symlinks(out_dir)
     entries = run_entries(out_dir)
     if entries and not resume and not overwrite:
         shown = ", ".join(os.path.relpath(e, out_dir) for e in entries[:4])

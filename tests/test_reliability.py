@@ -517,3 +517,20 @@ class _StopAt:
         if step >= self.step:
             os.kill(os.getpid(), signal.SIGINT)
         return None
+
+
+def test_a_command_stopped_by_a_bad_option_leaves_no_run_behind(tmp_path, capsys):
+    """solve's own checks run after the folder gate: a command they stop has written only
+    run_config.json and an empty seed folder, which is no work, so the corrected command runs
+    without --overwrite (and a folder with work is still refused)."""
+    out = tmp_path / "run"
+    err = _usage_error(hydrogen_benchmark.main, HYDROGEN_TINY + ["--out", str(out), "--grid", "100000"], capsys)
+    assert "grid_size=100000" in err and "too many to evaluate" in err
+    assert (out / "run_config.json").exists() and list((out / "seed0").iterdir()) == []
+    from nestedlora_jax.run_folder import prepare_run_folder, run_entries
+
+    assert run_entries(str(out)) == []
+    prepare_run_folder(str(out), {"states": 1}, resume=False, overwrite=False, result_keys=("states",))
+    (out / "seed0" / "history.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a run"):
+        prepare_run_folder(str(out), {"states": 1}, resume=False, overwrite=False, result_keys=("states",))
