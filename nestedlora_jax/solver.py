@@ -333,7 +333,7 @@ def restore(
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir!r}: was it the checkpoint_dir of a solve call?")
     state, extra = restored
-    result = FitResult.from_state(state, extra.get("history", []), extra.get("reinitialized", []))
+    result = FitResult.from_state(state, extra.get("history", []))
     return _evaluated(problem, L, method, operator, apply, objective, result,
                       evaluation=evaluation, num_eval_samples=num_eval_samples, grid_size=grid_size)
 

@@ -1,18 +1,22 @@
-"""Training loop: NestedLoRA on an operator, with Optax, EMA, NaN guards, checkpoints.
+"""Training: NestedLoRA on an operator, with Optax, EMA and guarded steps.
 
-The loop is a thin composition of pure pieces:
+The compiled part is pure:
 
-* ``make_loss_fn(apply, operator, ...)`` -> ``loss_fn(params, xs) -> (loss, stats)``: the
+* ``make_loss_fn(apply, operator, objective)`` ->
+  ``loss_fn(params, objective_state, xs, key=None) -> (loss, (objective_state, stats))``: the
   network ``apply(params, x)`` (one point ``(d,)`` -> ``(L,)``), the operator
-  ``operator(fn, x) -> (f(x), (T f)(x))`` and the nested objective. Usable alone in a
-  user's own training step.
-* ``make_train_step(...)`` -> a pure ``step(state, key) -> state`` (sample, gradient,
-  guarded Optax update, EMA of parameters, running statistics), jit- and scan-friendly.
+  ``operator(fn, x) -> (f(x), (T f)(x))`` and the objective. Usable alone in a user's own
+  training step.
+* ``make_train_step(loss_fn, optimizer, sample, batch_size)`` -> a pure
+  ``step(state, key) -> state`` (sample, gradient, guarded Optax update, EMA of parameters,
+  running statistics), jit- and scan-friendly.
 * ``init_train_state(...)`` and ``train_steps(step, state, key, num_steps)``: pure, so several
   seeds or problems train at once under ``jax.vmap`` and the loop nests in any ``jit``.
-* ``fit(...)`` runs it in jitted ``lax.scan`` chunks, shows progress, checkpoints with
-  Orbax, re-initialises collapsed functions and writes a JSON history; with a ``mesh`` it
-  trains data-parallel (batch sharded, parameters replicated; see :mod:`nestedlora_jax.parallel`).
+
+``fit(...)`` composes them and runs the chunks with :func:`nestedlora_jax.hooks.run_loop`:
+progress, history file, checkpoints with resume, collapse remedy, divergence guard and
+callbacks are hooks (:mod:`nestedlora_jax.hooks`); with a ``mesh`` it trains data-parallel
+(batch sharded, parameters replicated; see :mod:`nestedlora_jax.parallel`).
 
 Reproducibility: the PRNG key of step ``t`` is ``fold_in(PRNGKey(seed), t)``, so a run
 resumed from a checkpoint sees exactly the samples of an uninterrupted run.
@@ -20,14 +24,11 @@ resumed from a checkpoint sees exactly the samples of an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import os
-import signal
-import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,21 @@ import numpy as np
 import optax
 
 from nestedlora_jax._checks import check_positive_float, check_positive_int, is_int
-from nestedlora_jax._io import write_json_atomic
+from nestedlora_jax.hooks import (
+    Callback,
+    Checkpoints,
+    CollapseConfig,
+    CollapseRemedy,
+    DivergenceGuard,
+    HistoryFile,
+    Hook,
+    Loop,
+    ProgressBar,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    reinitializations,
+    run_loop,
+)
 from nestedlora_jax.objectives import NESTINGS, Objective, nested_lora_objective
 from nestedlora_jax.operators import MAX_ABS_OPERATOR_VALUE, valid_points
 
@@ -57,30 +72,6 @@ PyTree = Any
 MAX_SEED = 2**31 - 16  # seeds are 32-bit; fit and solve derive seed + 1 and seed + 7
 Apply = Callable[[PyTree, jax.Array], jax.Array]
 Operator = Callable[..., tuple[jax.Array, jax.Array]]
-
-
-class TrainingDivergedError(RuntimeError):
-    """Raised when too many consecutive steps were skipped (non-finite or absurd values)."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped by SIGINT (Ctrl-C) or SIGTERM, after saving a checkpoint.
-
-    A ``KeyboardInterrupt``, so it stops a script or notebook cell like any interrupt.
-    Attributes: ``signal_name`` (``"SIGINT"``/``"SIGTERM"``), ``step`` (the last completed
-    step), ``checkpoint_dir`` (where that step was saved; ``None`` without one) and ``result``
-    (the :class:`FitResult` of the training so far).
-    """
-
-    def __init__(self, message, *, signal_name, step, checkpoint_dir, result):
-        super().__init__(message)
-        self.signal_name, self.step = signal_name, step
-        self.checkpoint_dir, self.result = checkpoint_dir, result
-
-    @property
-    def exit_code(self) -> int:
-        """The shell convention for death by this signal: 128 + signal number."""
-        return 128 + int(getattr(signal, self.signal_name))
 
 
 # ----------------------------------------------------------------- loss
@@ -148,6 +139,7 @@ class TrainState(NamedTuple):
     loss: jax.Array  # () last finite loss
     bad_steps: jax.Array  # () total skipped steps
     consecutive_bad: jax.Array  # () current run of skipped steps
+    collapse_flags: jax.Array  # (L,) int32 consecutive collapse checks that flagged each function
 
 
 def _tree_all_finite(tree) -> jax.Array:
@@ -246,6 +238,7 @@ def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, L:
         loss=jnp.zeros((), dtype),
         bad_steps=jnp.zeros((), jnp.int32),
         consecutive_bad=jnp.zeros((), jnp.int32),
+        collapse_flags=jnp.zeros((L,), jnp.int32),
     )
 
 
@@ -274,159 +267,11 @@ def train_steps(step: Callable[[TrainState, jax.Array], TrainState], state: Trai
 def default_optimizer(steps: int, learning_rate: float = 1e-3, final_fraction: float = 1e-2):
     """Adam with cosine decay from ``learning_rate`` to ``final_fraction * learning_rate``.
 
-    method.md §7: Adam at 1e-3 with cosine decay to 1e-5 worked well on the oscillator and
-    hydrogen; the follow-up paper also found Adam better than RMSprop.
+    Adam with a cosine decay worked well on the oscillator and hydrogen, and the method's
+    follow-up paper also found Adam better than RMSprop.
     """
     schedule = optax.cosine_decay_schedule(learning_rate, max(int(steps), 1), alpha=final_fraction)
     return optax.adam(schedule)
-
-
-# ----------------------------------------------------------------- collapse
-
-
-@dataclasses.dataclass(frozen=True)
-class CollapseConfig:
-    """Detection of collapsed functions and their re-initialisation (method.md §7).
-
-    A function is *dead* when its running norm ``||f_i||^2`` has fallen below
-    ``threshold`` times its running Rayleigh quotient ``<f_i, T f_i>/||f_i||^2``, or its
-    Rayleigh quotient is not positive. At the NestedLoRA optimum the two are equal
-    (``||f_i||^2 = lambda_i``), so the test uses only quantities known during training.
-    A collapsing function keeps a meaningful direction (typically drifting into the span
-    of earlier functions, so its Rayleigh quotient stays large) while its norm goes to 0.
-
-    Checks run every ``check_every`` steps between ``start_fraction`` and
-    ``stop_fraction`` of training; flagged functions are recorded in the history
-    (``"dead"``). With ``reinitialize`` (the default) and an ``init_params`` given to :func:`fit`
-    (per-function parameters with a leading axis of size L, as in ``ParallelMLPs``), a dead
-    function gets fresh parameters, its EMA is reset to them, its Adam first moment is
-    zeroed and its second moment set to the mean over the other functions.
-
-    A function is re-initialised only after ``patience`` consecutive checks flag it: under
-    sequential nesting a later function can look dead for a while before the earlier ones
-    have converged, while a real collapse persists.
-
-    Measured on 2-D hydrogen with 16 states (100k steps, batch 256, lr 3e-3, the problem's
-    shifted operator and default sampler), A/B without re-initialisation: on seed 1 function
-    15 collapsed at step 24000 and stayed dead (mean relative error 0.43); re-initialised,
-    the run reached 8.3e-4. On seed 0 the detector flagged functions 14, 15 once, at step
-    12000, and they recovered alone (2.1e-4 without re-initialisation, 3.4e-4 with it, at
-    patience 1), which is why ``patience`` defaults to 2.
-    """
-
-    threshold: float = 0.1
-    check_every: int = 2000
-    start_fraction: float = 0.05
-    stop_fraction: float = 0.8
-    reinitialize: bool = True
-    patience: int = 2
-
-    def __post_init__(self):
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"CollapseConfig.threshold must be in (0, 1), got {self.threshold}.")
-        if int(self.check_every) != self.check_every or self.check_every < 1:
-            raise ValueError(f"CollapseConfig.check_every must be a positive integer, got {self.check_every}.")
-        if int(self.patience) != self.patience or self.patience < 1:
-            raise ValueError(f"CollapseConfig.patience must be a positive integer, got {self.patience}.")
-        if not 0 <= self.start_fraction <= self.stop_fraction <= 1:
-            raise ValueError(
-                "CollapseConfig needs 0 <= start_fraction <= stop_fraction <= 1, got "
-                f"{self.start_fraction}, {self.stop_fraction}."
-            )
-
-
-def dead_functions(norms, rayleigh, threshold: float) -> np.ndarray:
-    """Indices of functions judged collapsed (see :class:`CollapseConfig`)."""
-    norms, rayleigh = np.asarray(norms), np.asarray(rayleigh)
-    return np.flatnonzero((rayleigh <= 0) | (norms < threshold * rayleigh))
-
-
-def _reinitialize_functions(state: TrainState, fresh_params, dead: np.ndarray) -> TrainState:
-    idx = jnp.asarray(dead)
-
-    def replace_rows(old, new):
-        return old.at[idx].set(new[idx])
-
-    params = jax.tree_util.tree_map(replace_rows, state.params, fresh_params)
-    ema = jax.tree_util.tree_map(replace_rows, state.ema_params, fresh_params)
-    L = state.norms.shape[0]
-    alive = np.setdiff1d(np.arange(L), dead)
-
-    def fix_adam(s):
-        if not isinstance(s, optax.ScaleByAdamState):
-            return s
-        mu = jax.tree_util.tree_map(lambda m: m.at[idx].set(0.0), s.mu)
-        if alive.size:
-            nu = jax.tree_util.tree_map(
-                lambda v: v.at[idx].set(jnp.mean(v[jnp.asarray(alive)], axis=0)), s.nu
-            )
-        else:
-            nu = s.nu
-        return s._replace(mu=mu, nu=nu)
-
-    opt_state = jax.tree_util.tree_map(
-        fix_adam, state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState)
-    )
-    # Forget the dead functions' running statistics so they are not flagged again at once.
-    norms = state.norms.at[idx].set(state.rayleigh[idx])
-    return state._replace(params=params, ema_params=ema, opt_state=opt_state, norms=norms)
-
-
-# ----------------------------------------------------------------- interrupts and resume
-
-
-@contextlib.contextmanager
-def _interrupt_requests():
-    """Turn the first SIGINT / SIGTERM into a request (the signal's name appended to the
-    yielded list) that the loop serves between chunks, where the state is consistent with
-    the history; a second SIGINT raises ``KeyboardInterrupt`` at once. Python delivers signals
-    only to the main thread: elsewhere (a worker thread) nothing is installed."""
-    requests: list[str] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield requests
-        return
-
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        if requests and name == "SIGINT":
-            raise KeyboardInterrupt
-        requests.append(name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requests
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _interrupt(signal_name, state, manager, metadata, history, reinitialized, start_step, t_start):
-    step = int(state.step)
-    where = None
-    if manager is not None:
-        if manager.latest_step() != step:
-            manager.save(step, state, metadata())
-        where = manager.directory
-    saved = (f"checkpoint of step {step} saved in {where}; resume=True (--resume) continues it"
-             if where else "no checkpoint_dir, nothing saved")
-    result = FitResult.from_state(state, history, reinitialized, steps_run=step - start_step,
-                                  train_time=time.perf_counter() - t_start)
-    return TrainingInterrupted(f"training interrupted by {signal_name} at step {step}: {saved}.",
-                               signal_name=signal_name, step=step, checkpoint_dir=where,
-                               result=result)
-
-
-def _check_resumed_config(saved: dict | None, current: dict, directory: str) -> None:
-    if saved is None:  # a checkpoint from before configurations were recorded
-        return
-    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if differ:
-        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
-        raise ValueError(
-            f"cannot resume the run in {directory} with a different configuration ({details}): "
-            "the result would mix two runs. Resume with the saved values, or start a new run in "
-            "another folder."
-        )
 
 
 # ----------------------------------------------------------------- fit
@@ -461,10 +306,10 @@ class FitResult:
     train_time: float = 0.0
 
     @classmethod
-    def from_state(cls, state: TrainState, history: list, reinitialized: list, *,
+    def from_state(cls, state: TrainState, history: list, *,
                    steps_run: int = 0, train_time: float = 0.0) -> "FitResult":
-        """The result for a training state (at the end of ``fit``, or restored from disk;
-        JSON turns the ``(step, indices)`` pairs of ``reinitialized`` into lists)."""
+        """The result for a training state and its history (at the end of ``fit``, or
+        restored from disk); ``reinitialized`` is read from the history."""
         return cls(
             params=state.params,
             ema_params=state.ema_params,
@@ -472,7 +317,7 @@ class FitResult:
             rayleigh=np.asarray(state.rayleigh),
             history=history,
             bad_steps=int(state.bad_steps),
-            reinitialized=[tuple(r) for r in reinitialized],
+            reinitialized=reinitializations(history),
             state=state,
             steps_run=steps_run,
             train_time=train_time,
@@ -551,6 +396,7 @@ def fit(
     callback: Callable[[int, TrainState], dict | None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
+    hooks: Sequence[Hook] = (),
 ) -> FitResult:
     """Train ``apply(params, .)`` so its L outputs learn the top-L eigenfunctions.
 
@@ -605,6 +451,12 @@ def fit(
         and optimiser state are replicated. Same seed and global batch -> the same samples
         and, to float round-off, the same result as on one device.
       data_axis: name of the mesh axis the batch is split over.
+      hooks: more :class:`~nestedlora_jax.hooks.Hook` objects, run after the ones the
+        options above make (checkpoints, divergence guard, collapse remedy, callback) and
+        before the progress bar and history file.
+
+    The loop is :func:`~nestedlora_jax.hooks.run_loop` over the compiled chunks; every option
+    above that acts between chunks is one of its hooks.
 
     SIGINT (Ctrl-C) and SIGTERM stop training at the end of the running chunk (at most
     ``log_every`` steps; a second Ctrl-C stops at once), save a checkpoint of that step when
@@ -634,6 +486,10 @@ def fit(
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}.")
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable(step, state), got {type(callback).__name__}.")
+    hooks = list(hooks)
+    for hook in hooks:
+        if not isinstance(hook, Hook):
+            raise ValueError(f"hooks must be nestedlora_jax.hooks.Hook objects, got {hook!r}.")
 
     if objective is None:
         objective = nested_lora_objective(nesting, weights, split_batch)
@@ -662,7 +518,6 @@ def fit(
         loss_fn, optimizer, sampler.sample, batch_size, ema_decay=ema_decay, batch_sharding=sharding
     )
     base_key = jax.random.PRNGKey(seed)
-    state = init_train_state(params, optimizer, L, objective)
     run_config = {
         "steps": int(steps), "batch_size": int(batch_size), "seed": int(seed),
         "learning_rate": "custom optimizer" if optimizer_given else float(learning_rate),
@@ -670,34 +525,8 @@ def fit(
         "collapse": None if collapse is None else dataclasses.asdict(collapse),
         "reinitialize_with": None if init_params is None else "init_params",
     }
-
-    manager = None
-    history: list = []
-    reinitialized: list = []
-    flag_counts = np.zeros(L, dtype=int)  # consecutive collapse checks that flagged each function
-    if checkpoint_dir is not None:
-        from nestedlora_jax import checkpoint as ckpt
-
-        manager = ckpt.CheckpointManager(checkpoint_dir)
-        try:
-            if not resume and manager.all_steps():
-                raise FileExistsError(
-                    f"checkpoint_dir {manager.directory} already holds checkpoints of a run "
-                    f"(steps {manager.all_steps()}): pass resume=True to continue it, or use an "
-                    "empty folder (a new run would mix its checkpoints with the old ones)."
-                )
-            if resume:
-                restored = manager.restore_latest(state)
-                if restored is not None:
-                    state, extra = restored
-                    _check_resumed_config(extra.get("fit_config"), run_config, manager.directory)
-                    history = extra.get("history", [])
-                    reinitialized = extra.get("reinitialized", [])
-                    flag_counts = np.asarray(extra.get("flag_counts", flag_counts), dtype=int)
-        except BaseException:
-            manager.close()
-            raise
-    state = place(state)
+    loop = Loop(state=place(init_train_state(params, optimizer, L, objective)), steps=int(steps),
+                config=run_config, transform=eigenvalue_transform or (lambda t: t), place=place)
 
     # At most three chunk lengths occur (log_every, the rest up to a multiple of it, the
     # last one), so a static length costs at most three compilations.
@@ -706,79 +535,26 @@ def fit(
                                        max_consecutive_bad=max_consecutive_bad_steps),
         static_argnums=1,
     )
-
-    transform = eigenvalue_transform or (lambda t: t)
-    bar = None
+    all_hooks: list[Hook] = []
+    if checkpoint_dir is not None:  # first: a resume replaces the state the others start from
+        all_hooks.append(Checkpoints(checkpoint_dir, every=checkpoint_every, resume=resume))
+    all_hooks.append(DivergenceGuard(max_consecutive_bad_steps, max_abs_value))
+    if collapse is not None:
+        all_hooks.append(CollapseRemedy(collapse, optimizer, init_params=init_params, seed=seed + 1))
+    if callback is not None:
+        all_hooks.append(Callback(callback))
+    all_hooks.extend(hooks)
     if progress:
-        from tqdm.auto import tqdm
+        all_hooks.append(ProgressBar())
+    if history_path is not None:
+        all_hooks.append(HistoryFile(history_path))
 
-        bar = tqdm(total=steps, initial=int(state.step), desc="nestedlora", dynamic_ncols=True)
-    t_start = time.perf_counter()
-    start_step = int(state.step)
-    metadata = lambda: {"history": history, "reinitialized": reinitialized,
-                        "flag_counts": flag_counts.tolist(), "fit_config": run_config}
+    result = lambda: FitResult.from_state(loop.state, loop.history,
+                                          steps_run=loop.step - loop.start_step,
+                                          train_time=loop.elapsed)
     try:
-        with _interrupt_requests() as interrupted:
-            while int(state.step) < steps:
-                if interrupted:
-                    raise _interrupt(interrupted[0], state, manager, metadata, history,
-                                     reinitialized, start_step, t_start)
-                num = min(log_every - int(state.step) % log_every, steps - int(state.step))
-                state = run_chunk(state, num)
-                step = int(state.step)
-                if int(state.consecutive_bad) >= max_consecutive_bad_steps:
-                    raise TrainingDivergedError(
-                        f"{int(state.consecutive_bad)} consecutive steps up to step {step} were "
-                        f"skipped ({int(state.bad_steps)} in total): a non-finite loss, gradient "
-                        "or update, or a batch with a point whose network or operator value is "
-                        f"non-finite or beyond max_abs_value = {max_abs_value:g}; training "
-                        "stopped. Check the sampler (points at singularities or outside the "
-                        "domain), the operator's scale and the learning rate."
-                    )
-                norms, rq = np.asarray(state.norms), np.asarray(state.rayleigh)
-                entry = {
-                    "step": step,
-                    "loss": float(state.loss),
-                    "eigenvalues": transform(norms).tolist(),
-                    "rayleigh": transform(rq).tolist(),
-                    "bad_steps": int(state.bad_steps),
-                    "time": time.perf_counter() - t_start,
-                }
-                if collapse is not None and step % collapse.check_every < num:
-                    if collapse.start_fraction * steps <= step <= collapse.stop_fraction * steps:
-                        dead = dead_functions(norms, rq, collapse.threshold)
-                        entry["dead"] = dead.tolist()
-                        flagged = np.zeros(L, dtype=bool)
-                        flagged[dead] = True
-                        flag_counts = np.where(flagged, flag_counts + 1, 0)
-                        dead = np.flatnonzero(flag_counts >= collapse.patience)
-                        if dead.size and collapse.reinitialize and init_params is not None:
-                            flag_counts[dead] = 0
-                            fresh = init_params(jax.random.fold_in(jax.random.PRNGKey(seed + 1), step))
-                            state = place(_reinitialize_functions(state, fresh, dead))
-                            reinitialized.append((step, dead.tolist()))
-                            entry["reinitialized"] = dead.tolist()
-                if callback is not None:
-                    extra = callback(step, state)
-                    if extra:
-                        entry.update(extra)
-                history.append(entry)
-                if bar is not None:
-                    bar.update(num)
-                    shown = transform(norms)[: min(L, 4)]
-                    bar.set_postfix(loss=f"{entry['loss']:.4g}", eig=np.array2string(shown, precision=4), bad=entry["bad_steps"])
-                if history_path is not None:
-                    write_json_atomic(history_path, {"history": history, "reinitialized": reinitialized})
-                # The final state is always saved, so a finished run can be reloaded.
-                if manager is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
-                    manager.save(step, state, metadata())
-    finally:
-        if bar is not None:
-            bar.close()
-        if manager is not None:
-            manager.close()
-    return FitResult.from_state(
-        state, history, reinitialized,
-        steps_run=int(state.step) - start_step,
-        train_time=time.perf_counter() - t_start,
-    )
+        run_loop(loop, run_chunk, all_hooks, chunk_steps=log_every)
+    except TrainingInterrupted as exc:
+        exc.result = result()
+        raise
+    return result()

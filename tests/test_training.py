@@ -11,13 +11,8 @@ from nestedlora_jax import problems
 from nestedlora_jax.networks import eigenfunction_network, to_apply
 from nestedlora_jax.operators import problem_operator
 from nestedlora_jax.objectives import nested_lora_objective
-from nestedlora_jax.training import (
-    CollapseConfig,
-    TrainingDivergedError,
-    _reinitialize_functions,
-    dead_functions,
-    fit,
-)
+from nestedlora_jax.hooks import CollapseConfig, TrainingDivergedError, dead_functions, reinitialize_functions
+from nestedlora_jax.training import default_optimizer, fit
 
 PROBLEM = problems.HarmonicOscillator(dim=2)
 
@@ -111,6 +106,46 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert _leaves_equal(resumed.state.opt_state, full.state.opt_state)
 
 
+def test_resume_is_exact_with_the_collapse_remedy_and_any_optimizer(tmp_path):
+    """The collapse counters are training state: a run interrupted between two flags of the
+    same function resumes with the count it had, and re-initialises at the same step with the
+    same fresh parameters as the uninterrupted run (here with SGD + momentum, an optimiser the
+    remedy knows nothing about)."""
+    L = 2
+    net = eigenfunction_network(1, L, kind="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=0))
+    apply, params = to_apply(net)
+    params = jax.tree.map(lambda p: p.at[1].set(0.0) if p.shape[-1] == 1 else p, params)  # f_1 = 0
+    op = problem_operator(problems.HarmonicOscillator(dim=1), L)
+
+    def init_params(key):
+        return to_apply(eigenfunction_network(1, L, kind="parallel", hidden=(16, 16),
+                                              rngs=nnx.Rngs(params=int(key[-1]) % 1000)))[1]
+
+    config = CollapseConfig(check_every=100, start_fraction=0.0, stop_fraction=1.0, patience=2)
+    args = dict(steps=400, batch_size=32, progress=False, log_every=50, seed=0,
+                optimizer=optax.sgd(1e-2, momentum=0.9), collapse=config, init_params=init_params)
+    full = fit(apply, params, op.op, op.sampler, **args)
+    assert full.reinitialized and full.reinitialized[0] == (200, [1])
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_150(step, state):
+        if step >= 150:
+            raise Interrupt
+        return None
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupt):
+        fit(apply, params, op.op, op.sampler, checkpoint_dir=ckpt, checkpoint_every=50,
+            callback=stop_at_150, **args)
+    resumed = fit(apply, params, op.op, op.sampler, checkpoint_dir=ckpt, resume=True, **args)
+    assert int(resumed.state.step) == 400
+    assert resumed.reinitialized == full.reinitialized
+    for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(full.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 class _NaNSampler:
     """Wraps a sampler and poisons one sample in about `rate` of the batches."""
 
@@ -157,21 +192,53 @@ def test_dead_function_criterion():
     np.testing.assert_array_equal(dead_functions(norms, rayleigh, 0.1), [2, 3])
 
 
-def test_reinitialize_replaces_only_dead_rows_and_resets_adam_moments():
+@pytest.mark.parametrize("optimizer", ["default", "sgd-momentum", "adamw-chain"])
+def test_reinitialize_replaces_only_dead_rows_for_any_optax_optimizer(optimizer):
+    """The dead function's parameters and EMA come from the fresh draw; in every part of the
+    optimiser state shaped like the parameters its rows become the live functions' mean;
+    everything else (the live rows, step counts) is untouched."""
     apply, params, op = _setup(L=3)
-    res = _short_fit(apply, params, op, steps=20)
+    opt = {"default": default_optimizer(20, 3e-3),
+           "sgd-momentum": optax.sgd(1e-3, momentum=0.9),
+           "adamw-chain": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))}[optimizer]
+    res = _short_fit(apply, params, op, steps=20, optimizer=opt)
     fresh = to_apply(eigenfunction_network(2, 3, kind="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=7)))[1]
-    state = _reinitialize_functions(res.state, fresh, np.array([1]))
+    state = reinitialize_functions(res.state, opt, fresh, np.array([1]))
     for new, old, fr in zip(jax.tree.leaves(state.params), jax.tree.leaves(res.state.params), jax.tree.leaves(fresh)):
         new, old = np.asarray(new), np.asarray(old)
         np.testing.assert_array_equal(new[1], np.asarray(fr)[1])
         np.testing.assert_array_equal(new[[0, 2]], old[[0, 2]])
-    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)][0]
-    for mu, nu in zip(jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu)):
-        mu, nu = np.asarray(mu), np.asarray(nu)
-        np.testing.assert_array_equal(mu[1], 0.0)
-        np.testing.assert_allclose(nu[1], (nu[0] + nu[2]) / 2, rtol=1e-6)
+    for new, fr in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(fresh)):
+        np.testing.assert_array_equal(np.asarray(new)[1], np.asarray(fr)[1])
+    n_params = len(jax.tree.leaves(params))
+    new_leaves, old_leaves = jax.tree.leaves(state.opt_state), jax.tree.leaves(res.state.opt_state)
+    param_shaped = [i for i, x in enumerate(old_leaves) if np.ndim(x) >= 1 and np.shape(x)[0] == 3]
+    # Every parameter-shaped part was found (Adam: mu and nu; momentum: the trace).
+    assert len(param_shaped) == {"default": 2, "sgd-momentum": 1, "adamw-chain": 2}[optimizer] * n_params
+    changed = 0
+    for i, (new, old) in enumerate(zip(new_leaves, old_leaves)):
+        new, old = np.asarray(new), np.asarray(old)
+        if i in param_shaped:
+            np.testing.assert_allclose(new[1], (old[0] + old[2]) / 2, rtol=1e-6, atol=1e-12)
+            np.testing.assert_array_equal(new[[0, 2]], old[[0, 2]])
+            changed += not np.array_equal(new[1], old[1])
+        else:
+            np.testing.assert_array_equal(new, old)  # counts, schedules
+    assert changed > 0
+
+
+def test_reinitialize_with_no_live_function_uses_the_optimizers_initial_state():
+    apply, params, op = _setup(L=2)
+    opt = default_optimizer(20, 3e-3)
+    res = _short_fit(apply, params, op, steps=20, optimizer=opt)
+    state = reinitialize_functions(res.state, opt, params, np.array([0, 1]))
+    initial = opt.init(params)
+    for new, init, old in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(initial),
+                              jax.tree.leaves(res.state.opt_state)):
+        if np.ndim(old) >= 1:
+            np.testing.assert_array_equal(np.asarray(new), np.asarray(init))
+        else:
+            np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
 
 
 def test_collapse_config_validation():

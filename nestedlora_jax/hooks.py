@@ -1,0 +1,522 @@
+"""The host-side training loop and its hooks.
+
+:func:`run_loop` is the whole loop: it runs the compiled training chunks (pure
+``state -> state`` functions from :mod:`nestedlora_jax.training`) until ``loop.steps``, and
+between chunks hands a :class:`Loop` (the state and the run's record) to a list of
+:class:`Hook` objects. Everything else a run does is a hook, and a user may drop, reorder,
+replace or add any of them:
+
+* :class:`DivergenceGuard`: stop with :class:`TrainingDivergedError` after too many skipped steps.
+* :class:`CollapseRemedy`: detect collapsed functions and re-initialise them (any Optax
+  optimiser; its counters live in the training state, so a resume is exact).
+* :class:`Callback`: ``fn(step, state) -> dict | None`` merged into the history (e.g. a
+  periodic evaluation).
+* :class:`ProgressBar`: a tqdm bar.
+* :class:`HistoryFile`: the JSON history, rewritten after every chunk.
+* :class:`Checkpoints`: Orbax checkpoints, resume, a save on interrupt.
+
+A hook subclasses :class:`Hook` and overrides what it needs:
+
+``on_start(loop)``
+    once, before the first chunk (a resume replaces ``loop.state`` and ``loop.history`` here);
+``after_chunk(loop, entry)``
+    after every chunk: may add keys to this chunk's history ``entry`` or replace
+    ``loop.state`` (through ``loop.place``, which lays it out on the training devices);
+``after_record(loop, entry)``
+    once ``entry`` has joined ``loop.history``: show, write or save it;
+``on_interrupt(loop)``
+    on SIGINT / SIGTERM, before :class:`TrainingInterrupted` is raised;
+``on_end(loop)``
+    always, last (release files and bars), in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nestedlora_jax._io import write_json_atomic
+
+__all__ = [
+    "Callback",
+    "Checkpoints",
+    "CollapseConfig",
+    "CollapseRemedy",
+    "DivergenceGuard",
+    "HistoryFile",
+    "Hook",
+    "Loop",
+    "ProgressBar",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
+    "dead_functions",
+    "reinitialize_functions",
+    "reinitializations",
+    "run_loop",
+]
+
+PyTree = Any
+
+
+class TrainingDivergedError(RuntimeError):
+    """Raised when too many consecutive steps were skipped (non-finite or absurd values)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM, after saving a checkpoint.
+
+    A ``KeyboardInterrupt``, so it stops a script or notebook cell like any interrupt.
+    Attributes: ``signal_name`` (``"SIGINT"``/``"SIGTERM"``), ``step`` (the last completed
+    step), ``checkpoint_dir`` (where that step was saved; ``None`` without one) and ``result``
+    (the :class:`~nestedlora_jax.training.FitResult` of the training so far, when the loop
+    was started by ``fit``).
+    """
+
+    def __init__(self, message, *, signal_name, step, checkpoint_dir, result=None):
+        super().__init__(message)
+        self.signal_name, self.step = signal_name, step
+        self.checkpoint_dir, self.result = checkpoint_dir, result
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention for death by this signal: 128 + signal number."""
+        return 128 + int(getattr(signal, self.signal_name))
+
+
+# ----------------------------------------------------------------- loop
+
+
+@dataclasses.dataclass
+class Loop:
+    """What the hooks see and may change between chunks.
+
+    Attributes:
+      state: the current :class:`~nestedlora_jax.training.TrainState`.
+      steps: the step the run ends at.
+      config: the configuration that shapes the result (JSON-able; saved with checkpoints
+        and compared on resume).
+      history: one dict per chunk (``step``, ``loss``, ``eigenvalues``, ``rayleigh``,
+        ``bad_steps``, ``time``, and what hooks added).
+      transform: operator eigenvalues -> reported units (e.g. energies), for the history.
+      place: lays a state out on the training devices (identity on one device); apply it to
+        any state a hook builds.
+      start_step: the step this call started from (after a resume).
+      checkpoint_dir: where the last checkpoint went (set by :class:`Checkpoints`).
+    """
+
+    state: Any
+    steps: int
+    config: dict = dataclasses.field(default_factory=dict)
+    history: list = dataclasses.field(default_factory=list)
+    transform: Callable[[np.ndarray], np.ndarray] = lambda t: t
+    place: Callable[[Any], Any] = lambda state: state
+    start_step: int = 0
+    checkpoint_dir: str | None = None
+    t_start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def metadata(self) -> dict:
+        """What a checkpoint stores beside the state: the history and the configuration."""
+        return {"history": self.history, "fit_config": self.config}
+
+
+class Hook:
+    """Base class of the loop's hooks: every method is optional (see the module docstring)."""
+
+    def on_start(self, loop: Loop) -> None:
+        pass
+
+    def after_chunk(self, loop: Loop, entry: dict) -> None:
+        pass
+
+    def after_record(self, loop: Loop, entry: dict) -> None:
+        pass
+
+    def on_interrupt(self, loop: Loop) -> None:
+        pass
+
+    def on_end(self, loop: Loop) -> None:
+        pass
+
+
+def run_loop(loop: Loop, run_chunk: Callable[[Any, int], Any], hooks: Sequence[Hook], *,
+             chunk_steps: int) -> Loop:
+    """Run ``loop.state = run_chunk(loop.state, n)`` until ``loop.steps``, calling ``hooks``.
+
+    Chunks end at multiples of ``chunk_steps`` (so a resumed run logs at the same steps) and
+    at ``loop.steps``. SIGINT / SIGTERM finish the running chunk, call ``on_interrupt`` and
+    raise :class:`TrainingInterrupted`; a second SIGINT stops at once.
+    """
+    hooks = list(hooks)
+    try:
+        with _interrupt_requests() as interrupted:
+            for hook in hooks:
+                hook.on_start(loop)
+            loop.start_step = loop.step
+            loop.t_start = time.perf_counter()
+            while loop.step < loop.steps:
+                if interrupted:
+                    for hook in hooks:
+                        hook.on_interrupt(loop)
+                    saved = (f"checkpoint of step {loop.step} saved in {loop.checkpoint_dir}; "
+                             "resume=True (--resume) continues it"
+                             if loop.checkpoint_dir else "no checkpoint_dir, nothing saved")
+                    raise TrainingInterrupted(
+                        f"training interrupted by {interrupted[0]} at step {loop.step}: {saved}.",
+                        signal_name=interrupted[0], step=loop.step,
+                        checkpoint_dir=loop.checkpoint_dir)
+                before = loop.step
+                num = min(chunk_steps - before % chunk_steps, loop.steps - before)
+                loop.state = run_chunk(loop.state, num)
+                if loop.step == before:
+                    raise TrainingDivergedError(
+                        f"training made no progress at step {before}: every step is skipped "
+                        "(see DivergenceGuard)."
+                    )
+                entry = _history_entry(loop)
+                for hook in hooks:
+                    hook.after_chunk(loop, entry)
+                loop.history.append(entry)
+                for hook in hooks:
+                    hook.after_record(loop, entry)
+    finally:
+        for hook in reversed(hooks):
+            hook.on_end(loop)
+    return loop
+
+
+def _history_entry(loop: Loop) -> dict:
+    state = loop.state
+    return {
+        "step": loop.step,
+        "loss": float(state.loss),
+        "eigenvalues": np.asarray(loop.transform(np.asarray(state.norms))).tolist(),
+        "rayleigh": np.asarray(loop.transform(np.asarray(state.rayleigh))).tolist(),
+        "bad_steps": int(state.bad_steps),
+        "time": loop.elapsed,
+    }
+
+
+@contextlib.contextmanager
+def _interrupt_requests():
+    """Turn the first SIGINT / SIGTERM into a request (the signal's name appended to the
+    yielded list) that the loop serves between chunks, where the state is consistent with
+    the history; a second SIGINT raises ``KeyboardInterrupt`` at once. Python delivers signals
+    only to the main thread: elsewhere (a worker thread) nothing is installed."""
+    requests: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if requests and name == "SIGINT":
+            raise KeyboardInterrupt
+        requests.append(name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------- divergence
+
+
+class DivergenceGuard(Hook):
+    """Stop with :class:`TrainingDivergedError` once ``max_consecutive_bad`` consecutive steps
+    were skipped. The compiled chunk stops stepping at the same count (``train_steps(...,
+    max_consecutive_bad=)``), so the error names the step where the run diverged."""
+
+    def __init__(self, max_consecutive_bad: int, max_abs_value: float):
+        self.max_consecutive_bad, self.max_abs_value = max_consecutive_bad, max_abs_value
+
+    def after_chunk(self, loop: Loop, entry: dict) -> None:
+        state = loop.state
+        if int(state.consecutive_bad) >= self.max_consecutive_bad:
+            raise TrainingDivergedError(
+                f"{int(state.consecutive_bad)} consecutive steps up to step {loop.step} were "
+                f"skipped ({int(state.bad_steps)} in total): a non-finite loss, gradient "
+                "or update, or a batch with a point whose network or operator value is "
+                f"non-finite or beyond max_abs_value = {self.max_abs_value:g}; training "
+                "stopped. Check the sampler (points at singularities or outside the "
+                "domain), the operator's scale and the learning rate."
+            )
+
+
+# ----------------------------------------------------------------- collapse
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapseConfig:
+    """Detection of collapsed functions and their re-initialisation.
+
+    A function is *dead* when its running norm ``||f_i||^2`` has fallen below
+    ``threshold`` times its running Rayleigh quotient ``<f_i, T f_i>/||f_i||^2``, or its
+    Rayleigh quotient is not positive. At the NestedLoRA optimum the two are equal
+    (``||f_i||^2 = lambda_i``), so the test uses only quantities known during training.
+    A collapsing function keeps a meaningful direction (typically drifting into the span
+    of earlier functions, so its Rayleigh quotient stays large) while its norm goes to 0.
+
+    Checks run every ``check_every`` steps between ``start_fraction`` and
+    ``stop_fraction`` of training; flagged functions are recorded in the history
+    (``"dead"``). With ``reinitialize`` (the default) and fresh per-function parameters to
+    draw from (a leading axis of size L on every leaf, as in ``ParallelMLPs``), a dead
+    function is re-initialised (:func:`reinitialize_functions`).
+
+    A function is re-initialised only after ``patience`` consecutive checks flag it: under
+    sequential nesting a later function can look dead for a while before the earlier ones
+    have converged, while a real collapse persists (on 2-D hydrogen with 16 states, functions
+    flagged once recovered alone, which is why ``patience`` defaults to 2).
+    """
+
+    threshold: float = 0.1
+    check_every: int = 2000
+    start_fraction: float = 0.05
+    stop_fraction: float = 0.8
+    reinitialize: bool = True
+    patience: int = 2
+
+    def __post_init__(self):
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"CollapseConfig.threshold must be in (0, 1), got {self.threshold}.")
+        if int(self.check_every) != self.check_every or self.check_every < 1:
+            raise ValueError(f"CollapseConfig.check_every must be a positive integer, got {self.check_every}.")
+        if int(self.patience) != self.patience or self.patience < 1:
+            raise ValueError(f"CollapseConfig.patience must be a positive integer, got {self.patience}.")
+        if not 0 <= self.start_fraction <= self.stop_fraction <= 1:
+            raise ValueError(
+                "CollapseConfig needs 0 <= start_fraction <= stop_fraction <= 1, got "
+                f"{self.start_fraction}, {self.stop_fraction}."
+            )
+
+
+def dead_functions(norms, rayleigh, threshold: float) -> np.ndarray:
+    """Indices of functions judged collapsed (see :class:`CollapseConfig`)."""
+    norms, rayleigh = np.asarray(norms), np.asarray(rayleigh)
+    return np.flatnonzero((rayleigh <= 0) | (norms < threshold * rayleigh))
+
+
+def reinitialize_functions(state, optimizer: optax.GradientTransformation, fresh_params: PyTree,
+                           dead) -> Any:
+    """Give the functions ``dead`` (indices into the leading axis L of every parameter leaf)
+    the rows of ``fresh_params``, in the parameters and their EMA.
+
+    Their slice of the optimiser state takes the mean of the live functions' slices, in every
+    part of it shaped like the parameters (found by ``optax.tree_utils.tree_map_params``, so
+    any Optax optimiser is served): a fresh function has no gradient history of its own, and
+    the average of the others is the estimate that keeps its first steps the size of
+    everyone else's (for Adam: the second moment of a typical function, and a first moment
+    near zero, the mean of independent functions' momenta; zeroing the second moment instead
+    would make the next few hundred steps several times larger). With no live function left
+    the slice is the optimiser's own initial state. Other state (step counts, schedules) is
+    kept. The dead functions' running norms are reset to their Rayleigh quotients, so they are
+    not flagged again at once.
+    """
+    dead = np.asarray(dead, dtype=int)
+    L = state.norms.shape[0]
+    alive = np.setdiff1d(np.arange(L), dead)
+    idx = jnp.asarray(dead)
+
+    def take_fresh(old, new):
+        return old.at[idx].set(new[idx])
+
+    params = jax.tree_util.tree_map(take_fresh, state.params, fresh_params)
+    ema = jax.tree_util.tree_map(take_fresh, state.ema_params, fresh_params)
+    # True on the leaves of the parts of the optimiser state shaped like the parameters.
+    is_param_part = optax.tree_utils.tree_map_params(
+        optimizer, lambda part: jax.tree_util.tree_map(lambda _: True, part), state.opt_state,
+        transform_non_params=lambda _: False)
+    if alive.size:
+        live = jnp.asarray(alive)
+        fill = lambda v: v.at[idx].set(jnp.mean(v[live], axis=0).astype(v.dtype))
+        opt_state = jax.tree_util.tree_map(lambda v, p: fill(v) if p else v,
+                                           state.opt_state, is_param_part)
+    else:
+        opt_state = jax.tree_util.tree_map(lambda v, init, p: take_fresh(v, init) if p else v,
+                                           state.opt_state, optimizer.init(params), is_param_part)
+    norms = state.norms.at[idx].set(state.rayleigh[idx])
+    return state._replace(params=params, ema_params=ema, opt_state=opt_state, norms=norms)
+
+
+def reinitializations(history: list) -> list[tuple[int, list[int]]]:
+    """``[(step, [function indices]), ...]``: the re-initialisations recorded in a history."""
+    return [(h["step"], list(h["reinitialized"])) for h in history if h.get("reinitialized")]
+
+
+class CollapseRemedy(Hook):
+    """Flag collapsed functions every ``config.check_every`` steps and re-initialise those
+    flagged ``config.patience`` checks in a row (see :class:`CollapseConfig`).
+
+    ``init_params(key)`` draws fresh per-function parameters (leading axis L on every leaf);
+    without it collapse is only reported. The consecutive-flag counters are the state's
+    ``collapse_flags``, saved with every checkpoint; the fresh parameters of step ``t`` come
+    from ``fold_in(PRNGKey(seed), t)``: a resumed run re-initialises exactly as an
+    uninterrupted one.
+    """
+
+    def __init__(self, config: CollapseConfig, optimizer: optax.GradientTransformation, *,
+                 init_params: Callable[[jax.Array], PyTree] | None = None, seed: int = 1):
+        self.config, self.optimizer = config, optimizer
+        self.init_params, self.seed = init_params, seed
+
+    def after_chunk(self, loop: Loop, entry: dict) -> None:
+        c, step = self.config, loop.step
+        num = step - (loop.history[-1]["step"] if loop.history else loop.start_step)
+        if step % c.check_every >= num or not (
+                c.start_fraction * loop.steps <= step <= c.stop_fraction * loop.steps):
+            return
+        state = loop.state
+        dead = dead_functions(state.norms, state.rayleigh, c.threshold)
+        entry["dead"] = dead.tolist()
+        flags = np.asarray(state.collapse_flags)
+        flagged = np.zeros(flags.shape, dtype=bool)
+        flagged[dead] = True
+        flags = np.where(flagged, flags + 1, 0)
+        due = np.flatnonzero(flags >= c.patience)
+        if due.size and c.reinitialize and self.init_params is not None:
+            flags[due] = 0
+            fresh = self.init_params(jax.random.fold_in(jax.random.PRNGKey(self.seed), step))
+            state = reinitialize_functions(state, self.optimizer, fresh, due)
+            entry["reinitialized"] = due.tolist()
+        loop.state = loop.place(
+            state._replace(collapse_flags=jnp.asarray(flags, state.collapse_flags.dtype)))
+
+
+# ----------------------------------------------------------------- callbacks, progress, files
+
+
+class Callback(Hook):
+    """``fn(step, state) -> dict | None`` after every chunk; a returned dict is merged into
+    that chunk's history entry (e.g. a periodic evaluation)."""
+
+    def __init__(self, fn: Callable[[int, Any], dict | None]):
+        if not callable(fn):
+            raise ValueError(f"callback must be callable(step, state), got {type(fn).__name__}.")
+        self.fn = fn
+
+    def after_chunk(self, loop: Loop, entry: dict) -> None:
+        extra = self.fn(loop.step, loop.state)
+        if extra:
+            entry.update(extra)
+
+
+class ProgressBar(Hook):
+    """A tqdm bar: step rate, loss, the first eigenvalue estimates, skipped steps."""
+
+    def __init__(self, desc: str = "nestedlora", shown: int = 4):
+        self.desc, self.shown, self.bar = desc, shown, None
+
+    def on_start(self, loop: Loop) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=loop.steps, initial=loop.step, desc=self.desc, dynamic_ncols=True)
+
+    def after_record(self, loop: Loop, entry: dict) -> None:
+        self.bar.update(loop.step - self.bar.n)
+        shown = np.asarray(entry["eigenvalues"][: self.shown])
+        self.bar.set_postfix(loss=f"{entry['loss']:.4g}", eig=np.array2string(shown, precision=4),
+                             bad=entry["bad_steps"])
+
+    def on_end(self, loop: Loop) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class HistoryFile(Hook):
+    """Rewrite ``path`` (JSON: ``history`` and ``reinitialized``) after every chunk, atomically."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+
+    def after_record(self, loop: Loop, entry: dict) -> None:
+        write_json_atomic(self.path, {"history": loop.history,
+                                      "reinitialized": reinitializations(loop.history)})
+
+
+class Checkpoints(Hook):
+    """Orbax checkpoints of the whole state in ``directory``: every ``every`` steps (a
+    multiple of the chunk length), at the end, and on interrupt.
+
+    A directory that already holds checkpoints needs ``resume=True``: a new run never mixes
+    its checkpoints with an old one's. On resume the newest intact checkpoint replaces
+    ``loop.state`` and ``loop.history`` (a damaged newer one is skipped with a warning); the
+    configuration saved with it must equal ``loop.config``, or the resume is refused.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, every: int | None = None,
+                 resume: bool = False):
+        self.directory, self.every, self.resume = directory, every, resume
+        self.manager = None
+
+    def on_start(self, loop: Loop) -> None:
+        from nestedlora_jax import checkpoint as ckpt
+
+        self.manager = ckpt.CheckpointManager(self.directory)
+        if not self.resume and self.manager.all_steps():
+            raise FileExistsError(
+                f"checkpoint_dir {self.manager.directory} already holds checkpoints of a run "
+                f"(steps {self.manager.all_steps()}): pass resume=True to continue it, or use an "
+                "empty folder (a new run would mix its checkpoints with the old ones)."
+            )
+        if self.resume:
+            restored = self.manager.restore_latest(loop.state)
+            if restored is not None:
+                state, extra = restored
+                _check_resumed_config(extra.get("fit_config"), loop.config, self.manager.directory)
+                loop.state = loop.place(state)
+                loop.history = list(extra.get("history", []))
+                loop.checkpoint_dir = self.manager.directory
+
+    def after_record(self, loop: Loop, entry: dict) -> None:
+        step = loop.step
+        # The final state is always saved, so a finished run can be reloaded.
+        if step == loop.steps or (self.every and step % self.every == 0):
+            self._save(loop)
+
+    def on_interrupt(self, loop: Loop) -> None:
+        if self.manager.latest_step() != loop.step:
+            self._save(loop)
+        loop.checkpoint_dir = self.manager.directory
+
+    def on_end(self, loop: Loop) -> None:
+        if self.manager is not None:
+            self.manager.close()
+            self.manager = None
+
+    def _save(self, loop: Loop) -> None:
+        self.manager.save(loop.step, loop.state, loop.metadata())
+        loop.checkpoint_dir = self.manager.directory
+
+
+def _check_resumed_config(saved: dict | None, current: dict, directory: str) -> None:
+    if saved is None:  # a checkpoint from before configurations were recorded
+        return
+    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if differ:
+        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"cannot resume the run in {directory} with a different configuration ({details}): "
+            "the result would mix two runs. Resume with the saved values, or start a new run in "
+            "another folder."
+        )
