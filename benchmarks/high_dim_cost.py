@@ -104,9 +104,9 @@ def build_step(d: int, method: str, L: int, batch: int, probes: int, seed: int, 
         problem, L, laplacian_method=method, num_probes=probes if method == "hutchinson" else None
     )
     apply, params = to_apply(default_network(problem, L, seed=seed))
-    # solve's default: steps=20000, learning_rate=1e-3; the schedule's length does not change
+    # solve's default: steps=20000, learning_rate=3e-3; the schedule's length does not change
     # the cost of a step.
-    optimizer = default_optimizer(20000, 1e-3)
+    optimizer = default_optimizer(20000, 3e-3)
     loss_fn = make_loss_fn(apply, operator.op, objective)
     step_fn = make_train_step(loss_fn, optimizer, operator.sampler.sample, batch, ema_decay=0.999)
     state = init_train_state(params, optimizer, L, objective)
@@ -420,7 +420,7 @@ def main(argv=None) -> dict | None:
         "timeout": args.timeout,
         "seed": args.seed,
         "objective": "neuralsvd-seq",
-        "optimizer": "default_optimizer(20000, 1e-3)",
+        "optimizer": "default_optimizer(20000, 3e-3)",
         "network": "default_network(problem, L): L parallel 3 x 32 softplus MLPs",
     }
     load_start = os.getloadavg()

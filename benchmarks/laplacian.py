@@ -1,4 +1,4 @@
-"""Time every Laplacian method of ``nestedlora_jax.laplacian`` on the networks the solver uses.
+"""Time every Laplacian method of ``nestedlora_jax.laplacians`` on the networks the solver uses.
 
 Milliseconds per batch (jit-compiled, ``block_until_ready``, compile/warm-up excluded, median of
 ``--repeats`` calls) of ``batched_laplacian(fn, xs, method=m, return_grad=True)``, i.e. value,
@@ -36,7 +36,7 @@ import numpy as np
 
 from nestedlora_jax.run_folder import positive_int
 
-from nestedlora_jax.laplacian import (
+from nestedlora_jax.laplacians import (
     DEFAULT_LAPLACIAN_METHOD,
     EXACT_LAPLACIAN_METHODS,
     batched_laplacian,

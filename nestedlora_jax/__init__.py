@@ -1,21 +1,25 @@
 """nestedlora_jax: learn the top-L eigenfunctions (and singular functions) of operators
 with neural networks, by nested low-rank approximation (NestedLoRA / NeuralSVD).
 
-Layout (one concept per module):
+The public API is flat, as in optax and jax: ``nl.solve``, ``nl.fit``, ``nl.laplacian``,
+``nl.nested_lora_loss``, ``nl.SolveConfig``, ... Modules, one concept each:
 
 * ``objectives``  nesting masks and the NestedLoRA losses (one masked-gradient custom VJP)
 * ``baselines``   SpIN and NeuralEF objectives with the same interface
-* ``laplacian``   Laplacians by autodiff (forward-over-forward, folx, Hutchinson, ...)
+* ``laplacians``  Laplacians by autodiff (forward-over-forward, folx, Hutchinson, ...)
 * ``operators``   the (importance-weighted) negative Hamiltonian, energy conversion
 * ``samplers``    Gaussian (isotropic or full covariance), Laplace, uniform box, radial mixture
 * ``problems``    oscillators (isotropic, coupled), hydrogen, infinite well, cosine potential:
                   exact answers in any dimension
 * ``metrics``     eigenvalue errors, orthogonality, subspace / angle distances, Ritz values
-* ``training``    ``fit``: Optax loop with EMA, NaN guards, checkpoints, collapse remedy
+* ``training``    the pure compiled pieces (loss, step, state) and ``fit``
+* ``hooks``       the host loop ``run_loop`` and its hooks (checkpoints, progress, collapse
+                  remedy, divergence guard, history file, callbacks)
+* ``config``      configuration as frozen dataclasses (network, operator, training, evaluation)
 * ``evaluation``  ``evaluate``: every metric against a problem's exact answers, on a grid or
                   on Monte Carlo samples with standard errors
 * ``networks``    Flax NNX eigenfunction networks and ``to_apply`` (imports Flax)
-* ``solver``      ``solve(problem, L)``: all of the above in one call (imports Flax)
+* ``solver``      ``solve(problem, L, config=...)`` and ``restore(run_dir)`` (imports Flax)
 * ``grid_baseline`` finite-difference sparse eigensolver baseline (needs scipy; import it
                   explicitly: ``nestedlora_jax.grid_baseline``)
 
@@ -25,12 +29,44 @@ the Flax-based names below are loaded on first use.
 
 import importlib
 
-from nestedlora_jax import baselines, laplacian, metrics, objectives, operators, problems, samplers
+from nestedlora_jax import (
+    baselines,
+    config,
+    hooks,
+    laplacians,
+    metrics,
+    objectives,
+    operators,
+    problems,
+    samplers,
+    training,
+)
 from nestedlora_jax.baselines import neuralef_objective, spin_objective
+from nestedlora_jax.config import (
+    METHODS,
+    ConfigVersionError,
+    EvaluationConfig,
+    NetworkConfig,
+    OperatorConfig,
+    SolveConfig,
+    TrainingConfig,
+)
 from nestedlora_jax.evaluation import evaluate, quadrature_grid
-# The function is `nestedlora_jax.laplacian.laplacian`: re-exporting it here would shadow
-# the module of the same name.
-from nestedlora_jax.laplacian import LAPLACIAN_METHODS, batched_laplacian
+from nestedlora_jax.hooks import (
+    Callback,
+    Checkpoints,
+    CollapseConfig,
+    CollapseRemedy,
+    DivergenceGuard,
+    HistoryFile,
+    Hook,
+    Loop,
+    ProgressBar,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    run_loop,
+)
+from nestedlora_jax.laplacians import LAPLACIAN_METHODS, batched_laplacian, laplacian
 from nestedlora_jax.objectives import (
     NESTINGS,
     Objective,
@@ -64,9 +100,18 @@ from nestedlora_jax.samplers import (
     RadialExponentialMixture,
     UniformBoxSampler,
 )
-from nestedlora_jax.training import CollapseConfig, FitResult, TrainingDivergedError, fit, make_loss_fn
+from nestedlora_jax.training import (
+    FitResult,
+    TrainState,
+    default_optimizer,
+    fit,
+    init_train_state,
+    make_loss_fn,
+    make_train_step,
+    train_steps,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Flax-based names, imported lazily so that the core never pulls in Flax.
 _LAZY = {
@@ -76,8 +121,9 @@ _LAZY = {
     "to_apply": ("nestedlora_jax.networks", "to_apply"),
     "load_params": ("nestedlora_jax.networks", "load_params"),
     "solve": ("nestedlora_jax.solver", "solve"),
+    "restore": ("nestedlora_jax.solver", "restore"),
     "SolveResult": ("nestedlora_jax.solver", "SolveResult"),
-    "METHODS": ("nestedlora_jax.solver", "METHODS"),
+    "PeriodicEvaluation": ("nestedlora_jax.solver", "PeriodicEvaluation"),
 }
 
 
@@ -90,46 +136,28 @@ def __getattr__(name):
 
 
 __all__ = [
-    "CollapseConfig",
-    "CorrelatedGaussianSampler",
-    "CosinePotential",
-    "CoupledOscillator",
-    "FitResult",
-    "GaussianSampler",
-    "HarmonicOscillator",
-    "Hydrogen",
-    "InfiniteWell",
-    "LAPLACIAN_METHODS",
-    "LaplaceSampler",
-    "METHODS",
-    "NESTINGS",
-    "Objective",
-    "Problem",
-    "ProblemOperator",
-    "RadialExponentialMixture",
-    "SolveResult",
-    "TrainingDivergedError",
-    "UniformBoxSampler",
-    "apply_operator",
-    "batched_laplacian",
-    "eigenfunction_network",
-    "eigenvalues_from_energies",
+    # solving
+    "solve", "restore", "SolveResult", "SolveConfig", "NetworkConfig", "OperatorConfig",
+    "TrainingConfig", "EvaluationConfig", "CollapseConfig", "ConfigVersionError", "METHODS",
+    # problems and samplers
+    "Problem", "HarmonicOscillator", "CoupledOscillator", "Hydrogen", "InfiniteWell",
+    "CosinePotential", "GaussianSampler", "CorrelatedGaussianSampler", "LaplaceSampler",
+    "RadialExponentialMixture", "UniformBoxSampler",
+    # objectives
+    "Objective", "NESTINGS", "nested_lora_loss", "nested_lora_objective", "nested_lora_svd_loss",
+    "lora_objective", "nesting_masks", "nesting_weights", "neuralef_objective", "spin_objective",
+    # operators
+    "laplacian", "batched_laplacian", "LAPLACIAN_METHODS", "negative_hamiltonian",
+    "apply_operator", "problem_operator", "ProblemOperator", "eigenvalues_from_energies",
     "energies_from_eigenvalues",
-    "evaluate",
-    "fit",
-    "load_params",
-    "lora_objective",
-    "make_loss_fn",
-    "negative_hamiltonian",
-    "nested_lora_loss",
-    "nested_lora_objective",
-    "nested_lora_svd_loss",
-    "nesting_masks",
-    "nesting_weights",
-    "neuralef_objective",
-    "problem_operator",
-    "quadrature_grid",
-    "solve",
-    "spin_objective",
-    "to_apply",
+    # training
+    "fit", "FitResult", "TrainState", "make_loss_fn", "make_train_step", "init_train_state",
+    "train_steps", "default_optimizer", "run_loop", "Loop", "Hook", "Callback", "Checkpoints",
+    "CollapseRemedy", "DivergenceGuard", "HistoryFile", "ProgressBar", "PeriodicEvaluation",
+    "TrainingDivergedError", "TrainingInterrupted",
+    # networks and evaluation
+    "eigenfunction_network", "to_apply", "load_params", "evaluate", "quadrature_grid",
+    # modules
+    "baselines", "config", "hooks", "laplacians", "metrics", "objectives", "operators",
+    "problems", "samplers", "training", "networks", "solver",
 ]

@@ -50,7 +50,7 @@ the first ~``1/decay`` steps it is shrunk by ``1 - (1-decay)^t``. Here the avera
 bias-corrected (divided by its accumulated weight, as in Adam), i.e. it is the weighted mean
 of the batches seen so far; the two agree once ``(1-decay)^t`` is negligible.
 
-Learned eigenfunctions are ``Lc^{-1} f`` per sample (:func:`spin_objective`'s ``transform``).
+Learned eigenfunctions are ``Lc^{-1} f`` per sample (:func:`spin_objective`'s ``readout``).
 
 **NeuralEF** (Deng, Shi, Zhu, "NeuralEF: Deconstructing Kernels by Deep Neural Networks",
 ICML 2022). Outputs are normalised per function by their batch RMS, ``psi_j = f_j / ||f_j||``
@@ -64,7 +64,7 @@ with ``C_lj = <psi_l, psi_j>`` (``variant="unbiased"``, the mu-EigenGame form of
 ``C_lj = <psi_l, Tpsi_j> / (<psi_l, Tpsi_l> + 1e-5)`` (``variant="original"``, Deng et al.),
 estimated on the *other* half of the batch (``split_batch=True``; both halves' estimates are
 independent, so the expected update is the population one) or on the whole batch. The
-transform for evaluation divides by a running RMS (momentum 0.9, as the reference's
+readout for evaluation divides by a running RMS (momentum 0.9, as the reference's
 ``batchnorm_mode='unbiased'``).
 
 *Difference from the reference.* Its ``unbiased`` variant takes ``C`` for a sample from
@@ -223,7 +223,7 @@ def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3) -> Objective:
         (reference: 1e-3).
 
     Returns:
-      An :class:`Objective` with state :class:`SpinState`, ``transform(f, state) =
+      An :class:`Objective` with state :class:`SpinState`, ``readout(f, state) =
       f @ Lc^{-T}`` (``Lc^{-1} f`` per sample: the learned, approximately orthonormal
       eigenfunctions; ``Lc`` from the state) and ``needs_even_batch=False``.
     """
@@ -252,7 +252,7 @@ def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3) -> Objective:
         new_state = SpinState(avg.astype(state.sigma_avg.dtype), weight.astype(state.weight.dtype))
         return value, new_state
 
-    def transform(f, state):
+    def readout(f, state):
         f = jnp.asarray(f)
         if f.ndim != 2:
             raise ValueError(f"f must have shape (B, L), got shape {f.shape}.")
@@ -263,7 +263,7 @@ def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3) -> Objective:
         return solve_triangular(chol, f.T, lower=True).T
 
     return Objective(
-        name="spin", init=init, loss=loss, transform=transform, needs_even_batch=False
+        name="spin", init=init, loss=loss, readout=readout, needs_even_batch=False
     )
 
 
@@ -289,7 +289,7 @@ class NeuralEFState(NamedTuple):
     Attributes:
       sq_norm_avg: ``(L,)`` un-normalised moving average of ``mean_b f_bj^2`` (starts at 0).
       weight: scalar, accumulated weight ``1 - momentum^t`` (bias correction); zero before
-        the first step, when the transform is the identity.
+        the first step, when the readout is the identity.
     """
 
     sq_norm_avg: jax.Array
@@ -360,13 +360,13 @@ def neuralef_objective(
     (module docstring for ``C``), chained through the normalisation to ``f``; the value is
     the reference's ``-sum_j <psi_j, T psi_j> + (1/2) sum_h sum_{l<j} C^h_lj <psi_j, T psi_l>_h``,
     which tends to ``-sum_j lambda_j`` at the solution. The state tracks a running RMS of
-    each output for ``transform``.
+    each output for ``readout``.
 
     Args:
       variant: ``"unbiased"`` (mu-EigenGame form, ``C = <psi_l, psi_j>``; the reference's
         default in its PDE experiments) or ``"original"`` (Deng et al.,
         ``C = <psi_l, T psi_j> / <psi_l, T psi_l>``).
-      momentum: of the running mean square used by ``transform``, in ``[0, 1)``
+      momentum: of the running mean square used by ``readout``, in ``[0, 1)``
         (reference: 0.9).
       split_batch: estimate ``C`` from batch halves (B must be even) so that it is
         independent of the sample it multiplies; ``False`` uses the whole batch (the
@@ -376,7 +376,7 @@ def neuralef_objective(
         ``unbiased=True`` code path, biased by O(1/B)).
 
     Returns:
-      An :class:`Objective` with state :class:`NeuralEFState`, ``transform(f, state) =
+      An :class:`Objective` with state :class:`NeuralEFState`, ``readout(f, state) =
       f / running_rms`` and ``needs_even_batch=split_batch``.
     """
     if variant not in NEURALEF_VARIANTS:
@@ -420,7 +420,7 @@ def neuralef_objective(
         )
         return value, new_state
 
-    def transform(f, state):
+    def readout(f, state):
         f = jnp.asarray(f)
         if f.ndim != 2:
             raise ValueError(f"f must have shape (B, L), got shape {f.shape}.")
@@ -434,7 +434,7 @@ def neuralef_objective(
         name="neuralef",
         init=init,
         loss=loss,
-        transform=transform,
+        readout=readout,
         needs_even_batch=bool(split_batch),
     )
 

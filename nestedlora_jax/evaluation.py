@@ -1,4 +1,4 @@
-"""Evaluate learned eigenfunctions against a problem's exact answers (method.md §4).
+"""Evaluate learned eigenfunctions against a problem's exact answers.
 
 :func:`evaluate` applies the network and the operator on evaluation points, maps the values to
 ``L2(dx)`` and computes every metric of :mod:`nestedlora_jax.metrics`: energies by Rayleigh
@@ -123,7 +123,7 @@ def evaluate(
     num_samples: int = 2**18,
     key: jax.Array | None = None,
     importance_weighted: bool = True,
-    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    readout: Callable[[np.ndarray], np.ndarray] | None = None,
     chunk: int = 512,
     groups: int = 32,
 ) -> dict:
@@ -159,8 +159,8 @@ def evaluate(
       importance_weighted: the network represents ``psi / sqrt(p)`` (training used the
         sampler's ``log_prob``), as :func:`~nestedlora_jax.operators.problem_operator` does
         by default.
-      transform: maps raw outputs ``(n, L)`` to eigenfunction estimates (a baseline's
-        ``objective.transform`` with its state bound; applied chunk by chunk, so it must act
+      readout: maps raw outputs ``(n, L)`` to eigenfunction estimates (a baseline's
+        ``objective.readout`` with its state bound; applied chunk by chunk, so it must act
         on each point alone); identity by default.
       chunk: points per compiled network call.
       groups: jackknife groups for the standard errors (Monte Carlo only; >= 2).
@@ -209,7 +209,7 @@ def evaluate(
     stats = gram_statistics(
         apply, params, problem, operator, points=points, weights=weights,
         num_samples=num_samples, key=key, importance_weighted=importance_weighted,
-        transform=transform, chunk=chunk, groups=1 if on_grid else groups,
+        readout=readout, chunk=chunk, groups=1 if on_grid else groups,
     )
     total = stats.sums.sum(axis=0) / (1.0 if on_grid else stats.counts.sum())
     out = metrics_from_gram(total, L, operator, exact, blocks, stats.has_psi)
@@ -263,7 +263,7 @@ class GramStatistics(NamedTuple):
 
 
 def gram_statistics(apply, params, problem, operator, *, points=None, weights=None,
-                    num_samples=2**18, key=None, importance_weighted=True, transform=None,
+                    num_samples=2**18, key=None, importance_weighted=True, readout=None,
                     chunk=512, groups=1) -> GramStatistics:
     """``S_g = sum_n w_n z_n z_n^T`` over ``groups`` consecutive groups of points, chunk by chunk.
 
@@ -290,8 +290,8 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
         # The training rule: a point with a non-finite or absurd raw value (a singularity met
         # numerically, e.g. a grid node on the nucleus) is not evaluated.
         valid = np.asarray(valid_points(f, Tf))
-        if transform is not None:
-            f, Tf = np.asarray(transform(f), np.float64), np.asarray(transform(Tf), np.float64)
+        if readout is not None:
+            f, Tf = np.asarray(readout(f), np.float64), np.asarray(readout(Tf), np.float64)
         with jax.enable_x64(True):
             x64 = jnp.asarray(x, jnp.float64)
             psi = _exact_values(problem, x64, f.shape[1])

@@ -585,8 +585,8 @@ def grid_baseline_sweep(
       blas_threads: BLAS / OpenMP threads of the child (None: inherit the environment). One by
         default: scipy's sparse products are single-threaded and the BLAS calls on these grids
         are small (ARPACK's vector operations, SuperLU's supernodes), while threads on busy
-        cores spin: a 40^3 Lanczos solve took 2.1 s with one thread, 14 s with 2 and 30 s with
-        OpenBLAS's default on a loaded 2-core machine.
+        cores spin (on a loaded 2-core machine a 40^3 Lanczos solve took 2.1 s with one
+        thread, 14 s with two).
 
     Returns:
       One dict per size with ``status``, ``reason`` (None when ok), ``num_points_per_axis``,

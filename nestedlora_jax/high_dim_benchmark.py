@@ -45,8 +45,15 @@ from nestedlora_jax.run_folder import (
     prepare_run_folder,
     seed_int,
 )
-from nestedlora_jax.solver import METHODS, solve
-from nestedlora_jax.training import CollapseConfig
+from nestedlora_jax.config import (
+    METHODS,
+    CollapseConfig,
+    EvaluationConfig,
+    NetworkConfig,
+    SolveConfig,
+    TrainingConfig,
+)
+from nestedlora_jax.solver import solve
 
 PROBLEMS = ("coupled-oscillator", "cosine", "box", "hydrogen3d")
 
@@ -151,6 +158,23 @@ def check_args(args) -> None:
                          f"states with standard errors: use at least {minimum}.")
 
 
+def solve_config(args, seed: int) -> SolveConfig:
+    """The command line as a :class:`~nestedlora_jax.config.SolveConfig` (one seed)."""
+    log_every = args.log_every
+    eval_every = args.eval_every - args.eval_every % log_every if args.eval_every else None
+    return SolveConfig(
+        method=args.method,
+        network=NetworkConfig(hidden=tuple(args.hidden) if args.hidden else None),
+        training=TrainingConfig(
+            steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=seed,
+            log_every=log_every, checkpoint_every=multiple_of(args.checkpoint_every, log_every),
+            collapse=CollapseConfig(),
+        ),
+        evaluation=EvaluationConfig(mode="mc", num_samples=args.eval_samples,
+                                    every=eval_every or None),
+    )
+
+
 def run(args) -> dict:
     check_args(args)
     problem = make_problem(args.problem, args.dim)
@@ -175,33 +199,13 @@ def run(args) -> dict:
         write_json_atomic(os.path.join(out_dir, "grid_baseline.json"), out)
         print_grid(grid)
         return out
-    log_every = args.log_every
-    eval_every = args.eval_every - args.eval_every % log_every if args.eval_every else None
     per_seed, last = [], None
     for seed in seeds:
         seed_dir = os.path.join(out_dir, f"seed{seed}")
         os.makedirs(seed_dir, exist_ok=True)
         t0 = time.perf_counter()
-        result = solve(
-            problem,
-            args.states,
-            method=args.method,
-            steps=args.steps,
-            batch_size=args.batch,
-            seed=seed,
-            learning_rate=args.lr,
-            network_options={"hidden": tuple(args.hidden)} if args.hidden else None,
-            evaluation="mc",
-            num_eval_samples=args.eval_samples,
-            progress=not args.quiet,
-            log_every=log_every,
-            eval_every=eval_every or None,
-            checkpoint_dir=os.path.join(seed_dir, "checkpoints"),
-            checkpoint_every=multiple_of(args.checkpoint_every, log_every),
-            resume=args.resume,
-            history_path=os.path.join(seed_dir, "history.json"),
-            collapse=CollapseConfig(),
-        )
+        result = solve(problem, args.states, config=solve_config(args, seed), run_dir=seed_dir,
+                       resume=args.resume, progress=not args.quiet)
         wall = time.perf_counter() - t0
         m = result.metrics
         print(result.table)

@@ -105,9 +105,12 @@ class Loop:
       steps: the step the run ends at.
       config: the configuration that shapes the result (JSON-able; saved with checkpoints
         and compared on resume).
-      history: one dict per chunk (``step``, ``loss``, ``eigenvalues``, ``rayleigh``,
-        ``bad_steps``, ``time``, and what hooks added).
-      transform: operator eigenvalues -> reported units (e.g. energies), for the history.
+      history: one dict per chunk: ``step``, ``loss``, ``eigenvalues`` (the running
+        estimates ``||f_i||^2`` of the operator's eigenvalues), ``rayleigh`` (running Rayleigh
+        quotients), ``energies`` (``spectral_map`` of ``eigenvalues``, when given),
+        ``bad_steps``, ``time``, and what hooks added.
+      spectral_map: operator eigenvalues -> reported units (e.g. energies); with it the
+        history entries also hold ``"energies"``.
       place: lays a state out on the training devices (identity on one device); apply it to
         any state a hook builds.
       start_step: the step this call started from (after a resume).
@@ -118,7 +121,7 @@ class Loop:
     steps: int
     config: dict = dataclasses.field(default_factory=dict)
     history: list = dataclasses.field(default_factory=list)
-    transform: Callable[[np.ndarray], np.ndarray] = lambda t: t
+    spectral_map: Callable[[np.ndarray], np.ndarray] | None = None
     place: Callable[[Any], Any] = lambda state: state
     start_step: int = 0
     checkpoint_dir: str | None = None
@@ -204,14 +207,17 @@ def run_loop(loop: Loop, run_chunk: Callable[[Any, int], Any], hooks: Sequence[H
 
 def _history_entry(loop: Loop) -> dict:
     state = loop.state
-    return {
+    norms = np.asarray(state.norms)
+    entry = {
         "step": loop.step,
         "loss": float(state.loss),
-        "eigenvalues": np.asarray(loop.transform(np.asarray(state.norms))).tolist(),
-        "rayleigh": np.asarray(loop.transform(np.asarray(state.rayleigh))).tolist(),
-        "bad_steps": int(state.bad_steps),
-        "time": loop.elapsed,
+        "eigenvalues": norms.tolist(),
+        "rayleigh": np.asarray(state.rayleigh).tolist(),
     }
+    if loop.spectral_map is not None:
+        entry["energies"] = np.asarray(loop.spectral_map(norms)).tolist()
+    entry.update(bad_steps=int(state.bad_steps), time=loop.elapsed)
+    return entry
 
 
 @contextlib.contextmanager
@@ -433,7 +439,7 @@ class ProgressBar(Hook):
 
     def after_record(self, loop: Loop, entry: dict) -> None:
         self.bar.update(loop.step - self.bar.n)
-        shown = np.asarray(entry["eigenvalues"][: self.shown])
+        shown = np.asarray(entry.get("energies", entry["eigenvalues"])[: self.shown])
         self.bar.set_postfix(loss=f"{entry['loss']:.4g}", eig=np.array2string(shown, precision=4),
                              bad=entry["bad_steps"])
 

@@ -32,10 +32,19 @@ from nestedlora_jax.run_folder import (
     prepare_run_folder,
     seed_int,
 )
-from nestedlora_jax.solver import METHODS, solve
-from nestedlora_jax.training import CollapseConfig, TrainingInterrupted
+from nestedlora_jax.config import (
+    METHODS,
+    CollapseConfig,
+    EvaluationConfig,
+    NetworkConfig,
+    SolveConfig,
+    TrainingConfig,
+)
+from nestedlora_jax.hooks import TrainingInterrupted
+from nestedlora_jax.solver import restore, solve
 
-# The paper's figures (method.md §6), read off its bar chart (about +-10%), 16 states.
+# The paper's figures (NeuralSVD, ICML 2024, its 2-D hydrogen experiment), read off its bar
+# chart (about +-10%), 16 states.
 PAPER = {
     "spin": {"batch": 128, "mean_rel_error": 0.84, "angle_distance_mean": 0.16, "subspace_distance_mean": 0.068, "orthogonality": 1.4e-4},
     "neuralef": {"batch": 512, "mean_rel_error": 0.036, "angle_distance_mean": 0.13, "subspace_distance_mean": 0.050, "orthogonality": 5.8e-4},
@@ -120,25 +129,9 @@ def run(args) -> dict:
         seed_dir = os.path.join(args.out, f"seed{seed}")
         os.makedirs(seed_dir, exist_ok=True)
         t0 = time.perf_counter()
-        result = solve(
-            problem,
-            args.states,
-            method=args.method,
-            steps=args.steps,
-            batch_size=args.batch,
-            seed=seed,
-            learning_rate=args.lr,
-            network_options={"hidden": tuple(args.hidden or _default_hidden(args.method))},
-            grid_size=args.grid,
-            progress=not args.quiet,
-            log_every=args.log_every,
-            checkpoint_dir=os.path.join(seed_dir, "checkpoints"),
-            checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
-            resume=args.resume,
-            history_path=os.path.join(seed_dir, "history.json"),
-            collapse=CollapseConfig(reinitialize=not args.no_collapse_remedy),
-            data_parallel=_data_parallel(args.data_parallel),
-        )
+        result = solve(problem, args.states, config=solve_config(args, seed), run_dir=seed_dir,
+                       resume=args.resume, progress=not args.quiet,
+                       data_parallel=_data_parallel(args.data_parallel))
         wall = time.perf_counter() - t0
         trained, train_time = result.fit.steps_run, result.fit.train_time
         print(result.table)
@@ -162,30 +155,32 @@ def run(args) -> dict:
     return out
 
 
-def load_run(out_dir, seed: int | None = None):
-    """The trained network of a finished (or interrupted) benchmark run, as a ``SolveResult``.
-
-    Reads the configuration from ``out_dir/results.json`` and restores the newest checkpoint
-    of ``seed`` (default: the last seed of the run), evaluated exactly as the run was.
-    """
-    import json
-
-    from nestedlora_jax.solver import restore
-
-    with open(os.path.join(out_dir, "results.json")) as fh:
-        config = json.load(fh)["config"]
-    seed = config["seeds"][-1] if seed is None else seed
-    if seed not in config["seeds"]:
-        raise ValueError(f"{out_dir} has seeds {config['seeds']}, not {seed}.")
-    return restore(
-        Hydrogen(dim=2),
-        config["states"],
-        os.path.join(out_dir, f"seed{seed}", "checkpoints"),
-        method=config["method"],
-        seed=seed,
-        network_options={"hidden": tuple(config["hidden"] or _default_hidden(config["method"]))},
-        grid_size=config["grid"],
+def solve_config(args, seed: int) -> SolveConfig:
+    """The command line as a :class:`~nestedlora_jax.config.SolveConfig` (one seed)."""
+    return SolveConfig(
+        method=args.method,
+        network=NetworkConfig(hidden=tuple(args.hidden or _default_hidden(args.method))),
+        training=TrainingConfig(
+            steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=seed,
+            log_every=args.log_every,
+            checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
+            collapse=CollapseConfig(reinitialize=not args.no_collapse_remedy),
+        ),
+        evaluation=EvaluationConfig(grid_size=args.grid),
     )
+
+
+def load_run(out_dir, seed: int | None = None):
+    """The trained network of a finished (or interrupted) benchmark run, as a ``SolveResult``:
+    :func:`~nestedlora_jax.solver.restore` of the seed's folder (default: the highest
+    seed), evaluated exactly as the run was."""
+    seeds = sorted(int(d[4:]) for d in os.listdir(out_dir) if d.startswith("seed") and d[4:].isdigit())
+    if not seeds:
+        raise FileNotFoundError(f"{out_dir} holds no benchmark run (no seed<N> folders).")
+    seed = seeds[-1] if seed is None else seed
+    if seed not in seeds:
+        raise ValueError(f"{out_dir} has seeds {seeds}, not {seed}.")
+    return restore(os.path.join(out_dir, f"seed{seed}"))
 
 
 def seed_record(seed: int, result, wall: float) -> dict:
@@ -335,7 +330,7 @@ def make_figures(problem, result, out_dir, L):
     hist = result.fit.history
     if hist:
         steps = np.array([h["step"] for h in hist])
-        est = np.array([h["eigenvalues"] for h in hist])
+        est = np.array([h["energies"] for h in hist])
         err = np.abs(est - metrics["exact"][None, :]) / np.abs(metrics["exact"][None, :])
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.semilogy(steps, np.mean(err, axis=1), "k-", lw=2, label="mean")

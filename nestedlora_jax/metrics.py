@@ -1,4 +1,4 @@
-"""Evaluation metrics for learned eigenfunctions (method.md section 4): pure array functions.
+"""Evaluation metrics for learned eigenfunctions: pure array functions.
 
 Inputs are arrays of function values at N evaluation points:
 
@@ -267,8 +267,9 @@ def residuals(f: Array, Tf: Array, lam: Array | None, w: Array) -> Array:
     """``||T f_i - lam_i f_i|| / ||f_i||`` (L,); ``lam=None`` uses the Rayleigh quotients.
 
     Zero iff f_i is an eigenfunction with eigenvalue lam_i. Units are those of T (pass ``H f``
-    and energies to get it in energy units). Much slower to converge than eigenvalues
-    (method.md section 7): report both.
+    and energies to get it in energy units). It converges much more slowly than the
+    eigenvalues (an eigenvalue error is quadratic in the function's error, the residual
+    linear): report both.
     """
     if lam is None:
         lam = rayleigh_quotients(f, Tf, w)

@@ -21,7 +21,7 @@ function of a plain ``dict`` of its trainable parameters (only the ``nnx.Param``
 features such as the Fourier matrix, stored as :class:`Frozen`, are closed over and never seen by
 an optimizer); :func:`load_params` puts trained parameters back::
 
-    net = eigenfunction_network(2, 9, kind="parallel", radial_input=True, rngs=nnx.Rngs(0))
+    net = eigenfunction_network(2, 9, architecture="parallel", radial_input=True, rngs=nnx.Rngs(0))
     apply, params = to_apply(net)               # apply(params, x): (d,) -> (L,), pure
     f = jax.vmap(apply, in_axes=(None, 0))      # (B, d) -> (B, L)
     params = train(f, params)                   # any jit/grad/optax code on the dict
@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 _RADIUS_EPS = 1e-12
-_KINDS = ("parallel", "shared")
+ARCHITECTURES = ("parallel", "shared")
 _ENVELOPES = (None, "fixed", "learnable")
 
 
@@ -80,6 +80,15 @@ class Frozen(nnx.Variable):
 
 
 # --------------------------------------------------------------------------- validation
+
+
+# The activations a configuration can name (config.ACTIVATIONS); any callable works in code.
+ACTIVATION_FUNCTIONS: dict[str, Callable[[Array], Array]] = {
+    "softplus": jax.nn.softplus,
+    "tanh": jnp.tanh,
+    "silu": jax.nn.silu,
+    "gelu": jax.nn.gelu,
+}
 
 
 def _check_hidden(hidden: Any) -> tuple[int, ...]:
@@ -177,15 +186,15 @@ class InputFeatures(nnx.Module):
 
         z = x
         z = PeriodicEmbedding(z)            if periodic          (2d)
-        z = RandomFourierFeatures(z)        if fourier           (2 num)
-        z = concat(z, stable_radius(x))     if radial            (+1)
+        z = RandomFourierFeatures(z)        if fourier_features  (2 num)
+        z = concat(z, stable_radius(x))     if radial_input      (+1)
 
     Args:
       in_features: d.
       periodic: ``False``/``None``, ``True`` (period 2 pi), or a period (scalar or (d,)).
-      fourier: ``None`` or ``(num_features, scale)``.
-      radial: append ``sqrt(|x|^2 + radial_eps)``: lets the network represent a Coulomb cusp
-        (method.md section 7). Not allowed together with ``periodic``.
+      fourier_features: ``None`` or ``(num_features, scale)``.
+      radial_input: append ``sqrt(|x|^2 + radial_eps)``: lets the network represent a Coulomb cusp
+        (a smooth MLP of ``x`` alone cannot). Not allowed together with ``periodic``.
     """
 
     def __init__(
@@ -193,15 +202,15 @@ class InputFeatures(nnx.Module):
         in_features: int,
         *,
         periodic: bool | float | Sequence[float] | None = False,
-        fourier: tuple[int, float] | None = None,
-        radial: bool = False,
+        fourier_features: tuple[int, float] | None = None,
+        radial_input: bool = False,
         radial_eps: float = _RADIUS_EPS,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.in_features = check_positive_int("in_features", in_features)
         is_periodic = periodic is not None and periodic is not False
-        if is_periodic and radial:
+        if is_periodic and radial_input:
             raise ValueError(
                 "radial_input=True makes no sense with periodic inputs (|x| is not periodic)"
             )
@@ -211,22 +220,22 @@ class InputFeatures(nnx.Module):
             period = 2 * math.pi if periodic is True else periodic
             periodic_embedding = PeriodicEmbedding(n, period)
             n = periodic_embedding.out_features
-        fourier_features = None
-        if fourier is not None:
+        fourier_module = None
+        if fourier_features is not None:
             try:
-                num, scale = fourier
+                num, scale = fourier_features
             except (TypeError, ValueError):
                 raise ValueError(
-                    f"fourier_features must be None or (num_features, scale), got {fourier!r}"
+                    f"fourier_features must be None or (num_features, scale), got {fourier_features!r}"
                 ) from None
-            fourier_features = RandomFourierFeatures(
+            fourier_module = RandomFourierFeatures(
                 n, num, scale, param_dtype=param_dtype, rngs=rngs
             )
-            n = fourier_features.out_features
+            n = fourier_module.out_features
         # Assigned once: an NNX attribute first set to None is static metadata.
         self.periodic = periodic_embedding
-        self.fourier = fourier_features
-        self.radial = bool(radial)
+        self.fourier = fourier_module
+        self.radial = bool(radial_input)
         if not radial_eps > 0:
             raise ValueError(f"radial_eps must be positive, got {radial_eps!r}")
         self.radial_eps = float(radial_eps)
@@ -320,7 +329,7 @@ class ParallelMLPs(nnx.Module):
     def __init__(
         self,
         in_features: int,
-        num_functions: int,
+        L: int,
         *,
         hidden: Sequence[int] = (32, 32, 32),
         activation: Activation = jax.nn.softplus,
@@ -328,12 +337,12 @@ class ParallelMLPs(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_positive_int("in_features", in_features)
-        check_positive_int("num_functions (number of functions L)", num_functions)
+        check_positive_int("L (the number of functions)", L)
         sizes = (in_features, *_check_hidden(hidden), 1)
         self.activation = _check_activation(activation)
         self.layers = nnx.List(
             [
-                StackedLinear(num_functions, a, b, param_dtype=param_dtype, rngs=rngs)
+                StackedLinear(L, a, b, param_dtype=param_dtype, rngs=rngs)
                 for a, b in zip(sizes[:-1], sizes[1:])
             ]
         )
@@ -353,17 +362,17 @@ def _inverse_softplus(y: Array) -> Array:
     return y + jnp.log(-jnp.expm1(-y))
 
 
-def _decay_lengths(decay_length: Any, num_functions: int) -> np.ndarray:
+def _decay_lengths(decay_length: Any, L: int) -> np.ndarray:
     """Validated envelope lengths a_i as a NumPy (L,) array."""
     try:
         lengths = np.asarray(decay_length, dtype=float)
     except (TypeError, ValueError):
         lengths = np.full((0,), np.nan)
     if lengths.ndim == 0:
-        lengths = np.full((num_functions,), float(lengths))
-    if lengths.shape != (num_functions,) or not np.all(lengths > 0):
+        lengths = np.full((L,), float(lengths))
+    if lengths.shape != (L,) or not np.all(lengths > 0):
         raise ValueError(
-            f"envelope_decay must be a positive number or {num_functions} positive numbers, "
+            f"envelope_decay must be a positive number or {L} positive numbers, "
             f"got {decay_length!r}"
         )
     return lengths
@@ -375,21 +384,21 @@ class Envelope(nnx.Module):
     Fixed: the lengths ``a_i`` are :class:`Frozen`. Learnable: the rate ``1/a_i =
     softplus(rho_i)`` with ``rho`` an ``nnx.Param`` of shape (L,), initialised at the given
     lengths; the softplus keeps the rate positive (the function stays bounded) and a rate near 0
-    is a flat envelope rather than a division by zero. method.md section 7: on hydrogen the
-    learnable version trapped functions near the nucleus; fixed envelopes helped.
+    is a flat envelope rather than a division by zero. On hydrogen the learnable version has
+    trapped functions near the nucleus, where fixed envelopes did not.
     """
 
     def __init__(
         self,
-        num_functions: int,
+        L: int,
         decay_length: float | Sequence[float] = 1.0,
         *,
         learnable: bool = False,
         radial_eps: float = _RADIUS_EPS,
         param_dtype: Any = jnp.float32,
     ):
-        check_positive_int("num_functions", num_functions)
-        lengths = _decay_lengths(decay_length, num_functions)
+        check_positive_int("L", L)
+        lengths = _decay_lengths(decay_length, L)
         self.learnable = bool(learnable)
         self.radial_eps = float(radial_eps)
         if self.learnable:
@@ -474,9 +483,9 @@ class EigenfunctionNetwork(nnx.Module):
 
 def eigenfunction_network(
     dim: int,
-    num_functions: int,
+    L: int,
     *,
-    kind: str = "parallel",
+    architecture: str = "parallel",
     hidden: Sequence[int] | None = None,
     activation: Activation = jax.nn.softplus,
     fourier_features: tuple[int, float] | None = None,
@@ -488,12 +497,12 @@ def eigenfunction_network(
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
 ) -> EigenfunctionNetwork:
-    """Build the usual eigenfunction network: (dim,) -> (num_functions,).
+    """Build the usual eigenfunction network: (dim,) -> (L,).
 
     Args:
       dim: input dimension d.
-      num_functions: L.
-      kind: ``"parallel"`` (L independent MLPs, default hidden (32, 32, 32); sequential nesting)
+      L: L.
+      architecture: ``"parallel"`` (L independent MLPs, default hidden (32, 32, 32); sequential nesting)
         or ``"shared"`` (one MLP with L outputs, default hidden (64, 64, 64); joint nesting).
       hidden: hidden layer widths.
       fourier_features: ``None`` or ``(num, scale)``: frozen ``[sin(Bx), cos(Bx)]``,
@@ -507,18 +516,18 @@ def eigenfunction_network(
       rngs: ``nnx.Rngs``; parameters and Fourier frequencies use its ``params`` stream.
 
     Raises:
-      ValueError: on an unknown ``kind``/``envelope``, non-positive sizes, or an envelope /
+      ValueError: on an unknown ``architecture``/``envelope``, non-positive sizes, or an envelope /
         radial input combined with periodic inputs.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"unknown kind {kind!r}: expected one of {_KINDS}")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}: expected one of {ARCHITECTURES}")
     if envelope not in _ENVELOPES:
         raise ValueError(f"unknown envelope {envelope!r}: expected one of {_ENVELOPES}")
     check_positive_int("dim", dim)
-    check_positive_int("num_functions (number of functions L)", num_functions)
+    check_positive_int("L (the number of functions)", L)
     # Validate everything before building anything (building draws random numbers).
     if hidden is None:
-        hidden = (32, 32, 32) if kind == "parallel" else (64, 64, 64)
+        hidden = (32, 32, 32) if architecture == "parallel" else (64, 64, 64)
     hidden = _check_hidden(hidden)
     _check_activation(activation)
     is_periodic = periodic is not None and periodic is not False
@@ -531,7 +540,7 @@ def eigenfunction_network(
             "radial_input=True makes no sense with periodic inputs (|x| is not periodic)"
         )
     if envelope is not None:
-        _decay_lengths(envelope_decay, num_functions)
+        _decay_lengths(envelope_decay, L)
     if boundary_mask is not None and not callable(boundary_mask):
         raise ValueError(
             f"boundary_mask must be None or a callable x -> scalar, got {boundary_mask!r}"
@@ -539,15 +548,15 @@ def eigenfunction_network(
     features = InputFeatures(
         dim,
         periodic=periodic,
-        fourier=fourier_features,
-        radial=radial_input,
+        fourier_features=fourier_features,
+        radial_input=radial_input,
         param_dtype=param_dtype,
         rngs=rngs,
     )
-    if kind == "parallel":
+    if architecture == "parallel":
         body = ParallelMLPs(
             features.out_features,
-            num_functions,
+            L,
             hidden=hidden,
             activation=activation,
             param_dtype=param_dtype,
@@ -556,7 +565,7 @@ def eigenfunction_network(
     else:
         body = MLP(
             features.out_features,
-            num_functions,
+            L,
             hidden=hidden,
             activation=activation,
             param_dtype=param_dtype,
@@ -565,7 +574,7 @@ def eigenfunction_network(
     env = None
     if envelope is not None:
         env = Envelope(
-            num_functions,
+            L,
             envelope_decay,
             learnable=envelope == "learnable",
             param_dtype=param_dtype,

@@ -76,7 +76,7 @@ def nesting_weights(L: int, step: int = 1) -> np.ndarray:
 
 
 def nesting_masks(
-    L: int, nesting: Nesting = "joint", weights=None
+    L: int, nesting: Nesting = "sequential", weights=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Masks ``(m, M)`` of the unified (gradient-masked) nested objective.
 
@@ -243,7 +243,7 @@ def nested_lora_svd_loss(
     g,
     Tadj_f,
     *,
-    nesting: Nesting = "joint",
+    nesting: Nesting = "sequential",
     weights=None,
     split_batch: bool = True,
 ):
@@ -296,7 +296,7 @@ def nested_lora_loss(
     f,
     Tf,
     *,
-    nesting: Nesting = "joint",
+    nesting: Nesting = "sequential",
     weights=None,
     split_batch: bool = True,
 ):
@@ -420,7 +420,7 @@ class Objective(NamedTuple):
       loss: ``(f, Tf, state) -> (loss, new_state)`` for ``f, Tf`` of shape ``(B, L)``. The
         gradient of ``loss`` w.r.t. ``f`` is the method's update direction (it may be a
         masked / custom gradient, not the gradient of the returned value).
-      transform: ``(f, state) -> phi``: maps raw outputs ``(B, L)`` to the method's
+      readout: ``(f, state) -> phi``: maps raw outputs ``(B, L)`` to the method's
         eigenfunction estimates (identity for NestedLoRA; a linear map for baselines, so it
         applies to ``Tf`` as well).
       needs_even_batch: ``True`` if the batch is split in halves.
@@ -432,7 +432,7 @@ class Objective(NamedTuple):
     name: str
     init: Callable[[int, Any], Any]
     loss: Callable[[Any, Any, Any], tuple[Any, Any]]
-    transform: Callable[[Any, Any], Any]
+    readout: Callable[[Any, Any], Any]
     needs_even_batch: bool
     norms_are_eigenvalues: bool = False
 
@@ -440,7 +440,7 @@ class Objective(NamedTuple):
 def nested_lora_objective(
     nesting: Nesting = "sequential", weights=None, split_batch: bool = True
 ) -> Objective:
-    """:func:`nested_lora_loss` as an :class:`Objective` (stateless; identity transform)."""
+    """:func:`nested_lora_loss` as an :class:`Objective` (stateless; identity readout)."""
     _check_nesting(nesting)
 
     def loss(f, Tf, state):
@@ -451,7 +451,7 @@ def nested_lora_objective(
         name=name,
         init=lambda L, dtype: (),
         loss=loss,
-        transform=lambda f, state: f,
+        readout=lambda f, state: f,
         needs_even_batch=bool(split_batch),
         norms_are_eigenvalues=True,
     )

@@ -1,7 +1,6 @@
 """Operators applied to a per-point network: the (importance-weighted) negative Hamiltonian.
 
-The solver decomposes ``T = scale * (-H) + shift`` with ``H = -kinetic * Lap + V`` (method.md
-§2), i.e. ``T f = scale * (kinetic * Lap f - V f) + shift * f``; its top eigenvalues
+The solver decomposes ``T = scale * (-H) + shift`` with ``H = -kinetic * Lap + V``, i.e. ``T f = scale * (kinetic * Lap f - V f) + shift * f``; its top eigenvalues
 ``t_i = shift - scale * E_i`` belong to the lowest energies ``E_i``.
 
 An operator here is a function ``op(fn, x, key=None) -> (f, Tf)``: ``fn`` maps one point ``x``
@@ -19,7 +18,7 @@ evaluated from ``u`` and its derivatives only (no ``exp`` of a log-density, so n
 in the tails). Then plain batch means estimate ``L2(dx)`` inner products of ``psi = sqrt(p) f``:
 ``E_p[f_i f_j] = <psi_i, psi_j>`` and ``E_p[f_i T_p f_j] = <psi_i, T psi_j>``. ``T_p`` is
 self-adjoint in ``L2(p)``, so the objective may treat ``T f`` as a constant in the backward pass
-(method.md §1): ``op`` does not stop gradients itself; the objective decides.
+(``d<f, T f> = 2 <df, T f>``): ``op`` does not stop gradients itself; the objective decides.
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nestedlora_jax._checks import check_num_states, check_positive_float
-from nestedlora_jax.laplacian import LAPLACIAN_METHODS, STOCHASTIC_LAPLACIAN_METHODS, laplacian
+from nestedlora_jax.laplacians import LAPLACIAN_METHODS, STOCHASTIC_LAPLACIAN_METHODS, laplacian
 from nestedlora_jax.samplers import check_sampler_dim
 
 Array = jax.Array
@@ -95,7 +94,7 @@ def negative_hamiltonian(
       kinetic: coefficient of the Laplacian in ``H = -kinetic * Lap + V``.
       scale, shift: ``T = scale * (-H) + shift``; eigenvalues map back by
         ``energies_from_eigenvalues``.
-      laplacian_method: any of ``laplacian.LAPLACIAN_METHODS`` for the network's Laplacian. The
+      laplacian_method: any of ``laplacians.LAPLACIAN_METHODS`` for the network's Laplacian. The
         Laplacian of ``u = log_prob / 2`` always uses the exact default method (it is cheap, and
         noise there would only add variance).
       num_probes: probes per point for the Hutchinson methods.
@@ -271,7 +270,7 @@ def problem_operator(
     *,
     laplacian_method: str = "default",
     num_probes: int | None = None,
-    importance_weighting: bool = True,
+    importance_weighted: bool = True,
     scale: float | None = None,
     shift: float | None = None,
 ) -> ProblemOperator:
@@ -280,7 +279,7 @@ def problem_operator(
     Uses ``problem.operator_scaling(L)`` (unless ``scale``/``shift`` are given) and
     ``problem.default_sampler(L)`` (unless ``sampler`` is given), and importance-weights with the
     sampler's ``log_prob`` (so batch means estimate ``L2(dx)`` inner products); with
-    ``importance_weighting=False`` the network represents ``psi`` itself and batch means estimate
+    ``importance_weighted=False`` the network represents ``psi`` itself and batch means estimate
     ``L2(p)`` inner products. A problem without a known spectrum needs ``scale`` and ``shift``
     (``solve`` estimates them, see :func:`ritz_energies`).
 
@@ -327,7 +326,7 @@ def problem_operator(
         shift=shift,
         laplacian_method=laplacian_method,
         num_probes=num_probes,
-        log_prob=sampler.log_prob if importance_weighting else None,
+        log_prob=sampler.log_prob if importance_weighted else None,
     )
     eigenvalues = None if energies is None else eigenvalues_from_energies(energies, scale, shift)
     return ProblemOperator(op, sampler, scale, shift, eigenvalues)

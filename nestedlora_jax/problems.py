@@ -1,4 +1,4 @@
-"""Schrödinger problems with exact answers (method.md §3).
+"""Schrödinger problems with exact answers.
 
 Every problem is a frozen dataclass deriving from ``Problem``; its Hamiltonian is
 ``H = -kinetic * Lap + V`` with ``kinetic = 1`` (no 1/2, as in the paper). A problem provides
@@ -330,6 +330,9 @@ class CoupledOscillator(Problem):
             q = q * np.sign(np.diag(r))[None, :]  # Haar measure (QR sign convention fixed)
             w = np.sort(rng.uniform(lo, hi, self.dim))
             K = (q * w**2) @ q.T
+            # Exactly symmetric, so that CoupledOscillator(K=problem.K) is the same problem
+            # bit for bit (a run folder records K, not the draw).
+            K = (K + K.T) / 2
         else:
             K = _symmetric_positive_definite(self.K, self.dim, "K", "CoupledOscillator")
         w2, q = np.linalg.eigh(K)
@@ -559,8 +562,8 @@ class Hydrogen(Problem):
     def operator_scaling(self, L: int) -> tuple[float, float]:
         """``T = scale * (-H + c)``, ``c = 1.5 |E_L|``, ``scale = 1 / (|E_1| + c)`` (so t_1 = 1).
 
-        method.md §7: a positive shift of about ``1.5 |E_L|`` lowered ``t_1 / t_L`` from 49 to
-        ~20 for 16 states and removed component collapse. A larger shift is not used because
+        A positive shift of about ``1.5 |E_L|`` brings ``t_1 / t_L`` from 49 down to about 20
+        for 16 states, which removed component collapse there. A larger shift is not used because
         ``-H + c`` has continuous spectrum up to ``c``, with the bound states above ``E_L``
         accumulating just below: ``t_L`` must stay well clear of it relative to ``t_1``.
         """

@@ -10,7 +10,7 @@ function or passed as a static argument. Each has
   smooth enough to be differentiated twice where the density is smooth; computed in log space,
   never as ``log(exp(...))``, so it is finite far in the tails.
 
-The importance-weighted operators (``operators.py``, method.md §2) use ``u = log_prob / 2`` and
+The importance-weighted operators (``operators.py``) use ``u = log_prob / 2`` and
 its first two derivatives; see each class for where its log-density is not smooth.
 """
 from __future__ import annotations
@@ -319,7 +319,7 @@ class RadialExponentialMixture:
     ``psi`` itself. ``shape = d`` gives a density that is finite at the origin with a cusp,
     ``p(x) = sum_k pi_k exp(-r/a_k) / ((d-1)! a_k^d |S^{d-1}|)``, i.e. ``sqrt(p)`` behaves like
     a hydrogen orbital: this is the right choice when the network represents ``psi / sqrt(p)``
-    (importance weighting, method.md §2) because then ``sqrt(p) f`` is a finite-energy function
+    (importance weighting) because then ``sqrt(p) f`` is a finite-energy function
     for every smooth ``f``; with ``shape < d`` and ``f(0) != 0``, ``sqrt(p) f ~ r^{(shape-d)/2}``
     has infinite kinetic energy and the estimate of ``<f, T_p f>`` has infinite mean.
 

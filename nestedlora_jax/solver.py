@@ -2,9 +2,11 @@
 
 Composes the pieces with the defaults that worked on this project's problems::
 
-    from nestedlora_jax import problems, solve
-    result = solve(problems.HarmonicOscillator(dim=2), L=6, steps=5000)
+    import nestedlora_jax as nl
+    config = nl.SolveConfig().replace(training={"steps": 5000})
+    result = nl.solve(nl.HarmonicOscillator(dim=2), 6, config=config, run_dir="runs/osc")
     print(result.table)
+    again = nl.restore("runs/osc")   # the folder alone: configuration, problem, checkpoint
 
 Everything ``solve`` does is available piecewise (``problem_operator``,
 ``eigenfunction_network`` + ``to_apply``, ``fit``, ``evaluate``) for users who want to swap
@@ -14,7 +16,10 @@ one part.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import importlib
+import json
+import os
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -22,9 +27,19 @@ from flax import nnx
 
 from nestedlora_jax import metrics as M
 from nestedlora_jax.baselines import neuralef_objective, spin_objective
-from nestedlora_jax._checks import check_positive_int, is_int
+from nestedlora_jax._checks import check_positive_int
+from nestedlora_jax._io import write_json_atomic
+from nestedlora_jax.config import (
+    CONFIG_VERSION,
+    ConfigVersionError,
+    EvaluationConfig,
+    NetworkConfig,
+    SolveConfig,
+)
 from nestedlora_jax.evaluation import evaluate, min_monte_carlo_samples, quadrature_grid
-from nestedlora_jax.networks import eigenfunction_network, to_apply
+from nestedlora_jax.hooks import HistoryFile, Hook
+from nestedlora_jax.laplacians import STOCHASTIC_LAPLACIAN_METHODS
+from nestedlora_jax.networks import ACTIVATION_FUNCTIONS, eigenfunction_network, to_apply
 from nestedlora_jax.objectives import Objective, nested_lora_objective
 from nestedlora_jax.operators import (
     ProblemOperator,
@@ -35,13 +50,16 @@ from nestedlora_jax.operators import (
     scaling_from_energies,
 )
 from nestedlora_jax.problems import Hydrogen
-from nestedlora_jax.training import CollapseConfig, FitResult, fit
+from nestedlora_jax.training import FitResult, default_optimizer, fit, init_train_state
+from nestedlora_jax.config import METHODS
 
-EVALUATIONS = ("auto", "grid", "mc")
+__all__ = ["METHODS", "PeriodicEvaluation", "SolveResult", "default_network", "make_objective",
+           "restore", "solve"]
 
-__all__ = ["METHODS", "SolveResult", "make_objective", "default_network", "restore", "solve"]
-
-METHODS = ("neuralsvd-seq", "neuralsvd-joint", "neuralef", "spin")
+# The files solve writes in its run_dir.
+RUN_FILE = "solve_config.json"
+CHECKPOINTS = "checkpoints"
+HISTORY = "history.json"
 
 
 def make_objective(method: str, **kwargs) -> Objective:
@@ -57,25 +75,27 @@ def make_objective(method: str, **kwargs) -> Objective:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
 
 
-def default_network(problem, L: int, *, kind: str = "parallel", seed: int = 0, **overrides):
-    """The eigenfunction network a problem asks for: radial input for Coulomb problems,
-    periodic inputs on periodic boxes, the Dirichlet mask on wells."""
-    options: dict[str, Any] = {}
-    if isinstance(problem, Hydrogen):
-        options["radial_input"] = True
-    if getattr(problem, "periodic", False):
-        options["periodic"] = True
-    mask = getattr(problem, "boundary_mask", None)
-    if mask is not None:
-        options["boundary_mask"] = mask
-    options.update(overrides)
-    return eigenfunction_network(problem.dim, L, kind=kind, rngs=nnx.Rngs(params=seed), **options)
+def default_network(problem, L: int, network: NetworkConfig = NetworkConfig(), *,
+                    architecture: str = "parallel", seed: int = 0):
+    """The eigenfunction network for ``problem``: ``network``'s choices, with what the problem
+    asks for where ``network`` leaves it open (``None``): radial input for Coulomb problems,
+    periodic inputs on periodic boxes; the Dirichlet mask on wells always."""
+    radial = network.radial_input if network.radial_input is not None else isinstance(problem, Hydrogen)
+    periodic = network.periodic if network.periodic is not None else bool(getattr(problem, "periodic", False))
+    return eigenfunction_network(
+        problem.dim, L, architecture=architecture, hidden=network.hidden,
+        activation=ACTIVATION_FUNCTIONS[network.activation],
+        fourier_features=network.fourier_features, radial_input=radial, periodic=periodic,
+        envelope=network.envelope, envelope_decay=network.envelope_decay,
+        boundary_mask=getattr(problem, "boundary_mask", None), rngs=nnx.Rngs(params=seed),
+    )
 
 
 @dataclasses.dataclass
 class SolveResult:
-    """What :func:`solve` returns: the training result, the operator it used, the pure
-    network, the evaluation metrics (energies etc.) and their printable table."""
+    """What :func:`solve` and :func:`restore` return: the training result, the operator it
+    used, the pure network, the objective, the evaluation metrics and their printable table,
+    and the configuration and run folder."""
 
     fit: FitResult
     operator: ProblemOperator
@@ -83,6 +103,8 @@ class SolveResult:
     objective: Objective
     metrics: dict
     table: str
+    config: SolveConfig = dataclasses.field(default_factory=SolveConfig)
+    run_dir: str | None = None
 
     @property
     def energies(self) -> np.ndarray:
@@ -90,163 +112,300 @@ class SolveResult:
         return self.metrics["rayleigh"]
 
 
+class PeriodicEvaluation(Hook):
+    """Every ``every`` steps, evaluate the EMA parameters on fixed ``points`` and record
+    ``mean_rel_error`` (with its standard error), ``max_rel_error`` and
+    ``subspace_distance_mean`` in the history (the same points each time, so successive
+    values are comparable)."""
+
+    KEYS = ("mean_rel_error", "mean_rel_error_se", "max_rel_error", "subspace_distance_mean")
+
+    def __init__(self, every: int, problem, operator, apply, objective, points):
+        self.every, self.problem, self.operator = every, problem, operator
+        self.apply, self.objective, self.points = apply, objective, points
+
+    def after_chunk(self, loop, entry: dict) -> None:
+        if loop.step % self.every:
+            return
+        state = loop.state
+        m = evaluate(self.apply, state.ema_params, self.problem, self.operator, points=self.points,
+                     readout=_readout(self.objective, state.objective_state))
+        entry.update({k: m[k] for k in self.KEYS if k in m})
+
+
 def solve(
     problem,
     L: int,
     *,
-    method: str = "neuralsvd-seq",
-    steps: int = 20000,
-    batch_size: int = 512,
-    seed: int = 0,
-    network_kind: str | None = None,
-    network_options: dict | None = None,
+    config: SolveConfig | None = None,
     sampler=None,
-    scale: float | None = None,
-    shift: float | None = None,
-    laplacian_method: str = "default",
-    learning_rate: float = 3e-3,
     optimizer=None,
-    ema_decay: float = 0.999,
-    collapse: CollapseConfig | None = CollapseConfig(),
-    evaluation: str = "auto",
-    num_eval_samples: int = 2**18,
-    grid_size: int = 200,
-    progress: bool = True,
-    log_every: int = 100,
-    checkpoint_dir=None,
-    checkpoint_every: int | None = None,
+    run_dir: str | os.PathLike | None = None,
     resume: bool = False,
-    history_path=None,
-    callback=None,
-    eval_every: int | None = None,
-    num_periodic_eval_samples: int = 8192,
+    hooks: Sequence[Hook] = (),
+    progress: bool = True,
     data_parallel: bool | int = False,
 ) -> SolveResult:
     """Learn the ``L`` lowest eigenstates of ``problem`` and evaluate them.
 
     Args:
       problem: a problem from :mod:`nestedlora_jax.problems` (or anything with the same
-        interface).
-      L: number of states.
-      method: one of :data:`METHODS`.
-      learning_rate: Adam's peak rate, cosine-decayed to 1% (3e-3: every measured problem,
-        from the 2-D oscillator and hydrogen to the coupled oscillator in d = 5, trained faster
-        with it than with 1e-3).
-      steps, batch_size, seed, optimizer, ema_decay, log_every,
-      checkpoint_dir, checkpoint_every, resume, history_path, callback, progress: passed to
-        :func:`~nestedlora_jax.training.fit`.
-      collapse: collapse detection / re-initialisation for the NestedLoRA methods (ignored
-        for the baselines, whose raw outputs' norms carry no eigenvalue).
-      network_kind: ``"parallel"`` (L independent MLPs; default except for
-        ``neuralsvd-joint``) or ``"shared"``.
-      network_options: extra keywords for
-        :func:`~nestedlora_jax.networks.eigenfunction_network` (``hidden``, ``fourier_features``, ...).
-      sampler, scale, shift, laplacian_method: passed to
-        :func:`~nestedlora_jax.operators.problem_operator` (problem defaults otherwise). A
-        problem whose spectrum is unknown (no ``energies``) trains too: without ``scale`` and
-        ``shift`` they come from the Rayleigh-Ritz energies of the initial network on 8192
-        samples (upper bounds of the wanted energies, :func:`~nestedlora_jax.operators.ritz_energies`),
-        through the same rule as for known spectra; the evaluation then reports energies,
+        interface). A problem whose spectrum is unknown (no ``energies``) trains too: without
+        ``config.operator.scale`` / ``shift`` they come from the Rayleigh-Ritz energies of the
+        initial network on 8192 samples (upper bounds of the wanted energies,
+        :func:`~nestedlora_jax.operators.ritz_energies`); the evaluation then reports energies,
         residuals, orthogonality and Ritz values, and no errors.
-      evaluation: ``"grid"`` (quadrature, d <= 2), ``"mc"`` (fresh samples) or ``"auto"``
-        (grid when d <= 2).
-      eval_every: evaluate the EMA parameters every this many steps (a multiple of
-        ``log_every``) on ``num_periodic_eval_samples`` fresh samples (a fixed set, so
-        successive values are comparable) and record ``mean_rel_error``,
-        ``max_rel_error`` and ``subspace_distance_mean`` in the history.
+      L: number of states.
+      config: a :class:`~nestedlora_jax.config.SolveConfig` (method, network, operator,
+        training, evaluation); default ``SolveConfig()``.
+      sampler: the training distribution (default: the problem's).
+      optimizer: an Optax optimiser instead of the default Adam + cosine decay
+        (``config.training.learning_rate`` must then be ``None``).
+      run_dir: a folder for the run: ``solve_config.json`` (configuration and problem,
+        written before training), ``checkpoints/`` and ``history.json``. ``restore(run_dir)``
+        reloads it. A folder with checkpoints needs ``resume=True``.
+      resume: continue the run in ``run_dir``; a configuration that differs from the saved
+        one (but for ``training.checkpoint_every``) is refused.
+      hooks: more :class:`~nestedlora_jax.hooks.Hook` objects for the training loop.
+      progress: show a progress bar.
       data_parallel: ``True`` splits every batch over all devices (``jax.devices()``, every
         process's after ``jax.distributed.initialize()``), an int ``n`` over the first ``n``;
         ``batch_size`` must be divisible by the device count. See :mod:`nestedlora_jax.parallel`.
     """
+    config = SolveConfig() if config is None else config
+    if not isinstance(config, SolveConfig):
+        raise ValueError(f"config must be a SolveConfig, got {type(config).__name__}.")
     check_positive_int("L (the number of states)", L)
-    check_positive_int("log_every", log_every)
-    if eval_every is not None and (not is_int(eval_every) or eval_every < 1 or eval_every % log_every):
-        raise ValueError(
-            f"eval_every ({eval_every!r}) must be a positive multiple of log_every ({log_every})."
-        )
     if data_parallel is not False and data_parallel is not None and data_parallel is not True:
         check_positive_int("data_parallel (a device count, or True for all)", data_parallel)
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs the run_dir of the run to resume.")
+    if config.training.checkpoint_every is not None and run_dir is None:
+        raise ValueError("TrainingConfig.checkpoint_every needs a run_dir to write checkpoints to.")
     # Everything evaluation will need is checked now: a bad setting must not cost a training.
-    _check_evaluation(problem, L, evaluation, grid_size, num_eval_samples)
-    if eval_every is not None:
-        _check_evaluation(problem, L, "mc", grid_size, num_periodic_eval_samples,
-                          name="num_periodic_eval_samples")
+    ev = config.evaluation
+    _check_evaluation(problem, L, ev.mode, ev.grid_size, ev.num_samples)
+    if ev.every is not None:
+        _check_evaluation(problem, L, "mc", ev.grid_size, ev.num_periodic_samples,
+                          name="num_periodic_samples")
     mesh = None
     if data_parallel is not False and data_parallel is not None:
         from nestedlora_jax.parallel import data_parallel_mesh
 
         mesh = data_parallel_mesh(None if data_parallel is True else int(data_parallel))
-    objective, operator, kind, options, apply, params = _build(
-        problem, L, method, seed, network_kind, network_options, sampler, scale, shift, laplacian_method
-    )
+    record = run_record(problem, L, config, sampler=sampler, optimizer=optimizer)
+    objective, operator, apply, params = _build(problem, L, config, sampler)
+    architecture = config.architecture
 
     def init_params(key):
-        # Fresh trainable parameters only: `apply` keeps the frozen features of `net`.
-        return to_apply(eigenfunction_network_like(problem, L, kind, options, key))[1]
+        # Fresh trainable parameters only: `apply` keeps the frozen features of the network.
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        return to_apply(default_network(problem, L, config.network, architecture=architecture,
+                                        seed=seed))[1]
 
-    if eval_every is not None:
-        user_callback = callback
-        eval_points = np.asarray(operator.sampler.sample(jax.random.PRNGKey(seed + 7), num_periodic_eval_samples))
-
-        def callback(step, state):
-            extra = dict(user_callback(step, state) or {}) if user_callback is not None else {}
-            if step % eval_every == 0:
-                m = evaluate(apply, state.ema_params, problem, operator, points=eval_points,
-                             transform=_transform(objective, state.objective_state))
-                extra.update({k: m[k] for k in ("mean_rel_error", "mean_rel_error_se", "max_rel_error",
-                                                "subspace_distance_mean") if k in m})
-            return extra
+    all_hooks = []
+    if ev.every is not None:
+        seed = config.training.seed
+        points = np.asarray(operator.sampler.sample(jax.random.PRNGKey(seed + 7), ev.num_periodic_samples))
+        all_hooks.append(PeriodicEvaluation(ev.every, problem, _evaluation_operator(problem, L, config, operator),
+                                            apply, objective, points))
+    all_hooks.extend(hooks)
+    checkpoint_dir = None
+    if run_dir is not None:
+        run_dir = os.fspath(run_dir)
+        _write_run_record(run_dir, record, resume)
+        checkpoint_dir = os.path.join(run_dir, CHECKPOINTS)
+        all_hooks.append(HistoryFile(os.path.join(run_dir, HISTORY)))
 
     result = fit(
-        apply,
-        params,
-        operator.op,
-        operator.sampler,
-        steps=steps,
-        batch_size=batch_size,
+        apply, params, operator.op, operator.sampler,
+        config=config.training,
         objective=objective,
-        num_functions=L,
         optimizer=optimizer,
-        learning_rate=learning_rate,
-        seed=seed,
-        ema_decay=ema_decay,
-        log_every=log_every,
-        progress=progress,
-        eigenvalue_transform=lambda t: energies_from_eigenvalues(t, operator.scale, operator.shift),
-        collapse=collapse,
-        init_params=init_params if kind == "parallel" else None,
+        init_params=init_params if architecture == "parallel" else None,
+        spectral_map=lambda t: energies_from_eigenvalues(t, operator.scale, operator.shift),
         checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
         resume=resume,
-        history_path=history_path,
-        callback=callback,
+        hooks=all_hooks,
+        progress=progress,
         mesh=mesh,
     )
-    return _evaluated(problem, L, method, operator, apply, objective, result,
-                      evaluation=evaluation, num_eval_samples=num_eval_samples, grid_size=grid_size)
+    return _evaluated(problem, L, config, operator, apply, objective, result, ev, run_dir)
 
 
-def _evaluated(problem, L, method, operator, apply, objective, result: FitResult, **evaluation):
+def restore(run_dir: str | os.PathLike, *, problem=None, sampler=None, optimizer=None,
+            evaluation: EvaluationConfig | None = None) -> SolveResult:
+    """Reload what ``solve(..., run_dir=run_dir)`` trained, from its newest checkpoint.
+
+    The configuration and the problem are read from ``run_dir/solve_config.json``; the
+    network is rebuilt, the saved training state (parameters, EMA, history) restored and
+    evaluated as ``solve`` did (or with ``evaluation``); ``result.fit.state.step`` says which
+    step was restored. Pass ``problem`` only for a problem class that cannot be imported by
+    name (e.g. one defined in a notebook; it must equal the saved one), and ``sampler`` /
+    ``optimizer`` when the run used custom ones (only the optimiser state's structure matters).
+
+    Raises:
+      FileNotFoundError: ``run_dir`` holds no run (no ``solve_config.json``) or no checkpoint.
+      ConfigVersionError: the run was written by an incompatible version.
+      ValueError: a ``problem`` that differs from the saved one; a custom sampler or
+        optimizer not passed.
+    """
+    from nestedlora_jax import checkpoint as ckpt
+
+    run_dir = os.fspath(run_dir)
+    saved = read_run_record(run_dir)
+    config = SolveConfig.from_dict(saved["config"])
+    L = int(saved["L"])
+    if problem is None:
+        problem = problem_from_record(saved["problem"])
+    elif problem_record(problem) != saved["problem"]:
+        raise ValueError(
+            f"the problem passed to restore ({problem!r}) differs from the one the run in "
+            f"{run_dir} was trained on ({saved['problem']}): pass that one, or none."
+        )
+    for name, given in (("sampler", sampler), ("optimizer", optimizer)):
+        if saved[name] == "custom" and given is None:
+            raise ValueError(f"the run in {run_dir} was trained with a custom {name}: pass it "
+                             f"(restore(run_dir, {name}=...)) to rebuild the run.")
+    objective, operator, apply, params = _build(problem, L, config, sampler)
+    if optimizer is None:
+        optimizer = default_optimizer(config.training.steps, config.training.peak_learning_rate)
+    like = init_train_state(params, optimizer, L, objective)
+    manager = ckpt.CheckpointManager(os.path.join(run_dir, CHECKPOINTS))
+    try:
+        restored = manager.restore_latest(like)
+    finally:
+        manager.close()
+    if restored is None:
+        raise FileNotFoundError(f"the run in {run_dir} has no checkpoint yet (it was stopped "
+                                "before its first save).")
+    state, extra = restored
+    result = FitResult.from_state(state, extra.get("history", []))
+    return _evaluated(problem, L, config, operator, apply, objective, result,
+                      evaluation or config.evaluation, run_dir)
+
+
+# ----------------------------------------------------------------- the run record
+
+
+def run_record(problem, L: int, config: SolveConfig, *, sampler=None, optimizer=None) -> dict:
+    """What ``solve_config.json`` holds: the configuration, the problem (class and fields), L,
+    and whether the sampler and optimiser were the defaults."""
+    return {
+        "version": CONFIG_VERSION,
+        "problem": problem_record(problem),
+        "L": int(L),
+        "config": config.to_dict(),
+        "sampler": "default" if sampler is None else "custom",
+        "optimizer": "default" if optimizer is None else "custom",
+    }
+
+
+def problem_record(problem) -> dict:
+    """``{"class": "module:QualName", "fields": {...}}`` of a dataclass problem (its init
+    fields, as JSON)."""
+    cls = type(problem)
+    if not dataclasses.is_dataclass(problem):
+        raise ValueError(f"{cls.__name__} is not a dataclass: solve(run_dir=...) records a "
+                         "problem by its class and fields; make it a frozen dataclass.")
+    fields = {f.name: _jsonable(getattr(problem, f.name)) for f in dataclasses.fields(problem) if f.init}
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
+
+
+def problem_from_record(record: dict):
+    """The problem a :func:`problem_record` describes (its class imported by name)."""
+    module_name, _, qualname = record["class"].partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        raise ValueError(
+            f"cannot import the problem class {record['class']!r} of this run: pass the problem "
+            "(restore(run_dir, problem=...))."
+        ) from None
+    return obj(**{k: tuple(v) if isinstance(v, list) and k != "K" else v
+                  for k, v in record["fields"].items()})
+
+
+def read_run_record(run_dir: str) -> dict:
+    path = os.path.join(run_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{run_dir} holds no run: there is no {RUN_FILE} (written by solve(..., run_dir=...))."
+        )
+    with open(path) as fh:
+        saved = json.load(fh)
+    if not isinstance(saved, dict) or saved.get("version") != CONFIG_VERSION:
+        raise ConfigVersionError(
+            f"{path} has version {saved.get('version') if isinstance(saved, dict) else None!r}; "
+            f"this nestedlora_jax reads version {CONFIG_VERSION}: the run was written by an "
+            "incompatible version."
+        )
+    return saved
+
+
+def _write_run_record(run_dir: str, record: dict, resume: bool) -> None:
+    path = os.path.join(run_dir, RUN_FILE)
+    if resume and os.path.isfile(path):
+        saved = read_run_record(run_dir)
+        ignore = lambda r: r | {"config": r["config"] | {"training": {
+            k: v for k, v in r["config"]["training"].items() if k != "checkpoint_every"}}}
+        if ignore(saved) != ignore(record):
+            differ = _differences(ignore(saved), ignore(record))
+            raise ValueError(
+                f"cannot resume the run in {run_dir} with a different configuration "
+                f"({'; '.join(differ)}): the result would mix two runs. Resume with the saved "
+                "configuration (restore(run_dir).config), or start a new run in another folder."
+            )
+    os.makedirs(run_dir, exist_ok=True)
+    write_json_atomic(path, record)
+
+
+def _differences(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: saved {a!r}, now {b!r}"]
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ----------------------------------------------------------------- building and evaluating
+
+
+def _evaluated(problem, L, config: SolveConfig, operator, apply, objective, result: FitResult,
+               evaluation: EvaluationConfig, run_dir=None):
     """``solve``'s and ``restore``'s answer: the result evaluated, with its printable table."""
-    metrics = evaluate_result(problem, operator, apply, result, objective, L, **evaluation)
-    table = M.summary_table(_table_view(metrics), title=f"{type(problem).__name__}, L = {L}, {method}")
-    return SolveResult(result, operator, apply, objective, metrics, table)
+    operator = _evaluation_operator(problem, L, config, operator)
+    metrics = evaluate_result(problem, operator, apply, result, objective, L, evaluation)
+    table = M.summary_table(_table_view(metrics),
+                            title=f"{type(problem).__name__}, L = {L}, {config.method}")
+    return SolveResult(result, operator, apply, objective, metrics, table, config, run_dir)
 
 
-def _build(problem, L, method, seed, network_kind, network_options, sampler, scale, shift,
-           laplacian_method):
+def _build(problem, L, config: SolveConfig, sampler):
     """Objective, operator and initial network of a ``solve`` call (shared with ``restore``).
 
-    A problem without a known spectrum and no ``scale``/``shift`` given is scaled from the
+    A problem without a known spectrum and no scale / shift given is scaled from the
     Rayleigh-Ritz energies of the initial network (:func:`~nestedlora_jax.operators.ritz_energies`,
     upper bounds of the wanted energies): deterministic for a seed, so ``restore`` rebuilds the
     same operator."""
-    objective = make_objective(method)
-    kind = network_kind or ("shared" if method == "neuralsvd-joint" else "parallel")
-    options = dict(network_options or {})
-    if network_options is not None and not isinstance(network_options, dict):
-        raise ValueError(f"network_options must be a dict of keywords, got {network_options!r}.")
-    apply, params = to_apply(default_network(problem, L, kind=kind, seed=seed, **options))
+    objective = make_objective(config.method)
+    seed = config.training.seed
+    apply, params = to_apply(default_network(problem, L, config.network,
+                                             architecture=config.architecture, seed=seed))
+    scale, shift = config.operator.scale, config.operator.shift
     if (scale is None or shift is None) and known_energies(problem, L) is None:
         unscaled = problem_operator(problem, L, sampler, scale=1.0, shift=0.0)
         estimate = ritz_energies(apply, params, problem.potential, unscaled.sampler,
@@ -254,27 +413,29 @@ def _build(problem, L, method, seed, network_kind, network_options, sampler, sca
         est_scale, est_shift = scaling_from_energies(estimate)
         scale = est_scale if scale is None else scale
         shift = est_shift if shift is None else shift
-    operator = problem_operator(
-        problem, L, sampler, laplacian_method=laplacian_method, scale=scale, shift=shift
-    )
-    return objective, operator, kind, options, apply, params
+    operator = problem_operator(problem, L, sampler, laplacian_method=config.operator.laplacian,
+                                num_probes=config.operator.num_probes, scale=scale, shift=shift)
+    return objective, operator, apply, params
 
 
-def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_eval_samples") -> bool:
+def _evaluation_operator(problem, L, config: SolveConfig, operator: ProblemOperator) -> ProblemOperator:
+    """The operator evaluation uses: the training one, but with an exact Laplacian where
+    training used a stochastic one (its noise would enter every reported error)."""
+    if config.operator.laplacian not in STOCHASTIC_LAPLACIAN_METHODS:
+        return operator
+    return problem_operator(problem, L, operator.sampler, scale=operator.scale, shift=operator.shift)
+
+
+def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_samples") -> bool:
     """Fail before training on evaluation settings that could not be used after it; return
     whether the evaluation is on a quadrature grid."""
-    if evaluation not in EVALUATIONS:
-        raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}.")
     use_grid = evaluation == "grid" or (evaluation == "auto" and problem.dim <= 2)
     if evaluation == "grid" and problem.dim > 2:
         raise ValueError(
-            f"evaluation='grid' needs d <= 2 (a tensor grid in d = {problem.dim} has "
-            f"grid_size^{problem.dim} points): use evaluation='mc' (or 'auto')."
+            f"evaluation mode 'grid' needs d <= 2 (a tensor grid in d = {problem.dim} has "
+            f"grid_size^{problem.dim} points): use mode 'mc' (or 'auto')."
         )
     if use_grid:
-        check_positive_int("grid_size", grid_size)
-        if grid_size < 2:
-            raise ValueError(f"grid_size must be >= 2 nodes per axis, got {grid_size}.")
         points = grid_size ** problem.dim
         if points * 3 * L * 8 > 8e9:
             raise ValueError(
@@ -282,7 +443,6 @@ def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_
                 "functions in memory (over 8 GB): use a smaller grid_size."
             )
     else:
-        check_positive_int(name, num_samples)
         minimum = min_monte_carlo_samples(L)
         if num_samples < minimum:
             raise ValueError(
@@ -292,66 +452,14 @@ def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_
     return use_grid
 
 
-def restore(
-    problem,
-    L: int,
-    checkpoint_dir,
-    *,
-    method: str = "neuralsvd-seq",
-    seed: int = 0,
-    network_kind: str | None = None,
-    network_options: dict | None = None,
-    optimizer=None,
-    sampler=None,
-    scale: float | None = None,
-    shift: float | None = None,
-    laplacian_method: str = "default",
-    evaluation: str = "auto",
-    num_eval_samples: int = 2**18,
-    grid_size: int = 200,
-) -> SolveResult:
-    """Reload what ``solve(..., checkpoint_dir=...)`` trained, from its newest checkpoint.
-
-    Pass the same problem, ``L``, method, seed and network options as the ``solve`` call (and
-    its ``optimizer`` if it was not the default; only its state's structure matters). The
-    network is rebuilt, the saved training state (parameters, EMA, history) restored and
-    evaluated as ``solve`` does; ``result.fit.state.step`` says which step was restored.
-    """
-    from nestedlora_jax import checkpoint as ckpt
-    from nestedlora_jax.training import default_optimizer, init_train_state
-
-    objective, operator, _, _, apply, params = _build(
-        problem, L, method, seed, network_kind, network_options, sampler, scale, shift, laplacian_method
-    )
-    optimizer = optimizer if optimizer is not None else default_optimizer(1)
-    like = init_train_state(params, optimizer, L, objective)
-    manager = ckpt.CheckpointManager(checkpoint_dir)
-    try:
-        restored = manager.restore_latest(like)
-    finally:
-        manager.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir!r}: was it the checkpoint_dir of a solve call?")
-    state, extra = restored
-    result = FitResult.from_state(state, extra.get("history", []))
-    return _evaluated(problem, L, method, operator, apply, objective, result,
-                      evaluation=evaluation, num_eval_samples=num_eval_samples, grid_size=grid_size)
-
-
-def eigenfunction_network_like(problem, L, kind, options, key):
-    """A network of the same architecture with parameters drawn from ``key``."""
-    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-    return default_network(problem, L, kind=kind, seed=seed, **options)
-
-
-def evaluate_result(problem, operator, apply, result: FitResult, objective: Objective, L, *,
-                    evaluation="auto", num_eval_samples=2**18, grid_size=200, params=None):
+def evaluate_result(problem, operator, apply, result: FitResult, objective: Objective, L,
+                    evaluation: EvaluationConfig = EvaluationConfig(), *, params=None):
     """Evaluate a :class:`FitResult` (EMA parameters by default) on a grid or fresh samples."""
-    use_grid = _check_evaluation(problem, L, evaluation, grid_size, num_eval_samples)
+    use_grid = _check_evaluation(problem, L, evaluation.mode, evaluation.grid_size,
+                                 evaluation.num_samples)
     points = weights = None
     if use_grid:
-        points, weights = quadrature_grid(problem, L, grid_size, sampler=operator.sampler)
-    transform = _transform(objective, result.state.objective_state)
+        points, weights = quadrature_grid(problem, L, evaluation.grid_size, sampler=operator.sampler)
     return evaluate(
         apply,
         result.ema_params if params is None else params,
@@ -359,14 +467,14 @@ def evaluate_result(problem, operator, apply, result: FitResult, objective: Obje
         operator,
         points=points,
         weights=weights,
-        num_samples=num_eval_samples,
-        transform=transform,
+        num_samples=evaluation.num_samples,
+        readout=_readout(objective, result.state.objective_state),
     )
 
 
-def _transform(objective: Objective, state):
+def _readout(objective: Objective, state):
     """Raw outputs -> the objective's eigenfunction estimates (identity for NestedLoRA)."""
-    return lambda f: np.asarray(objective.transform(jax.numpy.asarray(f), state))
+    return lambda f: np.asarray(objective.readout(jax.numpy.asarray(f), state))
 
 
 def _table_view(metrics: dict) -> dict:

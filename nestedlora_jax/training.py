@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nestedlora_jax._checks import check_positive_float, check_positive_int, is_int
 from nestedlora_jax.hooks import (
     Callback,
     Checkpoints,
@@ -51,7 +50,8 @@ from nestedlora_jax.hooks import (
     reinitializations,
     run_loop,
 )
-from nestedlora_jax.objectives import NESTINGS, Objective, nested_lora_objective
+from nestedlora_jax.config import TrainingConfig
+from nestedlora_jax.objectives import Objective, nested_lora_objective
 from nestedlora_jax.operators import MAX_ABS_OPERATOR_VALUE, valid_points
 
 __all__ = [
@@ -69,7 +69,6 @@ __all__ = [
 ]
 
 PyTree = Any
-MAX_SEED = 2**31 - 16  # seeds are 32-bit; fit and solve derive seed + 1 and seed + 7
 Apply = Callable[[PyTree, jax.Array], jax.Array]
 Operator = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -103,8 +102,8 @@ def make_loss_fn(apply: Apply, operator: Operator, objective: Objective | None =
             f, Tf = jax.vmap(lambda x: operator(fn, x))(xs)
         loss, objective_state = objective.loss(f, Tf, objective_state)
         f, Tf = jax.lax.stop_gradient((f, Tf))
-        phi = objective.transform(f, objective_state)
-        Tphi = objective.transform(Tf, objective_state)
+        phi = objective.readout(f, objective_state)
+        Tphi = objective.readout(Tf, objective_state)
         phi_sq = jnp.mean(phi * phi, axis=0)
         # A function that is exactly zero (fully collapsed) has no Rayleigh quotient; report
         # 0 rather than NaN so the collapse test can see it.
@@ -324,18 +323,12 @@ class FitResult:
         )
 
 
-def _validate_fit_args(apply, params, sampler, steps, batch_size, nesting, num_functions, split_batch):
-    check_positive_int("steps", steps, allow_zero=True)
-    check_positive_int("batch_size", batch_size)
-    if split_batch and batch_size % 2:
+def _validate_fit_args(apply, params, sampler, batch_size, needs_even_batch):
+    if needs_even_batch and batch_size % 2:
         raise ValueError(
             f"batch_size must be even for this objective (the quadratic term uses two "
             f"equal halves of the batch), got {batch_size}."
         )
-    if nesting not in NESTINGS:
-        raise ValueError(f"unknown nesting {nesting!r}; expected one of {NESTINGS}.")
-    if num_functions is not None:
-        check_positive_int("num_functions L", num_functions)
     dim = getattr(sampler, "dim", None)
     if dim is None or not callable(getattr(sampler, "sample", None)):
         raise ValueError("sampler must have a `dim` attribute and sample(key, n) / log_prob(x).")
@@ -355,11 +348,6 @@ def _validate_fit_args(apply, params, sampler, steps, batch_size, nesting, num_f
             f"shape {out.shape}."
         )
     L = out.shape[0]
-    if num_functions is not None and L != num_functions:
-        raise ValueError(
-            f"the network has {L} outputs but num_functions L = {num_functions}; build the "
-            f"network with L = {num_functions} outputs (or pass num_functions={L})."
-        )
     if L < 1:
         raise ValueError("the network has no outputs (L = 0).")
     return L
@@ -371,34 +359,19 @@ def fit(
     operator: Operator,
     sampler,
     *,
-    steps: int,
-    batch_size: int = 512,
-    nesting: str = "sequential",
-    weights=None,
-    split_batch: bool = True,
+    config: TrainingConfig | None = None,
     objective: Objective | None = None,
-    num_functions: int | None = None,
     optimizer: optax.GradientTransformation | None = None,
-    learning_rate: float = 1e-3,
-    seed: int = 0,
-    ema_decay: float = 0.999,
-    log_every: int = 100,
-    progress: bool = True,
-    eigenvalue_transform: Callable[[np.ndarray], np.ndarray] | None = None,
-    collapse: CollapseConfig | None = CollapseConfig(),
     init_params: Callable[[jax.Array], PyTree] | None = None,
-    max_consecutive_bad_steps: int = 100,
-    max_abs_value: float = MAX_ABS_OPERATOR_VALUE,
+    spectral_map: Callable[[np.ndarray], np.ndarray] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
     resume: bool = False,
-    history_path: str | os.PathLike | None = None,
-    callback: Callable[[int, TrainState], dict | None] | None = None,
+    hooks: Sequence[Hook] = (),
+    progress: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
-    hooks: Sequence[Hook] = (),
 ) -> FitResult:
-    """Train ``apply(params, .)`` so its L outputs learn the top-L eigenfunctions.
+    """Train ``apply(params, .)`` so its L outputs learn the top-L eigenfunctions of ``operator``.
 
     Args:
       apply: pure network ``apply(params, x)``, one point ``(d,)`` -> ``(L,)``.
@@ -406,154 +379,120 @@ def fit(
       operator: ``operator(fn, x) -> (fn(x), (T fn)(x))`` for one point, T self-adjoint
         in the inner product that batch means under ``sampler`` estimate.
       sampler: object with ``dim`` and ``sample(key, n) -> (n, d)``.
-      steps: number of optimisation steps (``0`` returns the initial state).
-      batch_size: samples per step (even with ``split_batch``).
-      nesting: ``"sequential"`` (per-function parameters) or ``"joint"``.
-      weights: joint-nesting weights.
-      split_batch: unbiased two-halves estimate of the quadratic term.
-      objective: an :class:`Objective` overriding ``nesting``/``weights``/``split_batch``
-        (e.g. a baseline from :mod:`nestedlora_jax.baselines`).
+      config: a :class:`~nestedlora_jax.config.TrainingConfig` (steps, batch size, learning
+        rate, EMA, seed, chunk length, checkpoint interval, guards, collapse remedy); default
+        ``TrainingConfig()``.
+      objective: an :class:`~nestedlora_jax.objectives.Objective`; default NestedLoRA with
+        sequential nesting (:func:`~nestedlora_jax.objectives.nested_lora_objective`), or a
+        baseline from :mod:`nestedlora_jax.baselines`.
       optimizer: any Optax ``GradientTransformation``; default
-        :func:`default_optimizer` (Adam, cosine decay from ``learning_rate``).
-      seed: PRNG seed; same seed, same machine -> same numbers.
-      ema_decay: decay of the parameter EMA used for evaluation.
-      log_every: steps per jitted chunk (progress, history and checks happen between
-        chunks).
-      progress: show a tqdm progress bar (step rate, loss, eigenvalue estimates).
-      eigenvalue_transform: maps operator eigenvalue estimates to reported units
-        (e.g. energies) for the progress bar and history.
-      collapse: collapse detection / remedy (``None`` disables it; always off for objectives
-        whose norms are not eigenvalue estimates, such as the baselines).
-      init_params: ``key -> params`` fresh per-function parameters for re-initialising
-        collapsed functions (leading axis L on every leaf); without it collapse is only
-        reported.
-      max_consecutive_bad_steps: stop with :class:`TrainingDivergedError` after this many
-        consecutive skipped steps (checked at every step: the run stops where it diverged).
-      max_abs_value: a batch with a network or operator value beyond this magnitude (or
-        non-finite) is skipped and counted in ``bad_steps``
-        (:func:`~nestedlora_jax.operators.valid_points`).
-      checkpoint_dir: Orbax checkpoint directory (atomic saves of the whole state). A
-        directory that already holds checkpoints needs ``resume=True``: a new run never
-        mixes its checkpoints with an old one's.
-      checkpoint_every: steps between checkpoints (a multiple of ``log_every``); the final
-        state is saved in any case when ``checkpoint_dir`` is given.
-      resume: continue from the latest intact checkpoint in ``checkpoint_dir`` (a damaged
-        newer one is skipped with a warning); gives the same parameters as an uninterrupted run
-        with the same seed and configuration. The configuration that determines the result
-        (steps, batch size, seed, learning rate, EMA decay, L, objective, collapse remedy) is
-        saved with every checkpoint, and a resume with different values is refused.
-      history_path: JSON file rewritten after every chunk with the history so far.
-      callback: ``callback(step, state) -> dict | None`` after every chunk; a returned
-        dict is merged into that history entry (e.g. periodic evaluation).
+        :func:`default_optimizer` (Adam, cosine decay from ``config.learning_rate``, which must
+        then stay ``None``).
+      init_params: ``key -> params`` fresh per-function parameters (leading axis L on every
+        leaf) for re-initialising collapsed functions; without it collapse is only reported.
+      spectral_map: operator eigenvalues -> the units to report (e.g. energies); the history
+        then also holds ``"energies"``.
+      checkpoint_dir: Orbax checkpoints of the whole state (every
+        ``config.checkpoint_every`` steps, at the end, on interrupt). A folder that already
+        holds checkpoints needs ``resume=True``.
+      resume: continue from the newest intact checkpoint in ``checkpoint_dir``: the same
+        parameters as an uninterrupted run. The configuration that shapes the result
+        (``config`` but ``checkpoint_every``, L, the objective, the optimiser kind) is saved
+        with every checkpoint and a resume that changes it is refused.
+      hooks: more :class:`~nestedlora_jax.hooks.Hook` objects (e.g. ``Callback(fn)``,
+        ``HistoryFile(path)``), run after the ones ``fit`` makes (checkpoints, divergence
+        guard, collapse remedy) and before the progress bar.
+      progress: show a tqdm progress bar.
       mesh: train data-parallel on this device mesh (e.g.
         :func:`nestedlora_jax.parallel.data_parallel_mesh`): each batch is split over the
         mesh axis ``data_axis`` (``batch_size`` must be divisible by its size), parameters
         and optimiser state are replicated. Same seed and global batch -> the same samples
         and, to float round-off, the same result as on one device.
       data_axis: name of the mesh axis the batch is split over.
-      hooks: more :class:`~nestedlora_jax.hooks.Hook` objects, run after the ones the
-        options above make (checkpoints, divergence guard, collapse remedy, callback) and
-        before the progress bar and history file.
 
-    The loop is :func:`~nestedlora_jax.hooks.run_loop` over the compiled chunks; every option
-    above that acts between chunks is one of its hooks.
-
-    SIGINT (Ctrl-C) and SIGTERM stop training at the end of the running chunk (at most
-    ``log_every`` steps; a second Ctrl-C stops at once), save a checkpoint of that step when
-    ``checkpoint_dir`` is given, and raise :class:`TrainingInterrupted`.
+    The loop is :func:`~nestedlora_jax.hooks.run_loop` over compiled chunks of
+    ``config.log_every`` steps. SIGINT (Ctrl-C) and SIGTERM stop it at the end of the running
+    chunk (a second Ctrl-C stops at once), save a checkpoint of that step when
+    ``checkpoint_dir`` is given, and raise :class:`~nestedlora_jax.hooks.TrainingInterrupted`.
     """
-    check_positive_int("log_every", log_every)
-    if checkpoint_every is not None:
-        if checkpoint_dir is None:
-            raise ValueError("checkpoint_every needs a checkpoint_dir.")
-        if not is_int(checkpoint_every) or checkpoint_every < 1 or checkpoint_every % log_every:
-            raise ValueError(
-                f"checkpoint_every ({checkpoint_every}) must be a positive multiple of "
-                f"log_every ({log_every})."
-            )
+    config = TrainingConfig() if config is None else config
+    if not isinstance(config, TrainingConfig):
+        raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}.")
+    if config.checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError("TrainingConfig.checkpoint_every needs a checkpoint_dir.")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir of the run to resume.")
-    check_positive_int("max_consecutive_bad_steps", max_consecutive_bad_steps)
-    check_positive_float("max_abs_value", max_abs_value)
-    if optimizer is None:
-        check_positive_float("learning_rate", learning_rate)
-    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float, np.floating)) \
-            or not 0 <= ema_decay < 1:
-        raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}.")
-    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
-        # PRNGKey takes 32 bits (a larger int is silently truncated: 2**40 gives the key of 0),
-        # and the loop derives seed + 1 for re-initialisations.
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}.")
-    if callback is not None and not callable(callback):
-        raise ValueError(f"callback must be callable(step, state), got {type(callback).__name__}.")
+    if optimizer is not None and config.learning_rate is not None:
+        raise ValueError(
+            "TrainingConfig.learning_rate sets the default optimiser's rate; with an optimizer "
+            "given it would be ignored: leave learning_rate None and set the rate in the optimizer."
+        )
+    if objective is not None and not isinstance(objective, Objective):
+        raise ValueError(f"objective must be an Objective, got {type(objective).__name__}.")
+    if spectral_map is not None and not callable(spectral_map):
+        raise ValueError(f"spectral_map must be callable, got {type(spectral_map).__name__}.")
     hooks = list(hooks)
     for hook in hooks:
         if not isinstance(hook, Hook):
             raise ValueError(f"hooks must be nestedlora_jax.hooks.Hook objects, got {hook!r}.")
 
-    if objective is None:
-        objective = nested_lora_objective(nesting, weights, split_batch)
+    objective = objective if objective is not None else nested_lora_objective()
+    collapse = config.collapse
     if not objective.norms_are_eigenvalues:
         # The collapse test compares ||f_i||^2 with the Rayleigh quotient, equal only at the
         # NestedLoRA optimum (see Objective.norms_are_eigenvalues).
         collapse = None
     # Configuration is checked first; only then is the network traced (abstractly) for L.
-    L = _validate_fit_args(
-        apply, params, sampler, steps, batch_size, nesting, num_functions, objective.needs_even_batch
-    )
+    L = _validate_fit_args(apply, params, sampler, config.batch_size, objective.needs_even_batch)
 
     place = lambda state: state
     sharding = None
     if mesh is not None:
         from nestedlora_jax import parallel
 
-        parallel.check_batch_divisible(batch_size, mesh, data_axis)
+        parallel.check_batch_divisible(config.batch_size, mesh, data_axis)
         sharding = parallel.batch_sharding(mesh, data_axis)
         place = lambda state: parallel.replicate(state, mesh)
 
-    optimizer_given = optimizer is not None
-    optimizer = optimizer if optimizer is not None else default_optimizer(steps, learning_rate)
-    loss_fn = make_loss_fn(apply, operator, objective, max_abs_value=max_abs_value)
-    step_fn = make_train_step(
-        loss_fn, optimizer, sampler.sample, batch_size, ema_decay=ema_decay, batch_sharding=sharding
-    )
-    base_key = jax.random.PRNGKey(seed)
-    run_config = {
-        "steps": int(steps), "batch_size": int(batch_size), "seed": int(seed),
-        "learning_rate": "custom optimizer" if optimizer_given else float(learning_rate),
-        "ema_decay": float(ema_decay), "num_functions": int(L), "objective": objective.name,
+    if optimizer is None:
+        optimizer, optimizer_kind = default_optimizer(config.steps, config.peak_learning_rate), "default"
+    else:
+        optimizer_kind = "custom"
+    loss_fn = make_loss_fn(apply, operator, objective, max_abs_value=config.max_abs_value)
+    step_fn = make_train_step(loss_fn, optimizer, sampler.sample, config.batch_size,
+                              ema_decay=config.ema_decay, batch_sharding=sharding)
+    run_config = config.resume_key() | {
         "collapse": None if collapse is None else dataclasses.asdict(collapse),
+        "num_functions": int(L), "objective": objective.name, "optimizer": optimizer_kind,
         "reinitialize_with": None if init_params is None else "init_params",
     }
-    loop = Loop(state=place(init_train_state(params, optimizer, L, objective)), steps=int(steps),
-                config=run_config, transform=eigenvalue_transform or (lambda t: t), place=place)
+    loop = Loop(state=place(init_train_state(params, optimizer, L, objective)),
+                steps=int(config.steps), config=run_config, spectral_map=spectral_map, place=place)
 
     # At most three chunk lengths occur (log_every, the rest up to a multiple of it, the
     # last one), so a static length costs at most three compilations.
+    base_key = jax.random.PRNGKey(config.seed)
     run_chunk = jax.jit(
         lambda state, num: train_steps(step_fn, state, base_key, num,
-                                       max_consecutive_bad=max_consecutive_bad_steps),
+                                       max_consecutive_bad=config.max_consecutive_bad_steps),
         static_argnums=1,
     )
     all_hooks: list[Hook] = []
     if checkpoint_dir is not None:  # first: a resume replaces the state the others start from
-        all_hooks.append(Checkpoints(checkpoint_dir, every=checkpoint_every, resume=resume))
-    all_hooks.append(DivergenceGuard(max_consecutive_bad_steps, max_abs_value))
+        all_hooks.append(Checkpoints(checkpoint_dir, every=config.checkpoint_every, resume=resume))
+    all_hooks.append(DivergenceGuard(config.max_consecutive_bad_steps, config.max_abs_value))
     if collapse is not None:
-        all_hooks.append(CollapseRemedy(collapse, optimizer, init_params=init_params, seed=seed + 1))
-    if callback is not None:
-        all_hooks.append(Callback(callback))
+        all_hooks.append(CollapseRemedy(collapse, optimizer, init_params=init_params,
+                                        seed=config.seed + 1))
     all_hooks.extend(hooks)
     if progress:
         all_hooks.append(ProgressBar())
-    if history_path is not None:
-        all_hooks.append(HistoryFile(history_path))
 
     result = lambda: FitResult.from_state(loop.state, loop.history,
                                           steps_run=loop.step - loop.start_step,
                                           train_time=loop.elapsed)
     try:
-        run_loop(loop, run_chunk, all_hooks, chunk_steps=log_every)
+        run_loop(loop, run_chunk, all_hooks, chunk_steps=config.log_every)
     except TrainingInterrupted as exc:
         exc.result = result()
         raise

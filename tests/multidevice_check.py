@@ -16,7 +16,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nestedlora_jax import fit, problem_operator, problems  # noqa: E402
+from nestedlora_jax import TrainingConfig, fit, problem_operator, problems  # noqa: E402
 from nestedlora_jax.networks import eigenfunction_network, to_apply  # noqa: E402
 from nestedlora_jax.parallel import data_parallel_mesh  # noqa: E402
 
@@ -48,9 +48,9 @@ def main():
     apply, params = to_apply(eigenfunction_network(2, L, hidden=(16, 16), rngs=nnx.Rngs(params=0)))
 
     def run(mesh, batch=64):
-        result = fit(apply, params, op.op, op.sampler, steps=steps, batch_size=batch,
-                     learning_rate=3e-3, seed=7, log_every=10, progress=False, collapse=None,
-                     mesh=mesh)
+        config = TrainingConfig(steps=steps, batch_size=batch, learning_rate=3e-3, seed=7,
+                                log_every=10, collapse=None)
+        result = fit(apply, params, op.op, op.sampler, config=config, progress=False, mesh=mesh)
         leaves = [np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(result.params)]
         shardings = {str(len(x.sharding.device_set)) for x in jax.tree_util.tree_leaves(result.params)}
         return {"losses": [h["loss"] for h in result.history], "eigenvalues": result.eigenvalues.tolist(),
@@ -60,12 +60,14 @@ def main():
     out["all_reduces"] = count_all_reduces(apply, params, op, L)
     for n in (2, 4):
         out[str(n)] = run(data_parallel_mesh(n))
-    from nestedlora_jax import solve
+    from nestedlora_jax import EvaluationConfig, NetworkConfig, SolveConfig, solve
 
     energies = {}
     for dp in (False, 2):
-        res = solve(problem, 2, steps=20, batch_size=32, log_every=10, progress=False,
-                    network_options={"hidden": (8,)}, grid_size=40, data_parallel=dp)
+        config = SolveConfig(network=NetworkConfig(hidden=(8,)),
+                             training=TrainingConfig(steps=20, batch_size=32, log_every=10),
+                             evaluation=EvaluationConfig(grid_size=40))
+        res = solve(problem, 2, config=config, progress=False, data_parallel=dp)
         energies[str(dp)] = res.energies.tolist()
     out["solve_energies"] = energies
     try:

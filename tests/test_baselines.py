@@ -162,7 +162,7 @@ def _recover(obj, duplicate, lr=1.0, steps=5000):
         A_np = symmetric_matrix(N, TOP, -3.0, 0.4, seed=7)  # negatives below the top L
         W0 = jax.random.normal(jax.random.key(0), (N, L))
         W, state = _descend(obj, jnp.asarray(A_np), W0, lr, steps, duplicate)
-        psi = np.asarray(jax.jit(obj.transform)(W, state))
+        psi = np.asarray(jax.jit(obj.readout)(W, state))
         f, Tf = np.asarray(W), A_np @ np.asarray(W)
         if duplicate:
             f, Tf = np.concatenate([f, f]), np.concatenate([Tf, Tf])
@@ -214,11 +214,11 @@ def test_neuralef_recovers_eigh(variant, split_batch):
 def test_spin_state_is_bias_corrected_average():
     with jax.enable_x64(True):
         obj = spin_objective(decay=0.25, epsilon=1e-3)
-        obj = obj._replace(loss=jax.jit(obj.loss), transform=jax.jit(obj.transform))
+        obj = obj._replace(loss=jax.jit(obj.loss), readout=jax.jit(obj.readout))
         f1, f2 = (jax.random.normal(jax.random.key(i), (10, 3)) for i in (1, 2))
         s0 = obj.init(3, jnp.float64)
         # Before any step the transform uses Sigma_bar = I.
-        np.testing.assert_allclose(obj.transform(f1, s0), f1 / np.sqrt(1 + 1e-3), rtol=1e-12)
+        np.testing.assert_allclose(obj.readout(f1, s0), f1 / np.sqrt(1 + 1e-3), rtol=1e-12)
         _, s1 = obj.loss(f1, f1, s0)
         sig = lambda f: np.asarray(f.T @ f / f.shape[0])
         np.testing.assert_allclose(s1.sigma_avg / s1.weight, sig(f1), rtol=1e-12)
@@ -228,23 +228,23 @@ def test_spin_state_is_bias_corrected_average():
         # transform = Lc^{-1} f per sample.
         chol = np.linalg.cholesky(expected + 1e-3 * np.eye(3))
         np.testing.assert_allclose(
-            obj.transform(f1, s2), np.linalg.solve(chol, np.asarray(f1).T).T, rtol=1e-10
+            obj.readout(f1, s2), np.linalg.solve(chol, np.asarray(f1).T).T, rtol=1e-10
         )
 
 
 def test_neuralef_running_rms():
     with jax.enable_x64(True):
         obj = neuralef_objective(momentum=0.9)
-        obj = obj._replace(loss=jax.jit(obj.loss), transform=jax.jit(obj.transform))
+        obj = obj._replace(loss=jax.jit(obj.loss), readout=jax.jit(obj.readout))
         f1, f2 = (jax.random.normal(jax.random.key(i), (10, 3)) for i in (1, 2))
         s0 = obj.init(3, jnp.float64)
-        np.testing.assert_array_equal(obj.transform(f1, s0), f1)  # identity before training
+        np.testing.assert_array_equal(obj.readout(f1, s0), f1)  # identity before training
         _, s1 = obj.loss(f1, f1, s0)
         ms = lambda f: np.mean(np.asarray(f) ** 2, axis=0)
-        np.testing.assert_allclose(obj.transform(f1, s1), f1 / np.sqrt(ms(f1)), rtol=1e-12)
+        np.testing.assert_allclose(obj.readout(f1, s1), f1 / np.sqrt(ms(f1)), rtol=1e-12)
         _, s2 = obj.loss(f2, f2, s1)
         expected = (0.9 * 0.1 * ms(f1) + 0.1 * ms(f2)) / (0.9 * 0.1 + 0.1)
-        np.testing.assert_allclose(obj.transform(f1, s2), f1 / np.sqrt(expected), rtol=1e-12)
+        np.testing.assert_allclose(obj.readout(f1, s2), f1 / np.sqrt(expected), rtol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -259,7 +259,7 @@ def test_float32_jit(obj):
     @jax.jit
     def go(f, Tf, state):
         (value, state), g = jax.value_and_grad(obj.loss, has_aux=True)(f, Tf, state)
-        return value, state, g, obj.transform(f, state)
+        return value, state, g, obj.readout(f, state)
 
     value, new_state, g, phi = go(f, Tf, state)
     assert value.dtype == g.dtype == phi.dtype == jnp.float32
@@ -314,7 +314,7 @@ def test_bad_inputs(obj):
     with pytest.raises(ValueError, match="initialised for L = 3 functions but f has L = 2"):
         obj.loss(f[:, :2], f[:, :2], state)
     with pytest.raises(ValueError, match="initialised for L = 3"):
-        obj.transform(f[:, :2], state)
+        obj.readout(f[:, :2], state)
     with pytest.raises(ValueError, match="expects its own state"):
         obj.loss(f, f, ())
     with pytest.raises(ValueError, match="floating-point"):

@@ -11,7 +11,14 @@ import numpy as np
 import optax
 import pytest
 
-from nestedlora_jax import fit, negative_hamiltonian, nested_lora_objective, problem_operator, problems
+from nestedlora_jax import (
+    TrainingConfig,
+    fit,
+    negative_hamiltonian,
+    nested_lora_objective,
+    problem_operator,
+    problems,
+)
 from nestedlora_jax.training import (
     default_optimizer,
     init_train_state,
@@ -62,8 +69,9 @@ def test_vmap_over_seeds_matches_separate_fits():
     assert together.loss.shape == (3,)
     for i, seed in enumerate(seeds):
         p_i = jax.tree_util.tree_map(lambda x: x[i], params)
-        alone = fit(mlp, p_i, op.op, op.sampler, steps=steps, batch_size=batch, learning_rate=lr,
-                    seed=int(seed), log_every=steps, progress=False, collapse=None)
+        config = TrainingConfig(steps=steps, batch_size=batch, learning_rate=lr, seed=int(seed),
+                                log_every=steps, collapse=None)
+        alone = fit(mlp, p_i, op.op, op.sampler, config=config, progress=False)
         mine = jax.tree_util.tree_map(lambda x: x[i], together.params)
         assert _max_abs_diff(mine, alone.params) < 1e-5
         np.testing.assert_allclose(together.norms[i], alone.eigenvalues, rtol=1e-4, atol=1e-6)

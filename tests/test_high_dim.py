@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from nestedlora_jax import solve
+from nestedlora_jax.config import EvaluationConfig, SolveConfig, TrainingConfig
 from nestedlora_jax.high_dim_benchmark import main, make_problem
 from nestedlora_jax.problems import CoupledOscillator
 
@@ -16,8 +17,9 @@ def test_coupled_oscillator_in_five_dimensions_trains_with_the_defaults():
     of the run: mean relative energy error <= 5e-3 (measured 1.6e-3), resolved by the Monte
     Carlo evaluation (error >> its standard error), every state near its own level."""
     problem = CoupledOscillator(dim=5)
-    result = solve(problem, 4, steps=3000, batch_size=256, progress=False, log_every=500,
-                   evaluation="mc", num_eval_samples=2**14)
+    config = SolveConfig(training=TrainingConfig(steps=3000, batch_size=256, log_every=500),
+                         evaluation=EvaluationConfig(mode="mc", num_samples=2**14))
+    result = solve(problem, 4, config=config, progress=False)
     m = result.metrics
     print(result.table)
     assert m["mean_rel_error"] <= 5e-3

@@ -55,7 +55,7 @@ def rngs(seed=0):
 
 def make(kind, option="full", seed=0, **kw):
     return eigenfunction_network(
-        DIM, L, kind=kind, hidden=SMALL, rngs=rngs(seed), **OPTIONS[option], **kw
+        DIM, L, architecture=kind, hidden=SMALL, rngs=rngs(seed), **OPTIONS[option], **kw
     )
 
 
@@ -271,7 +271,7 @@ def test_float64_params():
             lambda: eigenfunction_network(
                 DIM,
                 L,
-                kind="shared",
+                architecture="shared",
                 hidden=SMALL,
                 fourier_features=(4, 1.0),
                 envelope="fixed",
@@ -355,10 +355,10 @@ def test_periodic_inputs_are_periodic():
     "kwargs, match",
     [
         (dict(dim=0), "dim"),
-        (dict(num_functions=0), "number of functions"),
+        (dict(L=0), "number of functions"),
         (dict(hidden=()), "hidden"),
         (dict(hidden=(8, -1)), "hidden"),
-        (dict(kind="conv"), "unknown kind"),
+        (dict(architecture="conv"), "unknown architecture"),
         (dict(envelope="gaussian"), "unknown envelope"),
         (dict(envelope="fixed", envelope_decay=-1.0), "envelope_decay"),
         (dict(envelope="fixed", envelope_decay=(1.0, 2.0)), "envelope_decay"),
@@ -373,10 +373,10 @@ def test_periodic_inputs_are_periodic():
     ],
 )
 def test_bad_config_raises(kwargs, match):
-    args = dict(dim=DIM, num_functions=L, hidden=SMALL)
+    args = dict(dim=DIM, L=L, hidden=SMALL)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        eigenfunction_network(args.pop("dim"), args.pop("num_functions"), rngs=nnx.Rngs(0), **args)
+        eigenfunction_network(args.pop("dim"), args.pop("L"), rngs=nnx.Rngs(0), **args)
 
 
 def test_bad_body_config_raises():

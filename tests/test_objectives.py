@@ -64,11 +64,23 @@ def test_joint_masks_closed_form():
 
 
 def test_joint_masks_default_uniform_and_normalised():
-    m, M = nesting_masks(5)
+    m, M = nesting_masks(5, "joint")
     np.testing.assert_allclose(m, [1.0, 0.8, 0.6, 0.4, 0.2])
     m2, M2 = nesting_masks(5, "joint", [3.0] * 5)  # unnormalised weights
     np.testing.assert_allclose(m2, m)
     np.testing.assert_allclose(M2, M)
+
+
+def test_the_default_nesting_is_sequential_everywhere():
+    """One default across the API: the masks, the losses, the Objective and fit."""
+    import inspect
+
+    from nestedlora_jax import objectives
+
+    for fn in (objectives.nesting_masks, objectives.nested_lora_loss, objectives.nested_lora_svd_loss,
+               objectives.nested_lora_objective):
+        assert inspect.signature(fn).parameters["nesting"].default == "sequential", fn.__name__
+    np.testing.assert_array_equal(nesting_masks(3)[1], nesting_masks(3, "sequential")[1])
 
 
 def test_sequential_masks():
@@ -91,11 +103,11 @@ def test_joint_closed_form_equals_weighted_sum(split_batch, weights):
         Tf = jax.random.normal(key2, (12, 5))
         w = nesting_weights(5) if weights is None else np.asarray(weights) / np.sum(weights)
         naive = _naive_joint(f, Tf, w, split_batch)
-        closed = nested_lora_loss(f, Tf, weights=weights, split_batch=split_batch)
+        closed = nested_lora_loss(f, Tf, nesting="joint", weights=weights, split_batch=split_batch)
         np.testing.assert_allclose(closed, naive, rtol=1e-12)
         m, M = nesting_masks(5, "joint", weights)
         # L = 5 prefix with all weight on k = L is the plain LoRA objective.
-        full = nested_lora_loss(f, Tf, weights=[0, 0, 0, 0, 1], split_batch=False)
+        full = nested_lora_loss(f, Tf, nesting="joint", weights=[0, 0, 0, 0, 1], split_batch=False)
         np.testing.assert_allclose(full, lora_objective(f, Tf, f), rtol=1e-12)
 
 
@@ -358,9 +370,9 @@ def test_float64_keeps_dtype():
         ({}, (8, 0), (8, 0), r"L = 0"),
         ({}, (7, 3), (7, 3), r"batch size of f must be even; got B = 7"),
         ({"nesting": "parallel"}, (8, 3), (8, 3), r"unknown nesting 'parallel'"),
-        ({"weights": [1.0, 2.0]}, (8, 3), (8, 3), r"weights must have shape \(L,\) = \(3,\)"),
-        ({"weights": [0.0, 0.0, 0.0]}, (8, 3), (8, 3), r"sum to a positive value"),
-        ({"weights": [1.0, -1.0, 1.0]}, (8, 3), (8, 3), r"non-negative"),
+        ({"nesting": "joint", "weights": [1.0, 2.0]}, (8, 3), (8, 3), r"weights must have shape \(L,\) = \(3,\)"),
+        ({"nesting": "joint", "weights": [0.0, 0.0, 0.0]}, (8, 3), (8, 3), r"sum to a positive value"),
+        ({"nesting": "joint", "weights": [1.0, -1.0, 1.0]}, (8, 3), (8, 3), r"non-negative"),
         ({"nesting": "sequential", "weights": [1, 1, 1]}, (8, 3), (8, 3), r"joint nesting only"),
     ],
 )

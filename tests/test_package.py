@@ -9,7 +9,7 @@ import nestedlora_jax
 def test_core_imports_no_flax():
     code = (
         "import sys, nestedlora_jax\n"
-        "import nestedlora_jax.objectives, nestedlora_jax.laplacian, nestedlora_jax.operators\n"
+        "import nestedlora_jax.objectives, nestedlora_jax.laplacians, nestedlora_jax.operators\n"
         "import nestedlora_jax.training, nestedlora_jax.evaluation, nestedlora_jax.metrics\n"
         "assert 'flax' not in sys.modules, 'the core imported flax'\n"
         "nestedlora_jax.solve\n"

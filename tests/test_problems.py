@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from nestedlora_jax.laplacian import laplacian
+from nestedlora_jax.laplacians import laplacian
 from nestedlora_jax.operators import eigenvalues_from_energies
 from nestedlora_jax.problems import CosinePotential, HarmonicOscillator, Hydrogen, InfiniteWell
 

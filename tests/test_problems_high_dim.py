@@ -26,7 +26,7 @@ import scipy.sparse.linalg
 import scipy.special
 import scipy.stats
 
-from nestedlora_jax.laplacian import laplacian
+from nestedlora_jax.laplacians import laplacian
 from nestedlora_jax.operators import eigenvalues_from_energies
 from nestedlora_jax.problems import (
     HAN_LU_ZHOU_COEFFICIENTS_5D,

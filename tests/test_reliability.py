@@ -31,13 +31,15 @@ from nestedlora_jax.evaluation import evaluate, quadrature_grid
 from nestedlora_jax.networks import eigenfunction_network, to_apply
 from nestedlora_jax.operators import problem_operator
 from nestedlora_jax.problems import HarmonicOscillator, Hydrogen, Problem
+from nestedlora_jax.config import EvaluationConfig, NetworkConfig, SolveConfig, TrainingConfig
+from nestedlora_jax.hooks import Callback, TrainingDivergedError
 from nestedlora_jax.solver import default_network, solve
-from nestedlora_jax.training import TrainingDivergedError, fit
+from nestedlora_jax.training import fit
 from flax import nnx
 
 
 def _network(problem, L, seed=0, hidden=(16, 16)):
-    return to_apply(default_network(problem, L, seed=seed, hidden=hidden))
+    return to_apply(default_network(problem, L, NetworkConfig(hidden=hidden), seed=seed))
 
 
 class _PlantingSampler:
@@ -66,8 +68,8 @@ def _clean_hydrogen_run():
     problem, L = Hydrogen(2), 1
     op = problem_operator(problem, L)
     apply, params = _network(problem, L)
-    kw = dict(steps=600, batch_size=128, progress=False, log_every=200, seed=0, learning_rate=3e-3,
-              collapse=None)
+    kw = dict(progress=False, config=TrainingConfig(steps=600, batch_size=128, log_every=200, seed=0,
+                                                    learning_rate=3e-3, collapse=None))
     return apply, params, op, kw, fit(apply, params, op.op, op.sampler, **kw)
 
 
@@ -128,8 +130,9 @@ def test_absurd_potential_values_are_invalid_for_every_problem():
     problem, L = Spiky(), 1
     op = problem_operator(problem, L)
     apply, params = _network(problem, L)
-    res = fit(apply, params, op.op, op.sampler, steps=100, batch_size=256, progress=False,
-              log_every=50, collapse=None, max_consecutive_bad_steps=200)
+    res = fit(apply, params, op.op, op.sampler, progress=False,
+              config=TrainingConfig(steps=100, batch_size=256, log_every=50, collapse=None,
+                                    learning_rate=1e-3, max_consecutive_bad_steps=200))
     assert res.bad_steps > 50  # most batches of 256 have a point beyond |x_0| = 2.5
     with pytest.warns(RuntimeWarning, match="non-finite or absurd"):
         m = evaluate(apply, res.ema_params, problem, op, num_samples=2**13, groups=4)
@@ -160,14 +163,20 @@ def _tiny(problem=None, L=1):
     (dict(seed=2**40), "seed must be an integer in"),
     (dict(max_consecutive_bad_steps=0), "max_consecutive_bad_steps must be a positive integer"),
     (dict(max_abs_value=float("inf")), "max_abs_value must be a finite number > 0"),
-    (dict(num_functions=3), "the network has 1 outputs but num_functions L = 3"),
     (dict(callback=5), "callback must be callable"),
 ])
 def test_fit_rejects_bad_values_before_compiling(kwargs, match):
+    """Every value is checked where the configuration is made (TrainingConfig, Callback),
+    before fit traces anything."""
     apply, params, op = _tiny()
-    base = dict(steps=10, batch_size=8, progress=False)
+    traced = []
+    spy = lambda p, x: traced.append(1) or apply(p, x)
     with pytest.raises(ValueError, match=match):
-        fit(apply, params, op.op, op.sampler, **(base | kwargs))
+        callback = kwargs.pop("callback", None)
+        hooks = [Callback(callback)] if callback is not None else []
+        fit(spy, params, op.op, op.sampler, progress=False, hooks=hooks,
+            config=TrainingConfig(**(dict(steps=10, batch_size=8) | kwargs)))
+    assert not traced
 
 
 def test_a_network_for_another_dimension_is_named_as_such():
@@ -175,7 +184,8 @@ def test_a_network_for_another_dimension_is_named_as_such():
     _, _, op = _tiny(HarmonicOscillator(2))
     apply3, params3 = to_apply(eigenfunction_network(3, 1, hidden=(8,), rngs=nnx.Rngs(params=0)))
     with pytest.raises(ValueError, match=r"Was the network built for another input dimension than the problem's d = 2"):
-        fit(apply3, params3, op.op, op.sampler, steps=10, batch_size=8, progress=False)
+        fit(apply3, params3, op.op, op.sampler, config=TrainingConfig(steps=10, batch_size=8),
+            progress=False)
 
 
 def test_a_non_callable_potential_is_refused_when_the_operator_is_built():
@@ -199,8 +209,8 @@ def test_a_nan_learning_rate_inside_a_custom_optimizer_never_writes_nan_paramete
     step 1. Now the update is checked too, and the run stops at the limit, where it diverged."""
     apply, params, op = _tiny()
     with pytest.raises(TrainingDivergedError, match="10 consecutive steps up to step 10"):
-        fit(apply, params, op.op, op.sampler, steps=100, batch_size=8, progress=False,
-            log_every=50, optimizer=optax.adam(float("nan")), max_consecutive_bad_steps=10)
+        fit(apply, params, op.op, op.sampler, progress=False, optimizer=optax.adam(float("nan")),
+            config=TrainingConfig(steps=100, batch_size=8, log_every=50, max_consecutive_bad_steps=10))
 
 
 class _Refuse:
@@ -210,24 +220,26 @@ class _Refuse:
         raise AssertionError("training ran before the bad setting was caught")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(evaluation="bogus"), "evaluation must be one of"),
-    (dict(evaluation="grid", problem=HarmonicOscillator(5)), "evaluation='grid' needs d <= 2"),
-    (dict(evaluation="mc", num_eval_samples=100), "num_eval_samples=100 is too few"),
-    (dict(grid_size=1), "grid_size must be >= 2"),
-    (dict(grid_size=10**6), "too many to evaluate"),
-    (dict(L=0), "L .* must be a positive integer"),
-    (dict(eval_every=75), "eval_every .* must be a positive multiple of log_every"),
-    (dict(eval_every=100, num_periodic_eval_samples=10), "num_periodic_eval_samples=10 is too few"),
-    (dict(data_parallel=0), "data_parallel .* must be a positive integer"),
+@pytest.mark.parametrize("evaluation, kwargs, match", [
+    (dict(mode="bogus"), {}, "EvaluationConfig.mode must be one of"),
+    (dict(mode="grid"), dict(problem=HarmonicOscillator(5)), "mode 'grid' needs d <= 2"),
+    (dict(mode="mc", num_samples=100), {}, "num_samples=100 is too few"),
+    (dict(grid_size=1), {}, "grid_size must be >= 2"),
+    (dict(grid_size=10**6), {}, "too many to evaluate"),
+    ({}, dict(L=0), "L .* must be a positive integer"),
+    (dict(every=75), {}, r"EvaluationConfig.every \(75\) must be a multiple of TrainingConfig.log_every"),
+    (dict(every=100, num_periodic_samples=10), {}, "num_periodic_samples=10 is too few"),
+    ({}, dict(data_parallel=0), "data_parallel .* must be a positive integer"),
 ])
-def test_solve_rejects_evaluation_settings_before_training(kwargs, match):
-    """Before: an unknown evaluation=, grid settings it cannot use, too few samples were only
-    noticed after training, throwing the trained result away."""
+def test_solve_rejects_evaluation_settings_before_training(evaluation, kwargs, match):
+    """Before: an unknown evaluation mode, grid settings it cannot use, too few samples were
+    only noticed after training, throwing the trained result away."""
     problem = kwargs.pop("problem", HarmonicOscillator(2))
     L = kwargs.pop("L", 2)
     with pytest.raises(ValueError, match=match):
-        solve(problem, L, steps=100, log_every=50, progress=False, callback=_Refuse(), **kwargs)
+        config = SolveConfig(training=TrainingConfig(steps=100, log_every=50),
+                             evaluation=EvaluationConfig(**evaluation))
+        solve(problem, L, config=config, progress=False, hooks=[Callback(_Refuse())], **kwargs)
 
 
 # ------------------------------------------------------------------ training without answers
@@ -250,7 +262,8 @@ def test_solve_trains_a_problem_whose_spectrum_is_unknown():
     """Before: energies() raised an empty NotImplementedError even with scale and shift given.
     Now scale and shift are estimated from the Ritz energies of the initial network (upper
     bounds), and the evaluation reports energies and residuals without errors."""
-    result = solve(_Mystery(), 3, steps=2000, progress=False, log_every=500)
+    result = solve(_Mystery(), 3, progress=False,
+                   config=SolveConfig(training=TrainingConfig(steps=2000, log_every=500)))
     m = result.metrics
     np.testing.assert_allclose(np.sort(m["rayleigh"]), [2.0, 4.0, 4.0], rtol=1e-2)
     assert "rel_error" not in m and "exact" not in m and "subspace_distance_mean" not in m
@@ -274,9 +287,10 @@ def test_problem_operator_without_a_spectrum_asks_for_scale_and_shift():
 
 def _fit_with_checkpoints(directory, steps=200, resume=False, batch_size=32, L=1):
     apply, params, op = _tiny(L=L)
-    return fit(apply, params, op.op, op.sampler, steps=steps, batch_size=batch_size,
-               progress=False, log_every=50, checkpoint_dir=directory, checkpoint_every=100,
-               resume=resume, collapse=None)
+    config = TrainingConfig(steps=steps, batch_size=batch_size, log_every=50, checkpoint_every=100,
+                            learning_rate=1e-3, collapse=None)
+    return fit(apply, params, op.op, op.sampler, config=config, progress=False,
+               checkpoint_dir=directory, resume=resume)
 
 
 def _damage(step_dir, how):
@@ -494,14 +508,13 @@ def test_an_interrupted_run_saves_a_checkpoint_and_resumes_bit_identically(tmp_p
     history = json.loads((out / "seed0" / "history.json").read_text())["history"]
     assert history[-1]["step"] == step
     from nestedlora_jax.solver import restore
-    from nestedlora_jax.training import TrainingInterrupted
+    from nestedlora_jax.hooks import TrainingInterrupted
 
-    interrupted = restore(Hydrogen(2), 1, str(out / "seed0" / "checkpoints"),
-                          network_options={"hidden": (8,)}, grid_size=24)
+    interrupted = restore(out / "seed0")  # the folder alone
     assert int(interrupted.fit.state.step) == step
+    config = interrupted.config.replace(training={"checkpoint_every": None})
     with pytest.raises(TrainingInterrupted) as info:
-        solve(Hydrogen(2), 1, steps=steps, batch_size=32, network_options={"hidden": (8,)},
-              grid_size=24, progress=False, log_every=50, callback=_StopAt(step))
+        solve(Hydrogen(2), 1, config=config, progress=False, hooks=[Callback(_StopAt(step))])
     assert info.value.step == step and info.value.checkpoint_dir is None
     for a, b in zip(jax.tree.leaves(interrupted.fit.state), jax.tree.leaves(info.value.result.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

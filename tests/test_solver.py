@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nestedlora_jax import problems
+from nestedlora_jax.config import EvaluationConfig, SolveConfig, TrainingConfig
 from nestedlora_jax.solver import solve
 
 
@@ -18,10 +19,9 @@ from nestedlora_jax.solver import solve
 )
 def test_harmonic_oscillator_six_states(method, steps):
     """2-D oscillator, 3 levels (E = 2, 4, 4, 6, 6, 6): mean relative error <= 1e-3."""
-    result = solve(
-        problems.HarmonicOscillator(dim=2), 6, method=method, steps=steps, batch_size=512,
-        learning_rate=3e-3, progress=False, log_every=500, seed=0,
-    )
+    config = SolveConfig(method=method, training=TrainingConfig(
+        steps=steps, batch_size=512, learning_rate=3e-3, log_every=500, seed=0))
+    result = solve(problems.HarmonicOscillator(dim=2), 6, config=config, progress=False)
     m = result.metrics
     print(result.table)
     assert m["mean_rel_error"] <= 1e-3
@@ -31,10 +31,9 @@ def test_harmonic_oscillator_six_states(method, steps):
 
 def test_hydrogen_four_states():
     """2-D hydrogen, n = 0, 1 (E = -1, -1/9 x 3): mean relative error <= 2e-2."""
-    result = solve(
-        problems.Hydrogen(dim=2), 4, steps=6000, batch_size=256, learning_rate=3e-3,
-        progress=False, log_every=500, seed=0,
-    )
+    config = SolveConfig(training=TrainingConfig(
+        steps=6000, batch_size=256, learning_rate=3e-3, log_every=500, seed=0))
+    result = solve(problems.Hydrogen(dim=2), 4, config=config, progress=False)
     print(result.table)
     m = result.metrics
     assert m["mean_rel_error"] <= 2e-2
@@ -43,15 +42,16 @@ def test_hydrogen_four_states():
 
 
 def test_periodic_evaluation_is_recorded_in_the_history():
-    result = solve(
-        problems.HarmonicOscillator(dim=1), 2, steps=400, batch_size=64, learning_rate=3e-3,
-        progress=False, log_every=100, eval_every=200, num_periodic_eval_samples=1024,
+    config = SolveConfig(
+        training=TrainingConfig(steps=400, batch_size=64, learning_rate=3e-3, log_every=100),
+        evaluation=EvaluationConfig(every=200, num_periodic_samples=1024),
     )
+    result = solve(problems.HarmonicOscillator(dim=1), 2, config=config, progress=False)
     evaluated = [h for h in result.fit.history if "mean_rel_error" in h]
     assert [h["step"] for h in evaluated] == [200, 400]
     assert evaluated[-1]["mean_rel_error"] < evaluated[0]["mean_rel_error"]
-    with pytest.raises(ValueError, match="eval_every"):
-        solve(problems.HarmonicOscillator(dim=1), 2, steps=10, log_every=100, eval_every=150)
+    with pytest.raises(ValueError, match=r"EvaluationConfig.every \(150\) must be a multiple"):
+        SolveConfig(training=TrainingConfig(log_every=100), evaluation=EvaluationConfig(every=150))
 
 
 def test_ritz_subspace_distance_undoes_mixing_across_levels():

@@ -1,5 +1,7 @@
 """The training loop: validation, NaN guards, determinism, checkpoint/resume, collapse remedy."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,14 @@ from nestedlora_jax import problems
 from nestedlora_jax.networks import eigenfunction_network, to_apply
 from nestedlora_jax.operators import problem_operator
 from nestedlora_jax.objectives import nested_lora_objective
-from nestedlora_jax.hooks import CollapseConfig, TrainingDivergedError, dead_functions, reinitialize_functions
+from nestedlora_jax.config import TrainingConfig
+from nestedlora_jax.hooks import (
+    Callback,
+    CollapseConfig,
+    TrainingDivergedError,
+    dead_functions,
+    reinitialize_functions,
+)
 from nestedlora_jax.training import default_optimizer, fit
 
 PROBLEM = problems.HarmonicOscillator(dim=2)
@@ -19,7 +28,7 @@ PROBLEM = problems.HarmonicOscillator(dim=2)
 
 def _setup(L=3, seed=0, hidden=(16, 16)):
     op = problem_operator(PROBLEM, L)
-    net = eigenfunction_network(2, L, kind="parallel", hidden=hidden, rngs=nnx.Rngs(params=seed))
+    net = eigenfunction_network(2, L, architecture="parallel", hidden=hidden, rngs=nnx.Rngs(params=seed))
     apply, params = to_apply(net)
     return apply, params, op
 
@@ -32,19 +41,18 @@ def _leaves_equal(a, b):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "config, kwargs, match",
     [
-        ({"batch_size": 33}, "batch_size must be even"),
-        ({"batch_size": 0}, "batch_size must be a positive integer"),
-        ({"num_functions": 0}, "num_functions L must be a positive integer"),
-        ({"num_functions": 5}, "the network has 3 outputs but num_functions L = 5"),
-        ({"nesting": "diagonal"}, "unknown nesting 'diagonal'"),
-        ({"steps": -1}, "steps must be a non-negative integer"),
-        ({"checkpoint_every": 10}, "checkpoint_every needs a checkpoint_dir"),
-        ({"resume": True}, "resume=True needs the checkpoint_dir"),
+        ({"batch_size": 33}, {}, "batch_size must be even"),
+        ({"checkpoint_every": 10, "log_every": 10}, {}, "checkpoint_every needs a checkpoint_dir"),
+        ({}, {"resume": True}, "resume=True needs the checkpoint_dir"),
+        ({"learning_rate": 1e-3}, {"optimizer": optax.adam(1e-3)}, "with an optimizer given"),
+        ({}, {"objective": "sequential"}, "objective must be an Objective"),
+        ({}, {"hooks": [print]}, "hooks must be nestedlora_jax.hooks.Hook objects"),
+        ({}, {"spectral_map": 3.0}, "spectral_map must be callable"),
     ],
 )
-def test_bad_configuration_raises_before_compiling(kwargs, match):
+def test_bad_configuration_raises_before_compiling(config, kwargs, match):
     apply, params, op = _setup()
     compiled = []
 
@@ -52,26 +60,41 @@ def test_bad_configuration_raises_before_compiling(kwargs, match):
         compiled.append(1)
         return apply(p, x)
 
-    args = dict(steps=10, batch_size=32, progress=False)
-    args.update(kwargs)
+    config = TrainingConfig(**({"steps": 10, "batch_size": 32} | config))
     with pytest.raises(ValueError, match=match):
-        fit(apply if "num_functions" in kwargs else spy_apply, params, op.op, op.sampler, **args)
+        fit(spy_apply, params, op.op, op.sampler, config=config, progress=False, **kwargs)
     assert not compiled  # nothing was traced
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"steps": -1}, "steps must be a non-negative integer"),
+        ({"checkpoint_every": 15, "log_every": 10}, "multiple of log_every"),
+        ({"seed": 2**40}, "seed must be an integer"),
+        ({"ema_decay": 1.0}, "ema_decay must be a number in"),
+        ({"collapse": {"threshold": 0.1}}, "collapse must be a CollapseConfig"),
+    ],
+)
+def test_training_config_refuses_bad_values(fields, match):
+    with pytest.raises(ValueError, match=match):
+        TrainingConfig(**fields)
 
 
 def test_zero_steps_returns_initial_parameters():
     apply, params, op = _setup()
-    res = fit(apply, params, op.op, op.sampler, steps=0, batch_size=8, progress=False)
+    res = fit(apply, params, op.op, op.sampler, config=TrainingConfig(steps=0, batch_size=8), progress=False)
     assert _leaves_equal(res.params, params) and res.history == []
 
 
 # ---------------------------------------------------------------- determinism, NaN, resume
 
 
-def _short_fit(apply, params, op, **kw):
-    args = dict(steps=60, batch_size=32, progress=False, log_every=20, seed=3, collapse=None)
-    args.update(kw)
-    return fit(apply, params, op.op, op.sampler, **args)
+def _short_fit(apply, params, op, *, steps=60, seed=3, checkpoint_every=None, **kw):
+    config = TrainingConfig(steps=steps, batch_size=32, log_every=20, seed=seed, collapse=None,
+                            checkpoint_every=checkpoint_every)
+    return fit(apply, params, op.op, op.sampler, config=config, progress=False, **kw)
 
 
 def test_same_seed_same_result_and_different_seed_differs():
@@ -98,7 +121,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
-        _short_fit(apply, params, op, checkpoint_dir=ckpt, checkpoint_every=20, callback=interrupt_at_50)
+        _short_fit(apply, params, op, checkpoint_dir=ckpt, checkpoint_every=20,
+                   hooks=[Callback(interrupt_at_50)])
     resumed = _short_fit(apply, params, op, checkpoint_dir=ckpt, checkpoint_every=20, resume=True)
     assert resumed.history[0]["step"] == 20 and resumed.history[-1]["step"] == 60  # restored history
     assert _leaves_equal(resumed.params, full.params)
@@ -112,19 +136,20 @@ def test_resume_is_exact_with_the_collapse_remedy_and_any_optimizer(tmp_path):
     same fresh parameters as the uninterrupted run (here with SGD + momentum, an optimiser the
     remedy knows nothing about)."""
     L = 2
-    net = eigenfunction_network(1, L, kind="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=0))
+    net = eigenfunction_network(1, L, architecture="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=0))
     apply, params = to_apply(net)
     params = jax.tree.map(lambda p: p.at[1].set(0.0) if p.shape[-1] == 1 else p, params)  # f_1 = 0
     op = problem_operator(problems.HarmonicOscillator(dim=1), L)
 
     def init_params(key):
-        return to_apply(eigenfunction_network(1, L, kind="parallel", hidden=(16, 16),
+        return to_apply(eigenfunction_network(1, L, architecture="parallel", hidden=(16, 16),
                                               rngs=nnx.Rngs(params=int(key[-1]) % 1000)))[1]
 
-    config = CollapseConfig(check_every=100, start_fraction=0.0, stop_fraction=1.0, patience=2)
-    args = dict(steps=400, batch_size=32, progress=False, log_every=50, seed=0,
-                optimizer=optax.sgd(1e-2, momentum=0.9), collapse=config, init_params=init_params)
-    full = fit(apply, params, op.op, op.sampler, **args)
+    collapse = CollapseConfig(check_every=100, start_fraction=0.0, stop_fraction=1.0, patience=2)
+    config = TrainingConfig(steps=400, batch_size=32, log_every=50, seed=0, collapse=collapse,
+                            checkpoint_every=50)
+    args = dict(progress=False, optimizer=optax.sgd(1e-2, momentum=0.9), init_params=init_params)
+    full = fit(apply, params, op.op, op.sampler, config=dataclasses.replace(config, checkpoint_every=None), **args)
     assert full.reinitialized and full.reinitialized[0] == (200, [1])
 
     class Interrupt(Exception):
@@ -137,9 +162,9 @@ def test_resume_is_exact_with_the_collapse_remedy_and_any_optimizer(tmp_path):
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
-        fit(apply, params, op.op, op.sampler, checkpoint_dir=ckpt, checkpoint_every=50,
-            callback=stop_at_150, **args)
-    resumed = fit(apply, params, op.op, op.sampler, checkpoint_dir=ckpt, resume=True, **args)
+        fit(apply, params, op.op, op.sampler, config=config, checkpoint_dir=ckpt,
+            hooks=[Callback(stop_at_150)], **args)
+    resumed = fit(apply, params, op.op, op.sampler, config=config, checkpoint_dir=ckpt, resume=True, **args)
     assert int(resumed.state.step) == 400
     assert resumed.reinitialized == full.reinitialized
     for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(full.state)):
@@ -165,8 +190,8 @@ def test_nan_batches_are_skipped_and_counted_and_training_converges():
     L = 1
     apply, params, op = _setup(L=L)
     sampler = _NaNSampler(op.sampler, rate=0.1)
-    res = fit(apply, params, op.op, sampler, steps=1500, batch_size=64, progress=False,
-              log_every=500, seed=0, learning_rate=3e-3)
+    res = fit(apply, params, op.op, sampler, progress=False,
+              config=TrainingConfig(steps=1500, batch_size=64, log_every=500, seed=0, learning_rate=3e-3))
     assert 100 < res.bad_steps < 200  # ~10% of 1500
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(res.params))
     energy = -(res.eigenvalues[0] - op.shift) / op.scale
@@ -179,8 +204,8 @@ def test_consecutive_bad_steps_stop_with_an_error_naming_the_step():
     # The limit is checked at every step, not once per chunk: the run stops at step 20 of a
     # 25-step chunk.
     with pytest.raises(TrainingDivergedError, match=r"20 consecutive steps up to step 20"):
-        fit(apply, params, op.op, sampler, steps=100, batch_size=8, progress=False,
-            log_every=25, max_consecutive_bad_steps=20)
+        fit(apply, params, op.op, sampler, progress=False,
+            config=TrainingConfig(steps=100, batch_size=8, log_every=25, max_consecutive_bad_steps=20))
 
 
 # ---------------------------------------------------------------- collapse
@@ -202,7 +227,7 @@ def test_reinitialize_replaces_only_dead_rows_for_any_optax_optimizer(optimizer)
            "sgd-momentum": optax.sgd(1e-3, momentum=0.9),
            "adamw-chain": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))}[optimizer]
     res = _short_fit(apply, params, op, steps=20, optimizer=opt)
-    fresh = to_apply(eigenfunction_network(2, 3, kind="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=7)))[1]
+    fresh = to_apply(eigenfunction_network(2, 3, architecture="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=7)))[1]
     state = reinitialize_functions(res.state, opt, fresh, np.array([1]))
     for new, old, fr in zip(jax.tree.leaves(state.params), jax.tree.leaves(res.state.params), jax.tree.leaves(fresh)):
         new, old = np.asarray(new), np.asarray(old)
@@ -255,20 +280,21 @@ def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize
     """An exactly-zero function is a fixed point of the masked gradient (zero is a saddle):
     without re-initialisation it stays dead; with it, it is replaced and learns."""
     L = 2
-    net = eigenfunction_network(1, L, kind="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=0))
+    net = eigenfunction_network(1, L, architecture="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=0))
     apply, params = to_apply(net)
     # Zero function 1's output layer: f_1 == 0 everywhere.
     params = jax.tree.map(lambda p: p.at[1].set(0.0) if p.shape[-1] == 1 else p, params)
     op = problem_operator(problems.HarmonicOscillator(dim=1), L)
 
     def init_params(key):
-        return to_apply(eigenfunction_network(1, L, kind="parallel", hidden=(16, 16),
+        return to_apply(eigenfunction_network(1, L, architecture="parallel", hidden=(16, 16),
                                               rngs=nnx.Rngs(params=int(key[-1]) % 1000)))[1]
 
-    config = CollapseConfig(check_every=200, start_fraction=0.1, stop_fraction=0.5,
-                            reinitialize=reinitialize, patience=2)
-    res = fit(apply, params, op.op, op.sampler, steps=1200, batch_size=64, progress=False,
-              log_every=100, learning_rate=3e-3, collapse=config, init_params=init_params)
+    collapse = CollapseConfig(check_every=200, start_fraction=0.1, stop_fraction=0.5,
+                              reinitialize=reinitialize, patience=2)
+    config = TrainingConfig(steps=1200, batch_size=64, log_every=100, learning_rate=3e-3,
+                            collapse=collapse)
+    res = fit(apply, params, op.op, op.sampler, config=config, progress=False, init_params=init_params)
     flagged = [h["step"] for h in res.history if h.get("dead") == [1]]
     assert flagged and flagged[0] == 200  # detected at the first check
     if reinitialize:
@@ -285,14 +311,15 @@ def test_collapse_checks_skip_objectives_whose_norms_are_not_eigenvalues():
     from nestedlora_jax.baselines import neuralef_objective
 
     L = 2
-    net = eigenfunction_network(1, L, kind="parallel", hidden=(8,), rngs=nnx.Rngs(params=0))
+    net = eigenfunction_network(1, L, architecture="parallel", hidden=(8,), rngs=nnx.Rngs(params=0))
     apply, params = to_apply(net)
     op = problem_operator(problems.HarmonicOscillator(dim=1), L)
-    config = CollapseConfig(check_every=100, start_fraction=0.0, stop_fraction=1.0,
-                            threshold=0.99, reinitialize=False)
+    collapse = CollapseConfig(check_every=100, start_fraction=0.0, stop_fraction=1.0,
+                              threshold=0.99, reinitialize=False)
+    config = TrainingConfig(steps=200, batch_size=64, log_every=100, learning_rate=1e-3,
+                            collapse=collapse)
     checked = {}
     for objective in (neuralef_objective(), nested_lora_objective()):
-        res = fit(apply, params, op.op, op.sampler, steps=200, batch_size=64, progress=False,
-                  log_every=100, objective=objective, collapse=config)
+        res = fit(apply, params, op.op, op.sampler, config=config, progress=False, objective=objective)
         checked[objective.norms_are_eigenvalues] = any("dead" in h for h in res.history)
     assert checked == {False: False, True: True}

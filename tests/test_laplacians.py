@@ -1,4 +1,4 @@
-"""Tests for nestedlora_jax.laplacian: every method against closed-form Laplacians.
+"""Tests for nestedlora_jax.laplacians: every method against closed-form Laplacians.
 
 The reference values are analytic: a polynomial with mixed terms, a Gaussian, a product of
 sines (all in d = 1, 2, 3, 10), and hydrogen eigenfunctions of H = -Lap - 1/r in d = 2 and 3,
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nestedlora_jax.laplacian import (
+from nestedlora_jax.laplacians import (
     DEFAULT_LAPLACIAN_METHOD,
     EXACT_LAPLACIAN_METHODS,
     LAPLACIAN_METHODS,

@@ -5,9 +5,9 @@
 ``return_grad=True`` both also return ``f(x)`` and the Jacobian, which the operator code needs
 together (``T f = -Lap f + V f`` and its importance-sampled form use all three).
 
-Which method to use. Timings: ms per batch of 512 points for value + gradient + Laplacian,
-float32, jit-compiled, on the project's 2-core CPU (``benchmarks/laplacian.py``; full table in
-``benchmarks/results/laplacian.md``; other jobs shared the CPUs, so expect +-20 % noise):
+Which method to use. Timings (ms per batch of 512 points for value + gradient + Laplacian,
+float32, jit-compiled, on a 2-core CPU) are measured by ``benchmarks/laplacian.py`` and
+recorded in ``benchmarks/results/laplacian.md``; in short:
 
 - ``"folx"`` (the default, ``DEFAULT_LAPLACIAN_METHOD``): the forward Laplacian
   (``folx.forward_laplacian``, Li et al. 2023) propagates ``(f, J, Lap f)`` through the network
@@ -196,7 +196,7 @@ def _folx(fn, x):
         # folx interprets fn's jaxpr primitive by primitive and does not cover all of them
         # (in folx 0.2.30 e.g. lax.fori_loop with an integer carry fails).
         err.add_note(
-            "nestedlora_jax.laplacian: folx could not propagate the Laplacian through fn; "
+            "nestedlora_jax.laplacians: folx could not propagate the Laplacian through fn; "
             "method='forward_over_forward' is the exact pure-JAX alternative."
         )
         raise
