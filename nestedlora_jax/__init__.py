@@ -51,7 +51,7 @@ from nestedlora_jax.config import (
     SolveConfig,
     TrainingConfig,
 )
-from nestedlora_jax.evaluation import evaluate, quadrature_grid
+from nestedlora_jax.evaluation import Evaluation, evaluate, quadrature_grid
 from nestedlora_jax.hooks import (
     Callback,
     Checkpoints,
@@ -156,7 +156,7 @@ __all__ = [
     "CollapseRemedy", "DivergenceGuard", "HistoryFile", "ProgressBar", "PeriodicEvaluation",
     "TrainingDivergedError", "TrainingInterrupted",
     # networks and evaluation
-    "eigenfunction_network", "to_apply", "load_params", "evaluate", "quadrature_grid",
+    "eigenfunction_network", "to_apply", "load_params", "evaluate", "Evaluation", "quadrature_grid",
     # modules
     "baselines", "config", "hooks", "laplacians", "metrics", "objectives", "operators",
     "problems", "samplers", "training", "networks", "solver",

@@ -118,6 +118,8 @@ class NetworkConfig(_Config):
       periodic: periodic input embedding; ``None``: the problem's choice.
       envelope: ``None``, ``"fixed"`` or ``"learnable"`` ``exp(-|x| / a)`` envelope.
       envelope_decay: its length ``a``.
+      standardize_input: apply the problem's input standardization (``(x - center) / scale``,
+        :meth:`~nestedlora_jax.problems.Problem.input_standardization`) when it has one.
     """
 
     architecture: str | None = None
@@ -128,6 +130,7 @@ class NetworkConfig(_Config):
     periodic: bool | None = None
     envelope: str | None = None
     envelope_decay: float = 1.0
+    standardize_input: bool = True
 
     def __post_init__(self):
         if self.architecture is not None:
@@ -161,6 +164,9 @@ class NetworkConfig(_Config):
             raise ValueError("NetworkConfig: an exp(-|x|/a) envelope is not periodic; do not "
                              "combine envelope with periodic=True.")
         check_positive_float("NetworkConfig.envelope_decay", self.envelope_decay)
+        if not isinstance(self.standardize_input, bool):
+            raise ValueError(f"NetworkConfig.standardize_input must be True or False, got "
+                             f"{self.standardize_input!r}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

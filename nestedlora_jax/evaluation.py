@@ -14,6 +14,7 @@ proportional to the error being measured.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Callable, NamedTuple
@@ -31,7 +32,7 @@ from nestedlora_jax.operators import (
 )
 from nestedlora_jax.problems import Hydrogen
 
-__all__ = ["evaluate", "quadrature_grid", "network_values", "gram_statistics", "metrics_from_gram", "GramStatistics"]
+__all__ = ["Evaluation", "METRIC_NAMES", "evaluate", "quadrature_grid", "network_values", "gram_statistics", "metrics_from_gram", "GramStatistics"]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -112,6 +113,109 @@ def _tensor_gauss_legendre(lo, hi, num):
     return points, w
 
 
+# The metrics, by kind: per state (L,), aggregates (floats), per block.
+_PER_STATE = ("exact", "rayleigh", "norm", "rel_error", "rel_error_norm", "residual",
+              "angle_distance", "ritz", "ritz_rel_error")
+_AGGREGATES = ("mean_rel_error", "mean_rel_error_norm", "max_rel_error", "angle_distance_mean",
+               "subspace_distance_mean", "subspace_distance_total", "ritz_subspace_distance_mean",
+               "orthogonality_fro", "orthogonality_max")
+_PER_BLOCK = ("subspace_distance_blocks", "ritz_subspace_distance_blocks")
+METRIC_NAMES = _PER_STATE + _AGGREGATES + _PER_BLOCK
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate` returns: every metric of the protocol, by name.
+
+    Energies are in the problem's units. Per state ``(L,)``: ``exact``, ``rayleigh`` (energy by
+    Rayleigh quotient), ``norm`` (energy by ``||f||^2``), ``rel_error`` (of ``rayleigh``),
+    ``rel_error_norm``, ``residual`` (``||H psi - E psi|| / ||psi||``), ``angle_distance``,
+    ``ritz`` (Rayleigh-Ritz energies of the span) and ``ritz_rel_error``. Aggregates:
+    ``mean_rel_error``, ``mean_rel_error_norm``, ``max_rel_error``, ``angle_distance_mean``,
+    ``subspace_distance_mean``, ``subspace_distance_total``, ``ritz_subspace_distance_mean``,
+    ``orthogonality_fro``, ``orthogonality_max``. Per degenerate block:
+    ``subspace_distance_blocks``, ``ritz_subspace_distance_blocks``. A metric that needs what
+    the problem does not provide (a spectrum, eigenfunctions) is ``None``.
+
+    ``standard_errors`` maps each metric's name to its jackknife standard error (Monte Carlo
+    evaluation; empty on a quadrature grid); :meth:`se` reads one. ``blocks`` are the
+    degenerate blocks ``[start, stop)``, ``num_points`` the points used, ``num_invalid_points``
+    those left out (non-finite or absurd values), ``method`` ``"quadrature grid"`` or
+    ``"Monte Carlo"``. :meth:`to_dict` is the flat JSON form (``<name>_se`` beside each name).
+    """
+
+    rayleigh: np.ndarray
+    norm: np.ndarray
+    residual: np.ndarray
+    ritz: np.ndarray
+    orthogonality_fro: float
+    orthogonality_max: float
+    blocks: list
+    num_points: int
+    num_invalid_points: int
+    method: str
+    exact: np.ndarray | None = None
+    rel_error: np.ndarray | None = None
+    rel_error_norm: np.ndarray | None = None
+    mean_rel_error: float | None = None
+    mean_rel_error_norm: float | None = None
+    max_rel_error: float | None = None
+    ritz_rel_error: np.ndarray | None = None
+    angle_distance: np.ndarray | None = None
+    angle_distance_mean: float | None = None
+    subspace_distance_blocks: np.ndarray | None = None
+    subspace_distance_mean: float | None = None
+    subspace_distance_total: float | None = None
+    ritz_subspace_distance_blocks: np.ndarray | None = None
+    ritz_subspace_distance_mean: float | None = None
+    standard_errors: dict = dataclasses.field(default_factory=dict)
+
+    def se(self, name: str):
+        """The standard error of metric ``name`` (Monte Carlo evaluations only)."""
+        if name not in METRIC_NAMES:
+            raise KeyError(f"{name!r} is not a metric; metrics: {METRIC_NAMES}.")
+        if name not in self.standard_errors:
+            why = ("a quadrature grid has none" if self.method == "quadrature grid"
+                   else "the metric was not computed")
+            raise KeyError(f"no standard error for {name!r}: {why}.")
+        return self.standard_errors[name]
+
+    def available(self) -> list[str]:
+        """The names of the metrics that were computed (not ``None``)."""
+        return [k for k in METRIC_NAMES if getattr(self, k) is not None]
+
+    def to_dict(self) -> dict:
+        """Flat JSON-able form: every computed metric, ``<name>_se`` beside it, and ``blocks``,
+        ``num_points``, ``num_invalid_points``, ``evaluation`` (the method)."""
+        out = {}
+        for k in self.available():
+            out[k] = _plain(getattr(self, k))
+            if k in self.standard_errors:
+                out[f"{k}_se"] = _plain(self.standard_errors[k])
+        out.update(blocks=[list(b) for b in self.blocks], num_points=self.num_points,
+                   num_invalid_points=self.num_invalid_points, evaluation=self.method)
+        return out
+
+    def table(self, title: str | None = None) -> str:
+        """The per-state table and the aggregates (:func:`~nestedlora_jax.metrics.summary_table`)."""
+        keys = ("exact", "rayleigh", "norm", "rel_error", "residual", "angle_distance",
+                "mean_rel_error", "max_rel_error", "subspace_distance_mean",
+                "subspace_distance_total", "angle_distance_mean", "orthogonality_fro",
+                "orthogonality_max")
+        view = {}
+        for k in keys:
+            if getattr(self, k) is not None:
+                view[k] = getattr(self, k)
+                if k in ("rel_error", "mean_rel_error", "subspace_distance_mean") and k in self.standard_errors:
+                    view[f"{k}_se"] = self.standard_errors[k]
+        return M.summary_table(view, title=title)
+
+
+def _plain(value):
+    value = np.asarray(value)
+    return float(value) if value.ndim == 0 else value
+
+
 def evaluate(
     apply: Callable,
     params: Any,
@@ -126,7 +230,7 @@ def evaluate(
     readout: Callable[[np.ndarray], np.ndarray] | None = None,
     chunk: int = 512,
     groups: int = 32,
-) -> dict:
+) -> Evaluation:
     """All metrics of the evaluation protocol for the learned functions ``apply(params, .)``,
     with standard errors on Monte Carlo samples.
 
@@ -166,15 +270,9 @@ def evaluate(
       groups: jackknife groups for the standard errors (Monte Carlo only; >= 2).
 
     Returns:
-      A dict of numpy values: per state ``exact``, ``rayleigh``, ``norm`` (energies),
-      ``rel_error`` (Rayleigh), ``rel_error_norm``, ``residual`` (energy units),
-      ``angle_distance``; aggregates ``mean_rel_error``, ``max_rel_error``,
-      ``orthogonality_fro``, ``orthogonality_max``, ``subspace_distance_blocks`` (per block),
-      ``subspace_distance_mean``, ``subspace_distance_total``, ``angle_distance_mean``,
-      ``ritz`` (Rayleigh-Ritz energies), ``ritz_rel_error`` and the block subspace distances
-      of the Ritz functions (``ritz_subspace_distance_blocks``, ``_mean``); on Monte Carlo
-      samples ``<key>_se`` beside each of them; plus ``blocks``, ``num_points`` and
-      ``evaluation``. Print it with ``metrics.summary_table``.
+      An :class:`Evaluation`: every metric by name (``result.mean_rel_error``), their
+      standard errors on Monte Carlo samples (``result.se("mean_rel_error")``), the blocks and
+      point counts; ``result.table()`` prints it, ``result.to_dict()`` is its JSON form.
 
     Raises:
       ValueError: a grid with a weight count different from its point count; fewer Monte
@@ -213,6 +311,7 @@ def evaluate(
     )
     total = stats.sums.sum(axis=0) / (1.0 if on_grid else stats.counts.sum())
     out = metrics_from_gram(total, L, operator, exact, blocks, stats.has_psi)
+    standard_errors = {}
     if not on_grid:
         loo = (stats.sums.sum(axis=0)[None] - stats.sums) / (
             stats.counts.sum() - stats.counts)[:, None, None]
@@ -224,20 +323,21 @@ def evaluate(
         for k in list(out):
             r = np.stack([np.asarray(rep[k]) for rep in replicas])
             se = np.sqrt((g - 1) / g * np.sum((r - r.mean(axis=0)) ** 2, axis=0))
-            out[f"{k}_se"] = float(se) if np.ndim(se) == 0 else se
+            standard_errors[k] = float(se) if np.ndim(se) == 0 else se
     if not importance_weighted and not on_grid:
         # L2(p) representation: the norms are not L2(dx) norms, so they carry no eigenvalue.
         for k in ("norm", "rel_error_norm", "mean_rel_error_norm"):
             if k in out:
                 out[k] = np.full(L, np.nan) if np.ndim(out[k]) else float("nan")
-                out.pop(f"{k}_se")
-    out.update(
+                standard_errors.pop(k)
+    return Evaluation(
+        **{k: _plain(v) for k, v in out.items()},
         blocks=[list(b) for b in blocks],
         num_points=int(stats.counts.sum()) if not on_grid else int(len(points)),
         num_invalid_points=stats.invalid,
-        evaluation="quadrature grid" if on_grid else "Monte Carlo",
+        method="quadrature grid" if on_grid else "Monte Carlo",
+        standard_errors=standard_errors,
     )
-    return out
 
 
 def min_monte_carlo_samples(L: int, groups: int = 32) -> int:

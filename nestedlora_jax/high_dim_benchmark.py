@@ -209,8 +209,8 @@ def run(args) -> dict:
         wall = time.perf_counter() - t0
         m = result.metrics
         print(result.table)
-        print(f"seed {seed}: mean rel. error {m['mean_rel_error']:.3e} +- {m['mean_rel_error_se']:.1e} "
-              f"(standard error), max {m['max_rel_error']:.3e}; wall {wall:.0f} s, "
+        print(f"seed {seed}: mean rel. error {m.mean_rel_error:.3e} +- {m.se('mean_rel_error'):.1e} "
+              f"(standard error), max {m.max_rel_error:.3e}; wall {wall:.0f} s, "
               f"{result.fit.steps_run / max(result.fit.train_time, 1e-9):.1f} steps/s, "
               f"re-initialised {result.fit.reinitialized}")
         per_seed.append(seed_record(seed, result, wall))
@@ -301,9 +301,9 @@ def make_figures(problem, result, out_dir, L, max_slice_states: int = 8):
     m = result.metrics
     fig, ax = plt.subplots(figsize=(6.5, 3))
     states = np.arange(L)
-    ax.errorbar(states, m["rel_error"], yerr=m.get("rel_error_se"), fmt="o", ms=3, capsize=2,
+    ax.errorbar(states, m.rel_error, yerr=m.standard_errors.get("rel_error"), fmt="o", ms=3, capsize=2,
                 label="Rayleigh quotient (+- standard error)")
-    ax.semilogy(states, m["rel_error_norm"], "s", ms=3, mfc="none", label="norm")
+    ax.semilogy(states, m.rel_error_norm, "s", ms=3, mfc="none", label="norm")
     ax.set_yscale("log"), ax.set_xlabel("state"), ax.set_ylabel("relative energy error")
     ax.legend(fontsize=7), fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "errors.png"), dpi=110)
@@ -342,7 +342,7 @@ def make_figures(problem, result, out_dir, L, max_slice_states: int = 8):
             ax.imshow(vals.reshape(A.shape), origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
                       extent=(-R, R, -R, R))
             ax.set_xticks([]), ax.set_yticks([])
-        axes[0, i].set_title(f"E={m['exact'][i]:.4g}", fontsize=6)
+        axes[0, i].set_title(f"E={m.exact[i]:.4g}", fontsize=6)
     axes[0, 0].set_ylabel("exact", fontsize=8)
     axes[1, 0].set_ylabel("learned", fontsize=8)
     fig.suptitle(f"{type(problem).__name__}, d = {problem.dim}: a 2-D slice, exact vs learned", fontsize=9)

@@ -194,7 +194,7 @@ def seed_record(seed: int, result, wall: float) -> dict:
         "bad_steps": result.fit.bad_steps,
         "reinitialized": result.fit.reinitialized,
         "collapsed_states": _collapsed(result.metrics) if result.objective.norms_are_eigenvalues else None,
-        "metrics": result.metrics,
+        "metrics": result.metrics.to_dict(),
     }
 
 
@@ -224,7 +224,7 @@ def _default_hidden(method: str) -> tuple[int, ...]:
 def _collapsed(metrics) -> list[int]:
     """NestedLoRA states whose norm (the eigenvalue estimate) is off by more than 50%: the
     signature of a collapsed function (baselines' raw norms carry no eigenvalue)."""
-    norm, exact = np.asarray(metrics["norm"]), np.asarray(metrics["exact"])
+    norm, exact = np.asarray(metrics.norm), np.asarray(metrics.exact)
     return [int(i) for i in np.flatnonzero(~np.isfinite(norm) | (np.abs(norm - exact) > 0.5 * np.abs(exact)))]
 
 
@@ -296,7 +296,7 @@ def make_figures(problem, result, out_dir, L):
             ax.imshow(vals.reshape(X.shape), origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
                       extent=(-R, R, -R, R))
             ax.set_xticks([]), ax.set_yticks([])
-        axes[0, i].set_title(f"E={metrics['exact'][i]:.4f}", fontsize=6)
+        axes[0, i].set_title(f"E={metrics.exact[i]:.4f}", fontsize=6)
     axes[0, 0].set_ylabel("exact", fontsize=8)
     axes[1, 0].set_ylabel("learned", fontsize=8)
     fig.suptitle("2-D hydrogen: exact vs learned (aligned within degenerate blocks)", fontsize=9)
@@ -306,10 +306,10 @@ def make_figures(problem, result, out_dir, L):
 
     # --- relative errors per state.
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.semilogy(np.arange(L), metrics["rel_error"], "o-", label="Rayleigh quotient")
-    ax.semilogy(np.arange(L), metrics["rel_error_norm"], "s--", label="norm")
-    if "angle_distance" in metrics:
-        ax.semilogy(np.arange(L), metrics["angle_distance"], "^:", label="angle distance")
+    ax.semilogy(np.arange(L), metrics.rel_error, "o-", label="Rayleigh quotient")
+    ax.semilogy(np.arange(L), metrics.rel_error_norm, "s--", label="norm")
+    if metrics.angle_distance is not None:
+        ax.semilogy(np.arange(L), metrics.angle_distance, "^:", label="angle distance")
     ax.set_xlabel("state"), ax.set_ylabel("relative error")
     ax.legend(fontsize=7), fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "errors.png"), dpi=110)
@@ -331,7 +331,7 @@ def make_figures(problem, result, out_dir, L):
     if hist:
         steps = np.array([h["step"] for h in hist])
         est = np.array([h["energies"] for h in hist])
-        err = np.abs(est - metrics["exact"][None, :]) / np.abs(metrics["exact"][None, :])
+        err = np.abs(est - metrics.exact[None, :]) / np.abs(metrics.exact[None, :])
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.semilogy(steps, np.mean(err, axis=1), "k-", lw=2, label="mean")
         for i in range(L):

@@ -181,10 +181,21 @@ class RandomFourierFeatures(nnx.Module):
         return jnp.concatenate([jnp.sin(z), jnp.cos(z)], axis=-1)
 
 
+def _per_axis(name: str, value, dim: int, default: float) -> tuple[float, ...]:
+    """``value`` (None, a scalar or ``(dim,)``) as ``dim`` finite floats."""
+    if value is None:
+        return (float(default),) * dim
+    v = np.broadcast_to(np.asarray(value, dtype=np.float64), (dim,)) if np.ndim(value) == 0 \
+        else np.asarray(value, dtype=np.float64)
+    if v.shape != (dim,) or not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} must be a finite number or {dim} finite numbers, got {value!r}")
+    return tuple(float(t) for t in v)
+
+
 class InputFeatures(nnx.Module):
     """Input pipeline ``(..., d) -> (..., out_features)``::
 
-        z = x
+        z = (x - input_center) / input_scale    (identity by default)
         z = PeriodicEmbedding(z)            if periodic          (2d)
         z = RandomFourierFeatures(z)        if fourier_features  (2 num)
         z = concat(z, stable_radius(x))     if radial_input      (+1)
@@ -193,8 +204,12 @@ class InputFeatures(nnx.Module):
       in_features: d.
       periodic: ``False``/``None``, ``True`` (period 2 pi), or a period (scalar or (d,)).
       fourier_features: ``None`` or ``(num_features, scale)``.
-      radial_input: append ``sqrt(|x|^2 + radial_eps)``: lets the network represent a Coulomb cusp
-        (a smooth MLP of ``x`` alone cannot). Not allowed together with ``periodic``.
+      radial_input: append ``sqrt(|x|^2 + radial_eps)`` (of ``x`` itself): lets the network
+        represent a Coulomb cusp (a smooth MLP of ``x`` alone cannot). Not allowed together with
+        ``periodic``.
+      input_center, input_scale: standardise the input first (scalars or ``(d,)``; e.g. a
+        problem's :meth:`~nestedlora_jax.problems.Problem.input_standardization`), so that the
+        MLP sees coordinates of order one around zero whatever the domain.
     """
 
     def __init__(
@@ -205,10 +220,17 @@ class InputFeatures(nnx.Module):
         fourier_features: tuple[int, float] | None = None,
         radial_input: bool = False,
         radial_eps: float = _RADIUS_EPS,
+        input_center: float | Sequence[float] | None = None,
+        input_scale: float | Sequence[float] | None = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.in_features = check_positive_int("in_features", in_features)
+        # Static Python floats (hashable graph metadata), cast to x's dtype at call time.
+        self.input_center = _per_axis("input_center", input_center, in_features, 0.0)
+        self.input_scale = _per_axis("input_scale", input_scale, in_features, 1.0)
+        if not all(v > 0 for v in self.input_scale):
+            raise ValueError(f"input_scale must be positive, got {input_scale!r}")
         is_periodic = periodic is not None and periodic is not False
         if is_periodic and radial_input:
             raise ValueError(
@@ -243,6 +265,8 @@ class InputFeatures(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         z = x
+        if any(self.input_center) or any(v != 1.0 for v in self.input_scale):
+            z = (z - jnp.asarray(self.input_center, x.dtype)) / jnp.asarray(self.input_scale, x.dtype)
         if self.periodic is not None:
             z = self.periodic(z)
         if self.fourier is not None:
@@ -494,6 +518,8 @@ def eigenfunction_network(
     envelope: str | None = None,
     envelope_decay: float | Sequence[float] = 1.0,
     boundary_mask: Callable[[Array], Array] | None = None,
+    input_center: float | Sequence[float] | None = None,
+    input_scale: float | Sequence[float] | None = None,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
 ) -> EigenfunctionNetwork:
@@ -512,6 +538,7 @@ def eigenfunction_network(
       envelope: ``None``, ``"fixed"`` or ``"learnable"``: multiply output i by ``exp(-|x|/a_i)``.
       envelope_decay: the length(s) ``a_i`` (scalar or (L,)); initial value if learnable.
       boundary_mask: callable ``x -> scalar`` multiplying all outputs (Dirichlet problems).
+      input_center, input_scale: the MLP sees ``(x - input_center) / input_scale``.
       param_dtype: dtype of parameters and frozen features (float64 needs ``jax.enable_x64``).
       rngs: ``nnx.Rngs``; parameters and Fourier frequencies use its ``params`` stream.
 
@@ -550,6 +577,8 @@ def eigenfunction_network(
         periodic=periodic,
         fourier_features=fourier_features,
         radial_input=radial_input,
+        input_center=input_center,
+        input_scale=input_scale,
         param_dtype=param_dtype,
         rngs=rngs,
     )

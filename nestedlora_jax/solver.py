@@ -25,7 +25,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nestedlora_jax import metrics as M
 from nestedlora_jax.baselines import neuralef_objective, spin_objective
 from nestedlora_jax._checks import check_positive_int
 from nestedlora_jax._io import write_json_atomic
@@ -36,7 +35,7 @@ from nestedlora_jax.config import (
     NetworkConfig,
     SolveConfig,
 )
-from nestedlora_jax.evaluation import evaluate, min_monte_carlo_samples, quadrature_grid
+from nestedlora_jax.evaluation import Evaluation, evaluate, min_monte_carlo_samples, quadrature_grid
 from nestedlora_jax.hooks import HistoryFile, Hook
 from nestedlora_jax.laplacians import STOCHASTIC_LAPLACIAN_METHODS
 from nestedlora_jax.networks import ACTIVATION_FUNCTIONS, eigenfunction_network, to_apply
@@ -79,15 +78,20 @@ def default_network(problem, L: int, network: NetworkConfig = NetworkConfig(), *
                     architecture: str = "parallel", seed: int = 0):
     """The eigenfunction network for ``problem``: ``network``'s choices, with what the problem
     asks for where ``network`` leaves it open (``None``): radial input for Coulomb problems,
-    periodic inputs on periodic boxes; the Dirichlet mask on wells always."""
+    periodic inputs on periodic boxes; the Dirichlet mask on wells always, and the problem's
+    input standardization unless ``network.standardize_input`` is off."""
     radial = network.radial_input if network.radial_input is not None else isinstance(problem, Hydrogen)
     periodic = network.periodic if network.periodic is not None else bool(getattr(problem, "periodic", False))
+    standardization = getattr(problem, "input_standardization", lambda: None)() \
+        if network.standardize_input else None
+    center, scale = standardization if standardization is not None else (None, None)
     return eigenfunction_network(
         problem.dim, L, architecture=architecture, hidden=network.hidden,
         activation=ACTIVATION_FUNCTIONS[network.activation],
         fourier_features=network.fourier_features, radial_input=radial, periodic=periodic,
         envelope=network.envelope, envelope_decay=network.envelope_decay,
-        boundary_mask=getattr(problem, "boundary_mask", None), rngs=nnx.Rngs(params=seed),
+        boundary_mask=getattr(problem, "boundary_mask", None), input_center=center,
+        input_scale=scale, rngs=nnx.Rngs(params=seed),
     )
 
 
@@ -101,7 +105,7 @@ class SolveResult:
     operator: ProblemOperator
     apply: Callable
     objective: Objective
-    metrics: dict
+    metrics: Evaluation
     table: str
     config: SolveConfig = dataclasses.field(default_factory=SolveConfig)
     run_dir: str | None = None
@@ -109,7 +113,7 @@ class SolveResult:
     @property
     def energies(self) -> np.ndarray:
         """Energies from the Rayleigh quotients of the EMA parameters' functions."""
-        return self.metrics["rayleigh"]
+        return self.metrics.rayleigh
 
 
 class PeriodicEvaluation(Hook):
@@ -130,7 +134,11 @@ class PeriodicEvaluation(Hook):
         state = loop.state
         m = evaluate(self.apply, state.ema_params, self.problem, self.operator, points=self.points,
                      readout=_readout(self.objective, state.objective_state))
-        entry.update({k: m[k] for k in self.KEYS if k in m})
+        for k in self.KEYS:
+            name, se = (k[:-3], True) if k.endswith("_se") else (k, False)
+            value = m.standard_errors.get(name) if se else getattr(m, name)
+            if value is not None:
+                entry[k] = float(value)
 
 
 def solve(
@@ -389,8 +397,7 @@ def _evaluated(problem, L, config: SolveConfig, operator, apply, objective, resu
     """``solve``'s and ``restore``'s answer: the result evaluated, with its printable table."""
     operator = _evaluation_operator(problem, L, config, operator)
     metrics = evaluate_result(problem, operator, apply, result, objective, L, evaluation)
-    table = M.summary_table(_table_view(metrics),
-                            title=f"{type(problem).__name__}, L = {L}, {config.method}")
+    table = metrics.table(title=f"{type(problem).__name__}, L = {L}, {config.method}")
     return SolveResult(result, operator, apply, objective, metrics, table, config, run_dir)
 
 
@@ -475,12 +482,3 @@ def evaluate_result(problem, operator, apply, result: FitResult, objective: Obje
 def _readout(objective: Objective, state):
     """Raw outputs -> the objective's eigenfunction estimates (identity for NestedLoRA)."""
     return lambda f: np.asarray(objective.readout(jax.numpy.asarray(f), state))
-
-
-def _table_view(metrics: dict) -> dict:
-    keys = ["exact", "rayleigh", "norm", "rel_error", "rel_error_se", "residual", "angle_distance",
-            "mean_rel_error", "mean_rel_error_se", "max_rel_error", "subspace_distance_mean",
-            "subspace_distance_mean_se",
-            "subspace_distance_total", "angle_distance_mean", "orthogonality_fro",
-            "orthogonality_max"]
-    return {k: metrics[k] for k in keys if k in metrics}

@@ -99,7 +99,7 @@ def test_solve_then_restore_from_the_folder_alone(tmp_path):
     assert (run / "history.json").is_file() and (run / "checkpoints").is_dir()
     again = restore(run)
     assert again.config == TINY and int(again.fit.state.step) == 100
-    np.testing.assert_array_equal(again.metrics["rayleigh"], trained.metrics["rayleigh"])
+    np.testing.assert_array_equal(again.metrics.rayleigh, trained.metrics.rayleigh)
     assert again.fit.history == trained.fit.history
 
 
@@ -137,7 +137,7 @@ def test_solve_with_the_stochastic_laplacian():
                           training={"steps": 1500, "batch_size": 128, "log_every": 500})
     result = solve(nl.HarmonicOscillator(dim=2), 1, config=config, progress=False)
     # Measured: 1.8e-3, as with the exact Laplacian; the evaluation itself uses the exact one.
-    assert result.fit.bad_steps == 0 and result.metrics["rel_error"][0] < 1e-2
+    assert result.fit.bad_steps == 0 and result.metrics.rel_error[0] < 1e-2
 
 
 # ------------------------------------------------------------------ hooks
@@ -195,3 +195,17 @@ def _tiny():
     op = nl.problem_operator(nl.HarmonicOscillator(dim=1), 1)
     apply, params = nl.to_apply(nl.eigenfunction_network(1, 1, hidden=(8,), rngs=nnx.Rngs(params=0)))
     return apply, params, op
+
+
+def test_a_problem_that_asks_for_standardised_inputs_gets_them_unless_turned_off():
+    import math
+
+    from nestedlora_jax.solver import default_network
+
+    box = default_network(nl.InfiniteWell(dim=3, length=2.0), 2)
+    assert box.features.input_center == (1.0,) * 3
+    np.testing.assert_allclose(box.features.input_scale, [2.0 / math.sqrt(12.0)] * 3)
+    raw = default_network(nl.InfiniteWell(dim=3, length=2.0), 2, NetworkConfig(standardize_input=False))
+    assert raw.features.input_center == (0.0,) * 3 and raw.features.input_scale == (1.0,) * 3
+    oscillator = default_network(nl.HarmonicOscillator(dim=2), 2)  # no standardization asked
+    assert oscillator.features.input_center == (0.0, 0.0)

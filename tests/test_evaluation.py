@@ -5,6 +5,8 @@ levels, plus a function outside the span), written in the representation the tra
 use (``psi / sqrt(p)``): their true metrics are known from a fine quadrature grid, so the Monte
 Carlo estimates and their error bars can be checked against them.
 """
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,16 +72,17 @@ def test_monte_carlo_agrees_with_the_grid_within_its_error_bars(name):
     apply = perturbed_network(problem, L, op, eps=0.03)
     points, weights = quadrature_grid(problem, L, grid)
     ref = evaluate(apply, None, problem, op, points=points, weights=weights)
-    assert "rayleigh_se" not in ref  # a grid is deterministic
+    assert ref.standard_errors == {}  # a grid is deterministic
     mc = evaluate(apply, None, problem, op, num_samples=2**16, key=jax.random.PRNGKey(3))
     for key in ("rayleigh", "rel_error", "subspace_distance_blocks", "angle_distance"):
-        z = (np.asarray(mc[key]) - np.asarray(ref[key])) / np.asarray(mc[f"{key}_se"])
+        z = (np.asarray(getattr(mc, key)) - np.asarray(getattr(ref, key))) / np.asarray(mc.se(key))
         assert np.all(np.abs(z) < 4.5), (key, z)
     for key in ("mean_rel_error", "subspace_distance_mean", "orthogonality_fro"):
-        assert abs(mc[key] - ref[key]) < 4.5 * mc[f"{key}_se"], (key, mc[key], ref[key], mc[f"{key}_se"])
+        mc_value, ref_value, se = getattr(mc, key), getattr(ref, key), mc.se(key)
+        assert abs(mc_value - ref_value) < 4.5 * se, (key, mc_value, ref_value, se)
     # The error bar is well below the error it qualifies (ratio estimates on one sample).
-    assert mc["mean_rel_error_se"] < 0.2 * ref["mean_rel_error"]
-    assert mc["subspace_distance_mean_se"] < 0.2 * ref["subspace_distance_mean"]
+    assert mc.se("mean_rel_error") < 0.2 * ref.mean_rel_error
+    assert mc.se("subspace_distance_mean") < 0.2 * ref.subspace_distance_mean
 
 
 def test_standard_errors_are_calibrated():
@@ -92,7 +95,7 @@ def test_standard_errors_are_calibrated():
     for k in range(16):
         mc = evaluate(apply, None, problem, op, num_samples=2**13, key=jax.random.PRNGKey(100 + k),
                       groups=16)
-        z.append((mc["rayleigh"] - ref["rayleigh"]) / mc["rayleigh_se"])
+        z.append((mc.rayleigh - ref.rayleigh) / mc.se("rayleigh"))
     z = np.concatenate(z)  # 48 z-scores
     assert 0.6 < np.std(z) < 1.5, np.std(z)
     assert abs(np.mean(z)) < 0.6, np.mean(z)
@@ -104,12 +107,12 @@ def test_exact_eigenfunctions_in_ten_dimensions_have_zero_error_and_error_bar():
     op = problem_operator(problem, L)
     apply = perturbed_network(problem, L, op, eps=0.0)
     mc = evaluate(apply, None, problem, op, num_samples=2**13, groups=8)
-    assert mc["max_rel_error"] < 2e-5 and np.max(mc["rel_error_se"]) < 2e-5
-    assert mc["subspace_distance_mean"] < 1e-6 and mc["angle_distance_mean"] < 1e-6
+    assert mc.max_rel_error < 2e-5 and np.max(mc.se("rel_error")) < 2e-5
+    assert mc.subspace_distance_mean < 1e-6 and mc.angle_distance_mean < 1e-6
     # ... while a perturbed network's error is resolved: error >> error bar.
     apply = perturbed_network(problem, L, op, eps=0.02)
     mc = evaluate(apply, None, problem, op, num_samples=2**13, groups=8)
-    assert mc["mean_rel_error"] > 10 * mc["mean_rel_error_se"]
+    assert mc.mean_rel_error > 10 * mc.se("mean_rel_error")
 
 
 def test_too_few_samples_is_a_clear_error():
@@ -131,9 +134,9 @@ def test_non_finite_points_are_left_out_and_counted():
     apply = lambda params, x: jnp.where(x[0] > 2.5, jnp.nan, 1.0) * exact_net(params, x)
     with pytest.warns(RuntimeWarning, match="points gave non-finite or absurd"):
         mc = evaluate(apply, None, problem, op, num_samples=2**13, groups=8)
-    assert mc["num_invalid_points"] > 0
-    assert mc["num_points"] == 2**13 - mc["num_invalid_points"]
-    assert np.all(np.isfinite(mc["rayleigh"])) and mc["max_rel_error"] < 1e-4
+    assert mc.num_invalid_points > 0
+    assert mc.num_points == 2**13 - mc.num_invalid_points
+    assert np.all(np.isfinite(mc.rayleigh)) and mc.max_rel_error < 1e-4
 
 
 def test_exact_eigenfunctions_of_the_ten_dimensional_cosine_problem_are_exact():
@@ -146,4 +149,25 @@ def test_exact_eigenfunctions_of_the_ten_dimensional_cosine_problem_are_exact():
     op = problem_operator(problem, L)
     apply = perturbed_network(problem, L, op, eps=0.0)
     mc = evaluate(apply, None, problem, op, num_samples=4096, groups=8)
-    assert mc["max_rel_error"] < 1e-4, mc["rel_error"]
+    assert mc.max_rel_error < 1e-4, mc.rel_error
+
+
+def test_the_evaluation_result_is_typed_and_its_json_form_flat():
+    """Attributes by name, standard errors through se(), the flat JSON form of results.json
+    (``<name>_se`` beside each name), and one clear error for what a grid cannot have."""
+    problem, L = HarmonicOscillator(dim=1), 2
+    op = problem_operator(problem, L)
+    apply = perturbed_network(problem, L, op, eps=0.03)
+    mc = evaluate(apply, None, problem, op, num_samples=2**12, key=jax.random.PRNGKey(0))
+    flat = mc.to_dict()
+    assert flat["mean_rel_error"] == mc.mean_rel_error and flat["mean_rel_error_se"] == mc.se("mean_rel_error")
+    assert flat["evaluation"] == "Monte Carlo" and flat["num_points"] == 2**12
+    assert set(mc.available()) <= set(flat) and json.loads(json.dumps(flat, default=list))
+    assert "mean_rel_error" in mc.table() and "exact" in mc.table()
+    points, weights = quadrature_grid(problem, L, 100)
+    grid = evaluate(apply, None, problem, op, points=points, weights=weights)
+    assert "mean_rel_error_se" not in grid.to_dict()
+    with pytest.raises(KeyError, match="no standard error for 'rayleigh': a quadrature grid has none"):
+        grid.se("rayleigh")
+    with pytest.raises(KeyError, match="'energy' is not a metric"):
+        mc.se("energy")

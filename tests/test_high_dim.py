@@ -5,6 +5,7 @@ figures, and resumes."""
 import json
 
 import numpy as np
+import pytest
 
 from nestedlora_jax import solve
 from nestedlora_jax.config import EvaluationConfig, SolveConfig, TrainingConfig
@@ -22,12 +23,12 @@ def test_coupled_oscillator_in_five_dimensions_trains_with_the_defaults():
     result = solve(problem, 4, config=config, progress=False)
     m = result.metrics
     print(result.table)
-    assert m["mean_rel_error"] <= 5e-3
-    assert m["max_rel_error"] <= 1e-2
-    assert m["mean_rel_error"] > 3 * m["mean_rel_error_se"]
+    assert m.mean_rel_error <= 5e-3
+    assert m.max_rel_error <= 1e-2
+    assert m.mean_rel_error > 3 * m.se("mean_rel_error")
     # Each state is closer to its own exact energy than to any other of the four.
     exact = problem.energies(4)
-    nearest = np.argmin(np.abs(m["rayleigh"][:, None] - exact[None, :]), axis=1)
+    nearest = np.argmin(np.abs(m.rayleigh[:, None] - exact[None, :]), axis=1)
     assert list(nearest) == [0, 1, 2, 3]
     assert result.fit.bad_steps == 0
 
@@ -77,3 +78,15 @@ def test_problem_names_and_bad_dimensions():
         make_problem("hydrogen3d", 5)
     with pytest.raises(ValueError, match="tabulated for d = 2, 5 and 10"):
         make_problem("cosine", 7)
+
+
+@pytest.mark.slow
+def test_the_box_in_five_dimensions_learns_with_standardised_inputs():
+    """Dirichlet box [0, 1]^5, 6 states (levels 5 and 8 pi^2), solve's defaults for 4000 steps:
+    mean relative error <= 6e-3 (measured 2.9e-3; 2.6e-2 with raw inputs, the same run)."""
+    from nestedlora_jax.problems import InfiniteWell
+
+    config = SolveConfig(training=TrainingConfig(steps=4000, log_every=500),
+                         evaluation=EvaluationConfig(mode="mc", num_samples=2**16))
+    result = solve(InfiniteWell(dim=5), 6, config=config, progress=False)
+    assert result.metrics.mean_rel_error <= 6e-3

@@ -33,8 +33,8 @@ def test_benchmark_writes_results_and_figures(tmp_path, method):
     reloaded = load_run(out, seed=1)
     assert int(reloaded.fit.state.step) == 200
     saved = results["per_seed"][1]["metrics"]
-    np.testing.assert_allclose(reloaded.metrics["rayleigh"], saved["rayleigh"], rtol=1e-6)
-    np.testing.assert_allclose(reloaded.metrics["subspace_distance_blocks"],
+    np.testing.assert_allclose(reloaded.metrics.rayleigh, saved["rayleigh"], rtol=1e-6)
+    np.testing.assert_allclose(reloaded.metrics.subspace_distance_blocks,
                                saved["subspace_distance_blocks"], rtol=1e-5, atol=1e-12)
     if figures:
         for name in ("eigenfunctions", "errors", "gram", "convergence"):

@@ -388,3 +388,20 @@ def test_bad_body_config_raises():
         ParallelMLPs(2, 3, hidden=(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="upper > lower"):
         dirichlet_box_mask(1.0, 0.0)
+
+
+def test_input_standardization_is_an_affine_map_before_everything_else():
+    """The network with (center, scale) at x is the plain network at (x - center) / scale;
+    the boundary mask still sees x itself."""
+    center, scale = np.array([0.5, 0.5]), np.array([0.25, 2.0])
+    plain = to_apply(eigenfunction_network(2, 3, hidden=(8,), rngs=nnx.Rngs(params=0)))
+    shifted = to_apply(eigenfunction_network(2, 3, hidden=(8,), input_center=center,
+                                             input_scale=scale, rngs=nnx.Rngs(params=0)))
+    xs = jax.random.uniform(jax.random.PRNGKey(0), (5, 2))
+    np.testing.assert_allclose(jax.vmap(lambda x: shifted[0](shifted[1], x))(xs),
+                               jax.vmap(lambda x: plain[0](plain[1], (x - center) / scale))(xs),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="input_scale must be positive"):
+        eigenfunction_network(2, 3, input_scale=[1.0, 0.0], rngs=nnx.Rngs(params=0))
+    with pytest.raises(ValueError, match="input_center must be a finite number or 2 finite numbers"):
+        eigenfunction_network(2, 3, input_center=[0.0, 1.0, 2.0], rngs=nnx.Rngs(params=0))

@@ -98,8 +98,8 @@ def test_a_grid_node_on_the_nucleus_is_left_out_and_reported():
     weights = np.concatenate([weights, [np.mean(weights)]])
     with pytest.warns(RuntimeWarning, match=r"1 of 1601 points gave non-finite or absurd"):
         m = evaluate(apply, params, problem, op, points=points, weights=weights)
-    assert m["num_invalid_points"] == 1
-    np.testing.assert_allclose(m["rayleigh"], clean["rayleigh"], rtol=1e-12)
+    assert m.num_invalid_points == 1
+    np.testing.assert_allclose(m.rayleigh, clean.rayleigh, rtol=1e-12)
 
 
 def test_only_invalid_points_is_an_error_not_a_number():
@@ -136,7 +136,7 @@ def test_absurd_potential_values_are_invalid_for_every_problem():
     assert res.bad_steps > 50  # most batches of 256 have a point beyond |x_0| = 2.5
     with pytest.warns(RuntimeWarning, match="non-finite or absurd"):
         m = evaluate(apply, res.ema_params, problem, op, num_samples=2**13, groups=4)
-    assert m["num_invalid_points"] > 0 and np.all(np.isfinite(m["rayleigh"]))
+    assert m.num_invalid_points > 0 and np.all(np.isfinite(m.rayleigh))
 
 
 # ------------------------------------------------------------------ bad values, API
@@ -265,9 +265,9 @@ def test_solve_trains_a_problem_whose_spectrum_is_unknown():
     result = solve(_Mystery(), 3, progress=False,
                    config=SolveConfig(training=TrainingConfig(steps=2000, log_every=500)))
     m = result.metrics
-    np.testing.assert_allclose(np.sort(m["rayleigh"]), [2.0, 4.0, 4.0], rtol=1e-2)
-    assert "rel_error" not in m and "exact" not in m and "subspace_distance_mean" not in m
-    assert np.all(m["residual"] < 0.5) and m["orthogonality_max"] < 1e-2
+    np.testing.assert_allclose(np.sort(m.rayleigh), [2.0, 4.0, 4.0], rtol=1e-2)
+    assert m.rel_error is None and m.exact is None and m.subspace_distance_mean is None
+    assert np.all(m.residual < 0.5) and m.orthogonality_max < 1e-2
     # The estimated shift lies above the wanted energies, as the Ritz bound promises.
     assert result.operator.shift / result.operator.scale > 4.0
     assert "E Rayleigh" in result.table and "exact" not in result.table

@@ -24,8 +24,8 @@ def test_harmonic_oscillator_six_states(method, steps):
     result = solve(problems.HarmonicOscillator(dim=2), 6, config=config, progress=False)
     m = result.metrics
     print(result.table)
-    assert m["mean_rel_error"] <= 1e-3
-    assert m["subspace_distance_mean"] <= 1e-2
+    assert m.mean_rel_error <= 1e-3
+    assert m.subspace_distance_mean <= 1e-2
     assert result.fit.bad_steps == 0
 
 
@@ -36,9 +36,9 @@ def test_hydrogen_four_states():
     result = solve(problems.Hydrogen(dim=2), 4, config=config, progress=False)
     print(result.table)
     m = result.metrics
-    assert m["mean_rel_error"] <= 2e-2
-    assert np.all(np.isfinite(m["rayleigh"]))
-    assert m["subspace_distance_mean"] <= 2e-2
+    assert m.mean_rel_error <= 2e-2
+    assert np.all(np.isfinite(m.rayleigh))
+    assert m.subspace_distance_mean <= 2e-2
 
 
 def test_periodic_evaluation_is_recorded_in_the_history():
@@ -70,6 +70,6 @@ def test_ritz_subspace_distance_undoes_mixing_across_levels():
 
     points, weights = quadrature_grid(problem, L, 400)
     m = evaluate(apply, None, problem, op, points=points, weights=weights)
-    assert m["subspace_distance_mean"] > 1e-2
-    assert m["ritz_subspace_distance_mean"] < 1e-5
-    np.testing.assert_allclose(m["ritz"], problem.energies(L), rtol=1e-4)
+    assert m.subspace_distance_mean > 1e-2
+    assert m.ritz_subspace_distance_mean < 1e-5
+    np.testing.assert_allclose(m.ritz, problem.energies(L), rtol=1e-4)
