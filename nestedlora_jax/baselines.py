@@ -87,6 +87,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+from nestedlora_jax._checks import check_even_batch
 from nestedlora_jax.objectives import Objective, _check_pair
 
 __all__ = [
@@ -396,14 +397,8 @@ def neuralef_objective(
     def loss(f, Tf, state):
         f, Tf = _check_pair(f, Tf, "f", "Tf")
         _check_neuralef_state(state, f)
-        if split_batch and f.shape[0] % 2:
-            raise ValueError(
-                f"NeuralEF with split_batch=True estimates its coefficients on two equal "
-                f"halves of the batch, so the batch size must be even; got B = {f.shape[0]}. "
-                f"Use an even batch or split_batch=False."
-            )
-        if split_batch and f.shape[0] < 2:
-            raise ValueError(f"split_batch=True needs at least 2 samples, got B = {f.shape[0]}.")
+        if split_batch:
+            check_even_batch(f.shape[0], "f")
         sq_norm = jnp.mean(f * f, axis=0)  # (L,), differentiable
         rms = jnp.sqrt(sq_norm)
         psi = f / rms

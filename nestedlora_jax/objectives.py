@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nestedlora_jax._checks import check_even_batch, check_num_states
+
 __all__ = [
     "NESTINGS",
     "Objective",
@@ -67,7 +69,7 @@ def nesting_weights(L: int, step: int = 1) -> np.ndarray:
     Returns:
       ``w`` of shape ``(L,)``, non-negative, summing to 1 (uniform over the chosen k).
     """
-    L = _check_num_functions(L)
+    L = check_num_states(L)
     if int(step) != step or step < 1:
         raise ValueError(f"step must be a positive integer, got {step!r}.")
     k = np.arange(1, L + 1)
@@ -101,7 +103,7 @@ def nesting_masks(
     Returns:
       ``m`` of shape ``(L,)`` and ``M`` of shape ``(L, L)``, float64 numpy arrays.
     """
-    L = _check_num_functions(L)
+    L = check_num_states(L)
     _check_nesting(nesting)
     if nesting == "sequential":
         if weights is not None:
@@ -137,12 +139,6 @@ def _normalise_weights(weights, L: int) -> np.ndarray:
             f"simplex), got sum {total}."
         )
     return w / total
-
-
-def _check_num_functions(L) -> int:
-    if int(L) != L or L < 1:
-        raise ValueError(f"the number of functions L must be a positive integer, got {L!r}.")
-    return int(L)
 
 
 def _check_nesting(nesting) -> None:
@@ -383,14 +379,8 @@ def _check_pair(a, b, name_a, name_b):
 
 
 def _check_even(B, name, split_batch):
-    if split_batch and B % 2:
-        raise ValueError(
-            f"split_batch=True estimates the quadratic term from two equal halves, so "
-            f"the batch size of {name} must be even; got B = {B}. Use an even batch or "
-            f"split_batch=False."
-        )
-    if split_batch and B < 2:
-        raise ValueError(f"split_batch=True needs a batch of at least 2 samples, got {B}.")
+    if split_batch:
+        check_even_batch(B, name)
 
 
 def _check_svd_inputs(f, Tg, g, Tadj_f, split_batch):

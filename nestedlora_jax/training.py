@@ -50,6 +50,7 @@ from nestedlora_jax.hooks import (
     reinitializations,
     run_loop,
 )
+from nestedlora_jax._checks import check_even_batch
 from nestedlora_jax.config import TrainingConfig
 from nestedlora_jax.objectives import Objective, nested_lora_objective
 from nestedlora_jax.operators import MAX_ABS_OPERATOR_VALUE, valid_points
@@ -324,11 +325,8 @@ class FitResult:
 
 
 def _validate_fit_args(apply, params, sampler, batch_size, needs_even_batch):
-    if needs_even_batch and batch_size % 2:
-        raise ValueError(
-            f"batch_size must be even for this objective (the quadratic term uses two "
-            f"equal halves of the batch), got {batch_size}."
-        )
+    if needs_even_batch:
+        check_even_batch(batch_size, "TrainingConfig.batch_size")
     dim = getattr(sampler, "dim", None)
     if dim is None or not callable(getattr(sampler, "sample", None)):
         raise ValueError("sampler must have a `dim` attribute and sample(key, n) / log_prob(x).")

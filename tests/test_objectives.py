@@ -368,7 +368,7 @@ def test_float64_keeps_dtype():
         ({}, (8, 3), (8, 2), r"Tf must have the same shape as f"),
         ({}, (8,), (8,), r"f must have shape \(B, L\)"),
         ({}, (8, 0), (8, 0), r"L = 0"),
-        ({}, (7, 3), (7, 3), r"batch size of f must be even; got B = 7"),
+        ({}, (7, 3), (7, 3), r"batch size of f must be even .*; got 7"),
         ({"nesting": "parallel"}, (8, 3), (8, 3), r"unknown nesting 'parallel'"),
         ({"nesting": "joint", "weights": [1.0, 2.0]}, (8, 3), (8, 3), r"weights must have shape \(L,\) = \(3,\)"),
         ({"nesting": "joint", "weights": [0.0, 0.0, 0.0]}, (8, 3), (8, 3), r"sum to a positive value"),
@@ -398,7 +398,8 @@ def test_svd_bad_input():
         nested_lora_svd_loss(jnp.ones((4, 3)), jnp.ones((4, 3)), jnp.ones((5, 3)), jnp.ones((5, 3)))
 
 
-@pytest.mark.parametrize("L, nesting, match", [(0, "joint", "positive integer"), (3, "x", "unknown nesting")])
+@pytest.mark.parametrize("L, nesting, match", [(0, "joint", r"L \(the number of states\) must be a Python int >= 1"),
+                                              (3, "x", "unknown nesting")])
 def test_masks_bad_input(L, nesting, match):
     with pytest.raises(ValueError, match=match):
         nesting_masks(L, nesting)

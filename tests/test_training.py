@@ -33,6 +33,36 @@ def _setup(L=3, seed=0, hidden=(16, 16)):
     return apply, params, op
 
 
+def _one_dead_function(L=2):
+    """A 1-D oscillator network whose function 1 is exactly zero (a fixed point of the masked
+    gradient), and fresh per-function parameters drawn from a key."""
+    net = eigenfunction_network(1, L, architecture="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=0))
+    apply, params = to_apply(net)
+    params = jax.tree.map(lambda p: p.at[1].set(0.0) if p.shape[-1] == 1 else p, params)  # f_1 = 0
+    op = problem_operator(problems.HarmonicOscillator(dim=1), L)
+
+    def init_params(key):
+        return to_apply(eigenfunction_network(1, L, architecture="parallel", hidden=(16, 16),
+                                              rngs=nnx.Rngs(params=int(key[-1]) % 1000)))[1]
+
+    return apply, params, op, init_params
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(step):
+    """A hook that stops training (as a crash would) after the chunk that reaches ``step``."""
+
+    def stop(at, state):
+        if at >= step:
+            raise _Interrupt
+        return None
+
+    return Callback(stop)
+
+
 def _leaves_equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -43,7 +73,7 @@ def _leaves_equal(a, b):
 @pytest.mark.parametrize(
     "config, kwargs, match",
     [
-        ({"batch_size": 33}, {}, "batch_size must be even"),
+        ({"batch_size": 33}, {}, "batch size of TrainingConfig.batch_size must be even"),
         ({"checkpoint_every": 10, "log_every": 10}, {}, "checkpoint_every needs a checkpoint_dir"),
         ({}, {"resume": True}, "resume=True needs the checkpoint_dir"),
         ({"learning_rate": 1e-3}, {"optimizer": optax.adam(1e-3)}, "with an optimizer given"),
@@ -111,18 +141,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     apply, params, op = _setup()
     full = _short_fit(apply, params, op)
 
-    class Interrupt(Exception):
-        pass
-
-    def interrupt_at_50(step, state):
-        if step >= 50:
-            raise Interrupt
-        return None
-
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(Interrupt):
+    with pytest.raises(_Interrupt):
         _short_fit(apply, params, op, checkpoint_dir=ckpt, checkpoint_every=20,
-                   hooks=[Callback(interrupt_at_50)])
+                   hooks=[_interrupt_at(50)])
     resumed = _short_fit(apply, params, op, checkpoint_dir=ckpt, checkpoint_every=20, resume=True)
     assert resumed.history[0]["step"] == 20 and resumed.history[-1]["step"] == 60  # restored history
     assert _leaves_equal(resumed.params, full.params)
@@ -135,15 +157,7 @@ def test_resume_is_exact_with_the_collapse_remedy_and_any_optimizer(tmp_path):
     same function resumes with the count it had, and re-initialises at the same step with the
     same fresh parameters as the uninterrupted run (here with SGD + momentum, an optimiser the
     remedy knows nothing about)."""
-    L = 2
-    net = eigenfunction_network(1, L, architecture="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=0))
-    apply, params = to_apply(net)
-    params = jax.tree.map(lambda p: p.at[1].set(0.0) if p.shape[-1] == 1 else p, params)  # f_1 = 0
-    op = problem_operator(problems.HarmonicOscillator(dim=1), L)
-
-    def init_params(key):
-        return to_apply(eigenfunction_network(1, L, architecture="parallel", hidden=(16, 16),
-                                              rngs=nnx.Rngs(params=int(key[-1]) % 1000)))[1]
+    apply, params, op, init_params = _one_dead_function()
 
     collapse = CollapseConfig(check_every=100, start_fraction=0.0, stop_fraction=1.0, patience=2)
     config = TrainingConfig(steps=400, batch_size=32, log_every=50, seed=0, collapse=collapse,
@@ -152,18 +166,10 @@ def test_resume_is_exact_with_the_collapse_remedy_and_any_optimizer(tmp_path):
     full = fit(apply, params, op.op, op.sampler, config=dataclasses.replace(config, checkpoint_every=None), **args)
     assert full.reinitialized and full.reinitialized[0] == (200, [1])
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_150(step, state):
-        if step >= 150:
-            raise Interrupt
-        return None
-
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(Interrupt):
+    with pytest.raises(_Interrupt):
         fit(apply, params, op.op, op.sampler, config=config, checkpoint_dir=ckpt,
-            hooks=[Callback(stop_at_150)], **args)
+            hooks=[_interrupt_at(150)], **args)
     resumed = fit(apply, params, op.op, op.sampler, config=config, checkpoint_dir=ckpt, resume=True, **args)
     assert int(resumed.state.step) == 400
     assert resumed.reinitialized == full.reinitialized
@@ -279,16 +285,7 @@ def test_collapse_config_validation():
 def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize):
     """An exactly-zero function is a fixed point of the masked gradient (zero is a saddle):
     without re-initialisation it stays dead; with it, it is replaced and learns."""
-    L = 2
-    net = eigenfunction_network(1, L, architecture="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=0))
-    apply, params = to_apply(net)
-    # Zero function 1's output layer: f_1 == 0 everywhere.
-    params = jax.tree.map(lambda p: p.at[1].set(0.0) if p.shape[-1] == 1 else p, params)
-    op = problem_operator(problems.HarmonicOscillator(dim=1), L)
-
-    def init_params(key):
-        return to_apply(eigenfunction_network(1, L, architecture="parallel", hidden=(16, 16),
-                                              rngs=nnx.Rngs(params=int(key[-1]) % 1000)))[1]
+    apply, params, op, init_params = _one_dead_function()
 
     collapse = CollapseConfig(check_every=200, start_fraction=0.1, stop_fraction=0.5,
                               reinitialize=reinitialize, patience=2)
