@@ -209,3 +209,25 @@ def test_a_problem_that_asks_for_standardised_inputs_gets_them_unless_turned_off
     assert raw.features.input_center == (0.0,) * 3 and raw.features.input_scale == (1.0,) * 3
     oscillator = default_network(nl.HarmonicOscillator(dim=2), 2)  # no standardization asked
     assert oscillator.features.input_center == (0.0, 0.0)
+
+
+def test_a_hook_can_end_the_run_early_and_the_final_state_is_saved(tmp_path):
+    """The README's example: a hook that sets loop.steps ends the loop after that chunk, and
+    the checkpoint hook saves that step as the final one."""
+
+    class StopAt(Hook):
+        def after_chunk(self, loop, entry):
+            if entry["step"] >= 100:
+                loop.steps = loop.step
+
+    apply, params, op = _tiny()
+    result = nl.fit(apply, params, op.op, op.sampler, progress=False, hooks=[StopAt()],
+                    config=TrainingConfig(steps=1000, batch_size=16, log_every=50),
+                    checkpoint_dir=tmp_path / "ck", spectral_map=lambda t: -t)
+    assert int(result.state.step) == 100 and result.history[-1]["step"] == 100
+    assert "energies" in result.history[-1]
+    from nestedlora_jax.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path / "ck")
+    assert manager.latest_step() == 100
+    manager.close()
