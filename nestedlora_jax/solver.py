@@ -355,6 +355,15 @@ def read_run_record(run_dir: str) -> dict:
 
 def _write_run_record(run_dir: str, record: dict, resume: bool) -> None:
     path = os.path.join(run_dir, RUN_FILE)
+    checkpoints = os.path.join(run_dir, CHECKPOINTS)
+    if not resume and os.path.isdir(checkpoints) and any(
+            d.isdigit() for d in os.listdir(checkpoints)):
+        # Refused here, before the record is rewritten: the old checkpoints must keep the
+        # configuration they were trained with.
+        raise FileExistsError(
+            f"run_dir {run_dir} already holds checkpoints of a run: pass resume=True to continue "
+            "it, or use an empty folder."
+        )
     if resume and os.path.isfile(path):
         saved = read_run_record(run_dir)
         ignore = lambda r: r | {"config": r["config"] | {"training": {

@@ -117,8 +117,11 @@ def test_resuming_a_run_with_another_configuration_names_what_changed(tmp_path):
     with pytest.raises(ValueError, match=r"network.hidden: saved \[8\], now \[16\]"):
         solve(nl.HarmonicOscillator(dim=2), 2, config=TINY.replace(network={"hidden": (16,)}),
               run_dir=run, resume=True, progress=False)
+    before = (run / "solve_config.json").read_text()
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        solve(nl.HarmonicOscillator(dim=2), 2, config=TINY, run_dir=run, progress=False)
+        solve(nl.HarmonicOscillator(dim=2), 2, config=TINY.replace(training={"steps": 50}),
+              run_dir=run, progress=False)
+    assert (run / "solve_config.json").read_text() == before  # the old run's record is intact
 
 
 def test_a_run_with_a_custom_optimizer_needs_it_to_be_restored(tmp_path):
