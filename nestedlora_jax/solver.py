@@ -146,6 +146,8 @@ def solve(
     L: int,
     *,
     config: SolveConfig | None = None,
+    network: nnx.Module | None = None,
+    objective: Objective | None = None,
     sampler=None,
     optimizer=None,
     run_dir: str | os.PathLike | None = None,
@@ -166,6 +168,11 @@ def solve(
       L: number of states.
       config: a :class:`~nestedlora_jax.config.SolveConfig` (method, network, operator,
         training, evaluation); default ``SolveConfig()``.
+      network: your own Flax NNX module, one point ``(d,)`` -> ``(L,)``, instead of the one
+        ``config.network`` describes (collapsed functions are then reported, not
+        re-initialised: fresh per-function parameters cannot be drawn for an arbitrary module).
+      objective: your own :class:`~nestedlora_jax.objectives.Objective` instead of
+        ``config.method``'s.
       sampler: the training distribution (default: the problem's).
       optimizer: an Optax optimiser instead of the default Adam + cosine decay
         (``config.training.learning_rate`` must then be ``None``).
@@ -201,9 +208,11 @@ def solve(
         from nestedlora_jax.parallel import data_parallel_mesh
 
         mesh = data_parallel_mesh(None if data_parallel is True else int(data_parallel))
-    record = run_record(problem, L, config, sampler=sampler, optimizer=optimizer)
-    objective, operator, apply, params = _build(problem, L, config, sampler)
+    record = run_record(problem, L, config, sampler=sampler, optimizer=optimizer,
+                        network=network, objective=objective)
+    objective, operator, apply, params = _build(problem, L, config, sampler, network, objective)
     architecture = config.architecture
+    reinitializable = network is None and architecture == "parallel"
 
     def init_params(key):
         # Fresh trainable parameters only: `apply` keeps the frozen features of the network.
@@ -230,7 +239,7 @@ def solve(
         config=config.training,
         objective=objective,
         optimizer=optimizer,
-        init_params=init_params if architecture == "parallel" else None,
+        init_params=init_params if reinitializable else None,
         spectral_map=lambda t: energies_from_eigenvalues(t, operator.scale, operator.shift),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
@@ -241,22 +250,23 @@ def solve(
     return _evaluated(problem, L, config, operator, apply, objective, result, ev, run_dir)
 
 
-def restore(run_dir: str | os.PathLike, *, problem=None, sampler=None, optimizer=None,
-            evaluation: EvaluationConfig | None = None) -> SolveResult:
+def restore(run_dir: str | os.PathLike, *, problem=None, network=None, objective=None,
+            sampler=None, optimizer=None, evaluation: EvaluationConfig | None = None) -> SolveResult:
     """Reload what ``solve(..., run_dir=run_dir)`` trained, from its newest checkpoint.
 
     The configuration and the problem are read from ``run_dir/solve_config.json``; the
     network is rebuilt, the saved training state (parameters, EMA, history) restored and
     evaluated as ``solve`` did (or with ``evaluation``); ``result.fit.state.step`` says which
     step was restored. Pass ``problem`` only for a problem class that cannot be imported by
-    name (e.g. one defined in a notebook; it must equal the saved one), and ``sampler`` /
-    ``optimizer`` when the run used custom ones (only the optimiser state's structure matters).
+    name (e.g. one defined in a notebook; it must equal the saved one), and ``network``,
+    ``objective``, ``sampler``, ``optimizer`` when the run used custom ones (a network of the
+    same structure; only the optimiser state's structure matters).
 
     Raises:
       FileNotFoundError: ``run_dir`` holds no run (no ``solve_config.json``) or no checkpoint.
       ConfigVersionError: the run was written by an incompatible version.
-      ValueError: a ``problem`` that differs from the saved one; a custom sampler or
-        optimizer not passed.
+      ValueError: a ``problem`` that differs from the saved one; a custom network, objective,
+        sampler or optimizer not passed.
     """
     from nestedlora_jax import checkpoint as ckpt
 
@@ -271,11 +281,12 @@ def restore(run_dir: str | os.PathLike, *, problem=None, sampler=None, optimizer
             f"the problem passed to restore ({problem!r}) differs from the one the run in "
             f"{run_dir} was trained on ({saved['problem']}): pass that one, or none."
         )
-    for name, given in (("sampler", sampler), ("optimizer", optimizer)):
-        if saved[name] == "custom" and given is None:
+    for name, given in (("network", network), ("objective", objective), ("sampler", sampler),
+                        ("optimizer", optimizer)):
+        if saved.get(name) == "custom" and given is None:
             raise ValueError(f"the run in {run_dir} was trained with a custom {name}: pass it "
                              f"(restore(run_dir, {name}=...)) to rebuild the run.")
-    objective, operator, apply, params = _build(problem, L, config, sampler)
+    objective, operator, apply, params = _build(problem, L, config, sampler, network, objective)
     if optimizer is None:
         optimizer = default_optimizer(config.training.steps, config.training.peak_learning_rate)
     like = init_train_state(params, optimizer, L, objective)
@@ -296,9 +307,10 @@ def restore(run_dir: str | os.PathLike, *, problem=None, sampler=None, optimizer
 # ----------------------------------------------------------------- the run record
 
 
-def run_record(problem, L: int, config: SolveConfig, *, sampler=None, optimizer=None) -> dict:
+def run_record(problem, L: int, config: SolveConfig, *, sampler=None, optimizer=None,
+               network=None, objective=None) -> dict:
     """What ``solve_config.json`` holds: the configuration, the problem (class and fields), L,
-    and whether the sampler and optimiser were the defaults."""
+    and whether the network, objective, sampler and optimiser were the defaults."""
     return {
         "version": CONFIG_VERSION,
         "problem": problem_record(problem),
@@ -306,6 +318,8 @@ def run_record(problem, L: int, config: SolveConfig, *, sampler=None, optimizer=
         "config": config.to_dict(),
         "sampler": "default" if sampler is None else "custom",
         "optimizer": "default" if optimizer is None else "custom",
+        "network": "default" if network is None else "custom",
+        "objective": "default" if objective is None else "custom",
     }
 
 
@@ -410,17 +424,33 @@ def _evaluated(problem, L, config: SolveConfig, operator, apply, objective, resu
     return SolveResult(result, operator, apply, objective, metrics, table, config, run_dir)
 
 
-def _build(problem, L, config: SolveConfig, sampler):
+def _build(problem, L, config: SolveConfig, sampler, network=None, objective=None):
     """Objective, operator and initial network of a ``solve`` call (shared with ``restore``).
 
     A problem without a known spectrum and no scale / shift given is scaled from the
     Rayleigh-Ritz energies of the initial network (:func:`~nestedlora_jax.operators.ritz_energies`,
     upper bounds of the wanted energies): deterministic for a seed, so ``restore`` rebuilds the
     same operator."""
-    objective = make_objective(config.method)
+    if objective is None:
+        objective = make_objective(config.method)
+    elif not isinstance(objective, Objective):
+        raise ValueError(f"objective must be an Objective, got {type(objective).__name__}.")
     seed = config.training.seed
-    apply, params = to_apply(default_network(problem, L, config.network,
-                                             architecture=config.architecture, seed=seed))
+    if network is None:
+        network = default_network(problem, L, config.network, architecture=config.architecture,
+                                  seed=seed)
+    elif not isinstance(network, nnx.Module):
+        raise ValueError(f"network must be a Flax NNX module (one point (d,) -> (L,)), got "
+                         f"{type(network).__name__}; with a pure apply(params, x) use fit.")
+    apply, params = to_apply(network)
+    try:
+        out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((problem.dim,), jax.numpy.float32))
+    except Exception as exc:  # noqa: BLE001 - re-raised with what to check
+        raise ValueError(f"the network fails on one point of shape ({problem.dim},), the "
+                         f"problem's dimension: {type(exc).__name__}: {exc}") from exc
+    if out.shape != (L,):
+        raise ValueError(f"the network maps a point to shape {out.shape}, but L = {L} states "
+                         f"were asked for: build it with {L} outputs.")
     scale, shift = config.operator.scale, config.operator.shift
     if (scale is None or shift is None) and known_energies(problem, L) is None:
         unscaled = problem_operator(problem, L, sampler, scale=1.0, shift=0.0)

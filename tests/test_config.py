@@ -234,3 +234,24 @@ def test_a_hook_can_end_the_run_early_and_the_final_state_is_saved(tmp_path):
     manager = CheckpointManager(tmp_path / "ck")
     assert manager.latest_step() == 100
     manager.close()
+
+
+def test_solve_takes_your_own_network_and_objective_and_restore_asks_for_them(tmp_path):
+    from flax import nnx
+
+    net = nl.eigenfunction_network(1, 2, hidden=(12,), rngs=nnx.Rngs(params=5))
+    run = tmp_path / "run"
+    result = solve(nl.HarmonicOscillator(dim=1), 2, config=TINY, network=net,
+                   objective=nl.nested_lora_objective("joint"), run_dir=run, progress=False)
+    assert result.objective.name == nl.nested_lora_objective("joint").name
+    with pytest.raises(ValueError, match="custom network: pass it"):
+        restore(run)
+    with pytest.raises(ValueError, match="custom objective: pass it"):
+        restore(run, network=net)
+    again = restore(run, network=net, objective=nl.nested_lora_objective("joint"))
+    np.testing.assert_array_equal(again.metrics.rayleigh, result.metrics.rayleigh)
+    wrong = nl.eigenfunction_network(1, 3, hidden=(12,), rngs=nnx.Rngs(params=5))
+    with pytest.raises(ValueError, match=r"shape \(3,\), but L = 2 states"):
+        solve(nl.HarmonicOscillator(dim=1), 2, config=TINY, network=wrong, progress=False)
+    with pytest.raises(ValueError, match="network must be a Flax NNX module"):
+        solve(nl.HarmonicOscillator(dim=1), 2, config=TINY, network=lambda p, x: x, progress=False)
