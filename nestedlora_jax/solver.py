@@ -379,7 +379,8 @@ def _write_run_record(run_dir: str, record: dict, resume: bool) -> None:
             "it, or use an empty folder."
         )
     if resume and os.path.isfile(path):
-        saved = read_run_record(run_dir)
+        # A record written before "network" / "objective" were recorded had the defaults.
+        saved = {"network": "default", "objective": "default"} | read_run_record(run_dir)
         ignore = lambda r: r | {"config": r["config"] | {"training": {
             k: v for k, v in r["config"]["training"].items() if k != "checkpoint_every"}}}
         if ignore(saved) != ignore(record):
