@@ -47,3 +47,26 @@ def check_even_batch(B: Any, name: str = "the batch") -> int:
             "split_batch=False where the objective offers it."
         )
     return B
+
+
+def check_hidden_widths(name: str, hidden: Any) -> tuple[int, ...]:
+    """Hidden layer widths: a non-empty sequence of positive integers, as a tuple of ints."""
+    try:
+        sizes = tuple(hidden)
+    except TypeError:
+        sizes = ()
+    if not sizes or any(not is_int(h) or h < 1 for h in sizes):
+        raise ValueError(f"{name} must be a non-empty sequence of positive widths (layer sizes), "
+                         f"got {hidden!r}.")
+    return tuple(int(h) for h in sizes)
+
+
+def check_input_options(*, periodic: Any, radial_input: Any, envelope: Any) -> None:
+    """The input options of an eigenfunction network that exclude each other: ``|x|`` and an
+    ``exp(-|x|/a)`` envelope are not periodic."""
+    is_periodic = periodic is not None and periodic is not False
+    if is_periodic and radial_input:
+        raise ValueError("radial_input and periodic exclude each other (|x| is not periodic).")
+    if is_periodic and envelope is not None:
+        raise ValueError("an exp(-|x|/a) envelope is not periodic: do not combine envelope with "
+                         "periodic inputs.")

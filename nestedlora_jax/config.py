@@ -20,7 +20,13 @@ import dataclasses
 import math
 from typing import Any
 
-from nestedlora_jax._checks import check_positive_float, check_positive_int, is_int
+from nestedlora_jax._checks import (
+    check_hidden_widths,
+    check_input_options,
+    check_positive_float,
+    check_positive_int,
+    is_int,
+)
 from nestedlora_jax.operators import MAX_ABS_OPERATOR_VALUE
 
 __all__ = [
@@ -136,13 +142,7 @@ class NetworkConfig(_Config):
         if self.architecture is not None:
             _check_choice("NetworkConfig.architecture", self.architecture, ARCHITECTURES)
         if self.hidden is not None:
-            hidden = tuple(self.hidden) if isinstance(self.hidden, (list, tuple)) else None
-            if not hidden or any(not is_int(h) or h < 1 for h in hidden):
-                raise ValueError(
-                    f"NetworkConfig.hidden must be a non-empty sequence of positive widths, got "
-                    f"{self.hidden!r}."
-                )
-            object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
+            object.__setattr__(self, "hidden", check_hidden_widths("NetworkConfig.hidden", self.hidden))
         _check_choice("NetworkConfig.activation", self.activation, ACTIVATIONS)
         if self.fourier_features is not None:
             ff = self.fourier_features
@@ -156,13 +156,9 @@ class NetworkConfig(_Config):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"NetworkConfig.{name} must be None, True or False, got "
                                  f"{getattr(self, name)!r}.")
-        if self.radial_input and self.periodic:
-            raise ValueError("NetworkConfig: radial_input and periodic exclude each other "
-                             "(|x| is not periodic).")
         _check_choice("NetworkConfig.envelope", self.envelope, ENVELOPES)
-        if self.envelope is not None and self.periodic:
-            raise ValueError("NetworkConfig: an exp(-|x|/a) envelope is not periodic; do not "
-                             "combine envelope with periodic=True.")
+        check_input_options(periodic=self.periodic, radial_input=self.radial_input,
+                            envelope=self.envelope)
         check_positive_float("NetworkConfig.envelope_decay", self.envelope_decay)
         if not isinstance(self.standardize_input, bool):
             raise ValueError(f"NetworkConfig.standardize_input must be True or False, got "

@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nestedlora_jax._checks import check_positive_int
+from nestedlora_jax._checks import check_hidden_widths, check_input_options, check_positive_int
+from nestedlora_jax.config import ARCHITECTURES, ENVELOPES
 
 Array = jax.Array
 Activation = Callable[[Array], Array]
@@ -67,8 +68,6 @@ __all__ = [
 ]
 
 _RADIUS_EPS = 1e-12
-ARCHITECTURES = ("parallel", "shared")
-_ENVELOPES = (None, "fixed", "learnable")
 
 
 class Frozen(nnx.Variable):
@@ -89,20 +88,6 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
     "gelu": jax.nn.gelu,
 }
-
-
-def _check_hidden(hidden: Any) -> tuple[int, ...]:
-    try:
-        sizes = tuple(hidden)
-    except TypeError:
-        raise ValueError(
-            f"hidden must be a non-empty sequence of positive layer widths, got {hidden!r}"
-        ) from None
-    if not sizes or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in sizes):
-        raise ValueError(
-            f"hidden must be a non-empty sequence of positive layer widths, got {hidden!r}"
-        )
-    return sizes
 
 
 def _check_activation(activation: Any) -> Activation:
@@ -231,11 +216,8 @@ class InputFeatures(nnx.Module):
         self.input_scale = _per_axis("input_scale", input_scale, in_features, 1.0)
         if not all(v > 0 for v in self.input_scale):
             raise ValueError(f"input_scale must be positive, got {input_scale!r}")
+        check_input_options(periodic=periodic, radial_input=radial_input, envelope=None)
         is_periodic = periodic is not None and periodic is not False
-        if is_periodic and radial_input:
-            raise ValueError(
-                "radial_input=True makes no sense with periodic inputs (|x| is not periodic)"
-            )
         n = in_features
         periodic_embedding = None
         if is_periodic:
@@ -297,7 +279,7 @@ class MLP(nnx.Module):
     ):
         check_positive_int("in_features", in_features)
         check_positive_int("out_features (number of functions L)", out_features)
-        sizes = (in_features, *_check_hidden(hidden), out_features)
+        sizes = (in_features, *check_hidden_widths("hidden", hidden), out_features)
         self.activation = _check_activation(activation)
         self.layers = nnx.List(
             [
@@ -362,7 +344,7 @@ class ParallelMLPs(nnx.Module):
     ):
         check_positive_int("in_features", in_features)
         check_positive_int("L (the number of functions)", L)
-        sizes = (in_features, *_check_hidden(hidden), 1)
+        sizes = (in_features, *check_hidden_widths("hidden", hidden), 1)
         self.activation = _check_activation(activation)
         self.layers = nnx.List(
             [
@@ -548,24 +530,16 @@ def eigenfunction_network(
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}: expected one of {ARCHITECTURES}")
-    if envelope not in _ENVELOPES:
-        raise ValueError(f"unknown envelope {envelope!r}: expected one of {_ENVELOPES}")
+    if envelope not in ENVELOPES:
+        raise ValueError(f"unknown envelope {envelope!r}: expected one of {ENVELOPES}")
     check_positive_int("dim", dim)
     check_positive_int("L (the number of functions)", L)
     # Validate everything before building anything (building draws random numbers).
     if hidden is None:
         hidden = (32, 32, 32) if architecture == "parallel" else (64, 64, 64)
-    hidden = _check_hidden(hidden)
+    hidden = check_hidden_widths("hidden", hidden)
     _check_activation(activation)
-    is_periodic = periodic is not None and periodic is not False
-    if is_periodic and envelope is not None:
-        raise ValueError(
-            "an exp(-|x|/a) envelope is not periodic: do not combine it with periodic inputs"
-        )
-    if is_periodic and radial_input:
-        raise ValueError(
-            "radial_input=True makes no sense with periodic inputs (|x| is not periodic)"
-        )
+    check_input_options(periodic=periodic, radial_input=radial_input, envelope=envelope)
     if envelope is not None:
         _decay_lengths(envelope_decay, L)
     if boundary_mask is not None and not callable(boundary_mask):
