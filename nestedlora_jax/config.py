@@ -237,6 +237,8 @@ class TrainingConfig(_Config):
     collapse: CollapseConfig | None = CollapseConfig()
 
     DEFAULT_LEARNING_RATE = 3e-3
+    # Fields a resumed run may change: where checkpoints go and how often.
+    RESUME_EXEMPT = ("checkpoint_every",)
 
     def __post_init__(self):
         check_positive_int("TrainingConfig.steps", self.steps, allow_zero=True)
@@ -269,9 +271,7 @@ class TrainingConfig(_Config):
     def resume_key(self) -> dict:
         """The fields a resumed run must share with the saved one (all but where checkpoints
         go and how often)."""
-        d = self.to_dict()
-        d.pop("checkpoint_every")
-        return d
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUME_EXEMPT}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -59,6 +59,7 @@ __all__ = [
     "ProgressBar",
     "TrainingDivergedError",
     "TrainingInterrupted",
+    "check_resumed_config",
     "dead_functions",
     "reinitialize_functions",
     "reinitializations",
@@ -489,7 +490,7 @@ class Checkpoints(Hook):
             restored = self.manager.restore_latest(loop.state)
             if restored is not None:
                 state, extra = restored
-                _check_resumed_config(extra.get("fit_config"), loop.config, self.manager.directory)
+                check_resumed_config(extra.get("fit_config"), loop.config, self.manager.directory)
                 loop.state = loop.place(state)
                 loop.history = list(extra.get("history", []))
                 loop.checkpoint_dir = self.manager.directory
@@ -515,14 +516,26 @@ class Checkpoints(Hook):
         loop.checkpoint_dir = self.manager.directory
 
 
-def _check_resumed_config(saved: dict | None, current: dict, directory: str) -> None:
-    if saved is None:  # a checkpoint from before configurations were recorded
+def check_resumed_config(saved: dict | None, current: dict, directory: str, *,
+                         saved_values: str = "the saved values") -> None:
+    """Refuse to resume the run in ``directory`` when its saved configuration differs from
+    ``current`` (nested dicts), naming each differing field (``training.steps: saved 100, now
+    200``). ``saved=None`` (a run from before configurations were recorded) passes."""
+    if saved is None:
         return
-    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    differ = _differences(saved, current)
     if differ:
-        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
         raise ValueError(
-            f"cannot resume the run in {directory} with a different configuration ({details}): "
-            "the result would mix two runs. Resume with the saved values, or start a new run in "
-            "another folder."
+            f"cannot resume the run in {directory} with a different configuration "
+            f"({', '.join(differ)}): the result would mix two runs. Resume with {saved_values}, "
+            "or start a new run in another folder."
         )
+
+
+def _differences(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: saved {a!r}, now {b!r}"]

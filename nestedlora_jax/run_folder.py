@@ -84,7 +84,7 @@ def seed_int(text: str) -> int:
     return value
 
 
-def check_sizes(*, states: int, batch: int | None, hidden, dim: int, kind: str = "parallel") -> None:
+def check_sizes(*, states: int, batch: int | None, hidden, dim: int, architecture: str = "parallel") -> None:
     """Refuse sizes that cannot run on any machine this library targets (a typo such as an
     extra zero), with the option to change: ``ValueError``."""
     if states > 4096:
@@ -93,9 +93,9 @@ def check_sizes(*, states: int, batch: int | None, hidden, dim: int, kind: str =
     if batch is not None and batch > 2**20:
         raise ValueError(f"--batch {batch}: over 2^20 samples per step would need tens of GB for "
                          "the Laplacians; use a smaller batch (512-4096 is typical).")
-    widths = [dim + 1] + list(hidden or ((32, 32, 32) if kind == "parallel" else (128, 128, 128))) + [1]
+    widths = [dim + 1] + list(hidden or ((32, 32, 32) if architecture == "parallel" else (128, 128, 128))) + [1]
     per_net = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-    params = per_net * (states if kind == "parallel" else 1)
+    params = per_net * (states if architecture == "parallel" else 1)
     if params * 4 * 4 > 8e9:  # parameters, two Adam moments and the EMA, float32
         raise ValueError(f"--hidden {' '.join(map(str, hidden or []))}: the network would have "
                          f"{params:.3g} parameters (over 8 GB with the optimizer state); use "
@@ -161,7 +161,7 @@ def check_training_args(args, dim: int) -> None:
     """The checks both training commands share (``--states``, ``--batch``, ``--hidden``,
     ``--seeds``): ``ValueError`` naming the option."""
     check_sizes(states=args.states, batch=args.batch, hidden=args.hidden, dim=dim,
-                kind="shared" if args.method == "neuralsvd-joint" else "parallel")
+                architecture="shared" if args.method == "neuralsvd-joint" else "parallel")
     if args.batch is not None and args.batch % 2:
         raise ValueError(f"--batch must be even (the objective splits it in halves), got {args.batch}.")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):

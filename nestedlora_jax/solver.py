@@ -19,7 +19,7 @@ import dataclasses
 import importlib
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -34,9 +34,10 @@ from nestedlora_jax.config import (
     EvaluationConfig,
     NetworkConfig,
     SolveConfig,
+    TrainingConfig,
 )
 from nestedlora_jax.evaluation import Evaluation, evaluate, min_monte_carlo_samples, quadrature_grid
-from nestedlora_jax.hooks import HistoryFile, Hook
+from nestedlora_jax.hooks import HistoryFile, Hook, check_resumed_config
 from nestedlora_jax.laplacians import STOCHASTIC_LAPLACIAN_METHODS
 from nestedlora_jax.networks import ACTIVATION_FUNCTIONS, eigenfunction_network, to_apply
 from nestedlora_jax.objectives import Objective, nested_lora_objective
@@ -134,11 +135,8 @@ class PeriodicEvaluation(Hook):
         state = loop.state
         m = evaluate(self.apply, state.ema_params, self.problem, self.operator, points=self.points,
                      readout=_readout(self.objective, state.objective_state))
-        for k in self.KEYS:
-            name, se = (k[:-3], True) if k.endswith("_se") else (k, False)
-            value = m.standard_errors.get(name) if se else getattr(m, name)
-            if value is not None:
-                entry[k] = float(value)
+        flat = m.to_dict()
+        entry.update({k: flat[k] for k in self.KEYS if k in flat})
 
 
 def solve(
@@ -346,8 +344,12 @@ def problem_from_record(record: dict):
             f"cannot import the problem class {record['class']!r} of this run: pass the problem "
             "(restore(run_dir, problem=...))."
         ) from None
-    return obj(**{k: tuple(v) if isinstance(v, list) and k != "K" else v
-                  for k, v in record["fields"].items()})
+    return obj(**{k: _as_tuples(v) for k, v in record["fields"].items()})
+
+
+def _as_tuples(value):
+    """JSON lists back as (nested) tuples, the hashable form frozen problem fields hold."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def read_run_record(run_dir: str) -> dict:
@@ -381,26 +383,12 @@ def _write_run_record(run_dir: str, record: dict, resume: bool) -> None:
     if resume and os.path.isfile(path):
         # A record written before "network" / "objective" were recorded had the defaults.
         saved = {"network": "default", "objective": "default"} | read_run_record(run_dir)
-        ignore = lambda r: r | {"config": r["config"] | {"training": {
-            k: v for k, v in r["config"]["training"].items() if k != "checkpoint_every"}}}
-        if ignore(saved) != ignore(record):
-            differ = _differences(ignore(saved), ignore(record))
-            raise ValueError(
-                f"cannot resume the run in {run_dir} with a different configuration "
-                f"({'; '.join(differ)}): the result would mix two runs. Resume with the saved "
-                "configuration (restore(run_dir).config), or start a new run in another folder."
-            )
+        exempt = lambda r: r | {"config": r["config"] | {"training": {
+            k: v for k, v in r["config"]["training"].items() if k not in TrainingConfig.RESUME_EXEMPT}}}
+        check_resumed_config(exempt(saved), exempt(record), run_dir,
+                             saved_values="the saved configuration (restore(run_dir).config)")
     os.makedirs(run_dir, exist_ok=True)
     write_json_atomic(path, record)
-
-
-def _differences(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix[:-1]}: saved {a!r}, now {b!r}"]
 
 
 def _jsonable(value):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -36,12 +35,10 @@ import numpy as np
 import optax
 
 from nestedlora_jax.hooks import (
-    Callback,
     Checkpoints,
     CollapseConfig,
     CollapseRemedy,
     DivergenceGuard,
-    HistoryFile,
     Hook,
     Loop,
     ProgressBar,
