@@ -50,7 +50,13 @@ from nestedlora_jax.operators import (
     scaling_from_energies,
 )
 from nestedlora_jax.problems import Hydrogen
-from nestedlora_jax.training import FitResult, default_optimizer, fit, init_train_state
+from nestedlora_jax.training import (
+    FitResult,
+    default_optimizer,
+    fit,
+    init_train_state,
+    network_output_count,
+)
 from nestedlora_jax.config import METHODS
 
 __all__ = ["METHODS", "PeriodicEvaluation", "SolveResult", "default_network", "make_objective",
@@ -432,13 +438,9 @@ def _build(problem, L, config: SolveConfig, sampler, network=None, objective=Non
         raise ValueError(f"network must be a Flax NNX module (one point (d,) -> (L,)), got "
                          f"{type(network).__name__}; with a pure apply(params, x) use fit.")
     apply, params = to_apply(network)
-    try:
-        out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((problem.dim,), jax.numpy.float32))
-    except Exception as exc:  # noqa: BLE001 - re-raised with what to check
-        raise ValueError(f"the network fails on one point of shape ({problem.dim},), the "
-                         f"problem's dimension: {type(exc).__name__}: {exc}") from exc
-    if out.shape != (L,):
-        raise ValueError(f"the network maps a point to shape {out.shape}, but L = {L} states "
+    outputs = network_output_count(apply, params, problem.dim)
+    if outputs != L:
+        raise ValueError(f"the network maps a point to shape ({outputs},), but L = {L} states "
                          f"were asked for: build it with {L} outputs.")
     scale, shift = config.operator.scale, config.operator.shift
     if (scale is None or shift is None) and known_energies(problem, L) is None:

@@ -327,6 +327,13 @@ def _validate_fit_args(apply, params, sampler, batch_size, needs_even_batch):
     dim = getattr(sampler, "dim", None)
     if dim is None or not callable(getattr(sampler, "sample", None)):
         raise ValueError("sampler must have a `dim` attribute and sample(key, n) / log_prob(x).")
+    return network_output_count(apply, params, dim)
+
+
+def network_output_count(apply: Apply, params: PyTree, dim: int) -> int:
+    """L, the number of outputs of ``apply(params, x)`` on one point ``(dim,)``, found by an
+    abstract trace (nothing is compiled); ValueError saying what to check when the network
+    does not map one point to ``(L,)``, ``L >= 1``."""
     if not callable(apply):
         raise ValueError(f"apply must be a function apply(params, x), got {type(apply).__name__}.")
     try:
