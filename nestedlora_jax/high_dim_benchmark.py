@@ -33,7 +33,13 @@ import numpy as np
 
 from nestedlora_jax._io import write_json_atomic
 from nestedlora_jax.evaluation import min_monte_carlo_samples
-from nestedlora_jax.hydrogen_benchmark import _environment, multiple_of, run_cli, seed_record, summarize
+from nestedlora_jax.hydrogen_benchmark import (
+    _environment,
+    run_cli,
+    seed_record,
+    summarize,
+    training_config,
+)
 from nestedlora_jax.problems import CosinePotential, CoupledOscillator, Hydrogen, InfiniteWell
 from nestedlora_jax.run_folder import (
     RunFolderError,
@@ -51,7 +57,6 @@ from nestedlora_jax.config import (
     EvaluationConfig,
     NetworkConfig,
     SolveConfig,
-    TrainingConfig,
 )
 from nestedlora_jax.solver import solve
 
@@ -160,16 +165,11 @@ def check_args(args) -> None:
 
 def solve_config(args, seed: int) -> SolveConfig:
     """The command line as a :class:`~nestedlora_jax.config.SolveConfig` (one seed)."""
-    log_every = args.log_every
-    eval_every = args.eval_every - args.eval_every % log_every if args.eval_every else None
+    eval_every = args.eval_every - args.eval_every % args.log_every if args.eval_every else None
     return SolveConfig(
         method=args.method,
         network=NetworkConfig(hidden=tuple(args.hidden) if args.hidden else None),
-        training=TrainingConfig(
-            steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=seed,
-            log_every=log_every, checkpoint_every=multiple_of(args.checkpoint_every, log_every),
-            collapse=CollapseConfig(),
-        ),
+        training=training_config(args, seed, CollapseConfig()),
         evaluation=EvaluationConfig(mode="mc", num_samples=args.eval_samples,
                                     every=eval_every or None),
     )

@@ -160,13 +160,18 @@ def solve_config(args, seed: int) -> SolveConfig:
     return SolveConfig(
         method=args.method,
         network=NetworkConfig(hidden=tuple(args.hidden or _default_hidden(args.method))),
-        training=TrainingConfig(
-            steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=seed,
-            log_every=args.log_every,
-            checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
-            collapse=CollapseConfig(reinitialize=not args.no_collapse_remedy),
-        ),
+        training=training_config(args, seed, CollapseConfig(reinitialize=not args.no_collapse_remedy)),
         evaluation=EvaluationConfig(grid_size=args.grid),
+    )
+
+
+def training_config(args, seed: int, collapse: CollapseConfig) -> TrainingConfig:
+    """The training options both benchmark commands share (``--steps``, ``--batch``, ``--lr``,
+    ``--log-every``, ``--checkpoint-every``) for one seed."""
+    return TrainingConfig(
+        steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=seed,
+        log_every=args.log_every, checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
+        collapse=collapse,
     )
 
 
