@@ -36,15 +36,16 @@ def check_num_states(L: Any) -> int:
     return int(L)
 
 
-def check_even_batch(B: Any, name: str = "the batch") -> int:
+def check_even_batch(B: Any, name: str = "the batch size") -> int:
     """The batch size of an objective that splits the batch in two equal halves (its unbiased
-    estimate of a product of expectations): even and at least 2."""
-    B = check_positive_int(f"the batch size of {name}", B)
+    estimate of a product of expectations): even and at least 2. ``name`` says which size
+    (``"TrainingConfig.batch_size"``, ``"the batch size of f"``)."""
+    B = check_positive_int(name, B)
     if B % 2 or B < 2:
         raise ValueError(
-            f"the batch size of {name} must be even (the objective estimates a product of "
-            f"expectations from two equal halves of the batch); got {B}. Use an even batch, or "
-            "split_batch=False where the objective offers it."
+            f"{name} must be even (the objective estimates a product of expectations from two "
+            f"equal halves of the batch); got {B}. Use an even batch, or split_batch=False where "
+            "the objective offers it."
         )
     return B
 

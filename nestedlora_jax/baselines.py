@@ -398,7 +398,7 @@ def neuralef_objective(
         f, Tf = _check_pair(f, Tf, "f", "Tf")
         _check_neuralef_state(state, f)
         if split_batch:
-            check_even_batch(f.shape[0], "f")
+            check_even_batch(f.shape[0], "the batch size of f")
         sq_norm = jnp.mean(f * f, axis=0)  # (L,), differentiable
         rms = jnp.sqrt(sq_norm)
         psi = f / rms

@@ -380,7 +380,7 @@ def _check_pair(a, b, name_a, name_b):
 
 def _check_even(B, name, split_batch):
     if split_batch:
-        check_even_batch(B, name)
+        check_even_batch(B, f"the batch size of {name}")
 
 
 def _check_svd_inputs(f, Tg, g, Tadj_f, split_batch):

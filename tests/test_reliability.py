@@ -156,7 +156,7 @@ def _tiny(problem=None, L=1):
     (dict(steps=-1), "steps must be a non-negative integer"),
     (dict(steps=10.5), "steps must be a non-negative integer"),
     (dict(batch_size=0), "batch_size must be a positive integer"),
-    (dict(batch_size=7), "batch size of TrainingConfig.batch_size must be even"),
+    (dict(batch_size=7), r"^TrainingConfig.batch_size must be even"),
     (dict(log_every=0), "log_every must be a positive integer"),
     (dict(ema_decay=1.0), r"ema_decay must be a number in \[0, 1\)"),
     (dict(seed=-3), "seed must be an integer in"),

@@ -73,7 +73,7 @@ def _leaves_equal(a, b):
 @pytest.mark.parametrize(
     "config, kwargs, match",
     [
-        ({"batch_size": 33}, {}, "batch size of TrainingConfig.batch_size must be even"),
+        ({"batch_size": 33}, {}, r"^TrainingConfig.batch_size must be even"),
         ({"checkpoint_every": 10, "log_every": 10}, {}, "checkpoint_every needs a checkpoint_dir"),
         ({}, {"resume": True}, "resume=True needs the checkpoint_dir"),
         ({"learning_rate": 1e-3}, {"optimizer": optax.adam(1e-3)}, "with an optimizer given"),
