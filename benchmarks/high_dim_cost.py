@@ -86,11 +86,10 @@ def build_step(d: int, method: str, L: int, batch: int, probes: int, seed: int, 
     import jax
 
     from nestedlora_jax.networks import to_apply
-    from nestedlora_jax.operators import problem_operator
+    from nestedlora_jax.operators import _accepts_key, problem_operator
     from nestedlora_jax.problems import CoupledOscillator
     from nestedlora_jax.solver import default_network, make_objective
     from nestedlora_jax.training import (
-        _accepts_key,
         default_optimizer,
         init_train_state,
         make_loss_fn,

@@ -88,7 +88,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from nestedlora_jax._checks import check_even_batch
-from nestedlora_jax.objectives import Objective, _check_pair
+from nestedlora_jax.objectives import Objective, _check_pair, require_self_adjoint
 
 __all__ = [
     "NEURALEF_PAIRINGS",
@@ -240,8 +240,8 @@ def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3) -> Objective:
         L, dtype = _check_init(L, dtype)
         return SpinState(jnp.zeros((L, L), dtype), jnp.zeros((), dtype))
 
-    def loss(f, Tf, state):
-        f, Tf = _check_pair(f, Tf, "f", "Tf")
+    def loss(out, state):
+        f, Tf = _check_pair(*require_self_adjoint(out, "SpIN"), "f", "Tf")
         _check_spin_state(state, f)
         Tf = jax.lax.stop_gradient(Tf)
         fs = jax.lax.stop_gradient(f)
@@ -394,8 +394,8 @@ def neuralef_objective(
         L, dtype = _check_init(L, dtype)
         return NeuralEFState(jnp.zeros((L,), dtype), jnp.zeros((), dtype))
 
-    def loss(f, Tf, state):
-        f, Tf = _check_pair(f, Tf, "f", "Tf")
+    def loss(out, state):
+        f, Tf = _check_pair(*require_self_adjoint(out, "NeuralEF"), "f", "Tf")
         _check_neuralef_state(state, f)
         if split_batch:
             check_even_batch(f.shape[0], "the batch size of f")

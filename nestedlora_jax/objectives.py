@@ -44,6 +44,7 @@ from nestedlora_jax._checks import check_even_batch, check_num_states
 __all__ = [
     "NESTINGS",
     "Objective",
+    "OperatorOutput",
     "nested_lora_objective",
     "nesting_masks",
     "nesting_weights",
@@ -400,6 +401,64 @@ def _check_svd_inputs(f, Tg, g, Tadj_f, split_batch):
 # ------------------------------------------------------------- objective protocol
 
 
+class OperatorOutput(NamedTuple):
+    """What an operator gives every objective on one batch: the one contract of EVD and SVD.
+
+    For an operator ``T`` (``T*`` its adjoint) and learned left functions ``f`` and right
+    functions ``g``, at left samples ``x_b`` and right samples ``y_b``::
+
+        f      (B, L)    f(x_b)
+        Tg     (B, L)    (T g)(x_b), or an unbiased single-batch estimate of it
+        g      (B', L)   g(y_b)
+        Tadj_f (B', L)   (T* f)(y_b), or an unbiased estimate
+
+    A self-adjoint problem (EVD, one family) leaves ``g`` and ``Tadj_f`` ``None``: then
+    ``g = f`` and ``T* f = T f = Tg`` (:attr:`is_self_adjoint`). Per-point differential operators
+    produce it by ``vmap`` (:func:`~nestedlora_jax.operators.pointwise_operator`); a
+    batch-estimated operator (a kernel integral, the canonical dependence kernel from paired
+    samples, see :mod:`nestedlora_jax.dependence`) produces it from the whole batch.
+
+    An objective uses ``Tg`` and ``Tadj_f`` as constants in its backward pass (NestedLoRA's
+    linear term ``<f, T g>`` is bilinear, so its gradient is known in closed form): an
+    estimate here must make ``mean_b f_b . Tg_b`` an unbiased estimate of ``<f, T g>`` whose
+    derivative in ``f_b`` is ``Tg_b / B``, and likewise on the right.
+    """
+
+    f: Any
+    Tg: Any
+    g: Any = None
+    Tadj_f: Any = None
+
+    @property
+    def is_self_adjoint(self) -> bool:
+        """One family (``g = f``, ``T* = T``): an eigendecomposition."""
+        return self.g is None
+
+    @property
+    def right(self) -> tuple[Any, Any]:
+        """``(g, T* f)``: the right family and the adjoint applied to the left one (``(f, Tf)``
+        for a self-adjoint output)."""
+        return (self.f, self.Tg) if self.is_self_adjoint else (self.g, self.Tadj_f)
+
+
+def require_self_adjoint(out: OperatorOutput, method: str) -> tuple[Any, Any]:
+    """``(f, Tf)`` of a self-adjoint :class:`OperatorOutput`; ValueError naming ``method``
+    otherwise (the eigendecomposition baselines learn one family only)."""
+    if not isinstance(out, OperatorOutput):
+        raise ValueError(
+            f"{method}'s loss takes an OperatorOutput (e.g. OperatorOutput(f, Tf)), got "
+            f"{type(out).__name__}."
+        )
+    if (out.g is None) != (out.Tadj_f is None):
+        raise ValueError("OperatorOutput: give both g and Tadj_f (an SVD) or neither (an EVD).")
+    if not out.is_self_adjoint:
+        raise ValueError(
+            f"{method} learns the eigenfunctions of a self-adjoint operator (one family); this "
+            "operator gives two families (g, T* f): use nested_lora_objective() for an SVD."
+        )
+    return out.f, out.Tg
+
+
 class Objective(NamedTuple):
     """A training objective on network outputs, as pure functions (NestedLoRA or a baseline).
 
@@ -407,9 +466,10 @@ class Objective(NamedTuple):
       name: short identifier (e.g. ``"neuralsvd-seq"``).
       init: ``(L, dtype) -> state``, the objective's own state (a pytree; ``()`` if none),
         e.g. SpIN's moving average of the second-moment matrix.
-      loss: ``(f, Tf, state) -> (loss, new_state)`` for ``f, Tf`` of shape ``(B, L)``. The
-        gradient of ``loss`` w.r.t. ``f`` is the method's update direction (it may be a
-        masked / custom gradient, not the gradient of the returned value).
+      loss: ``(out, state) -> (loss, new_state)`` for an :class:`OperatorOutput` ``out``
+        (``f, Tg`` of shape ``(B, L)``, and ``g, Tadj_f`` for an SVD). The gradient of ``loss``
+        w.r.t. ``f`` (and ``g``) is the method's update direction (it may be a masked / custom
+        gradient, not the gradient of the returned value).
       readout: ``(f, state) -> phi``: maps raw outputs ``(B, L)`` to the method's
         eigenfunction estimates (identity for NestedLoRA; a linear map for baselines, so it
         applies to ``Tf`` as well).
@@ -421,7 +481,7 @@ class Objective(NamedTuple):
 
     name: str
     init: Callable[[int, Any], Any]
-    loss: Callable[[Any, Any, Any], tuple[Any, Any]]
+    loss: Callable[[Any, Any], tuple[Any, Any]]
     readout: Callable[[Any, Any], Any]
     needs_even_batch: bool
     norms_are_eigenvalues: bool = False
@@ -430,11 +490,21 @@ class Objective(NamedTuple):
 def nested_lora_objective(
     nesting: Nesting = "sequential", weights=None, split_batch: bool = True
 ) -> Objective:
-    """:func:`nested_lora_loss` as an :class:`Objective` (stateless; identity readout)."""
+    """NestedLoRA as an :class:`Objective` (stateless; identity readout):
+    :func:`nested_lora_loss` on a self-adjoint :class:`OperatorOutput`,
+    :func:`nested_lora_svd_loss` on one with two families."""
     _check_nesting(nesting)
+    kw = dict(nesting=nesting, weights=weights, split_batch=split_batch)
 
-    def loss(f, Tf, state):
-        return nested_lora_loss(f, Tf, nesting=nesting, weights=weights, split_batch=split_batch), state
+    def loss(out, state):
+        if not isinstance(out, OperatorOutput):
+            raise ValueError(
+                "the objective's loss takes an OperatorOutput (e.g. OperatorOutput(f, Tf)), got "
+                f"{type(out).__name__}."
+            )
+        if out.is_self_adjoint:
+            return nested_lora_loss(out.f, out.Tg, **kw), state
+        return nested_lora_svd_loss(out.f, out.Tg, out.g, out.Tadj_f, **kw), state
 
     name = "neuralsvd-seq" if nesting == "sequential" else "neuralsvd-joint"
     return Objective(

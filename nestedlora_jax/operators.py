@@ -44,6 +44,9 @@ __all__ = [
     "eigenvalues_from_energies",
     "problem_operator",
     "ProblemOperator",
+    "BatchOperator",
+    "pointwise_operator",
+    "kernel_integral_operator",
     "known_energies",
     "ritz_energies",
     "scaling_from_energies",
@@ -330,3 +333,105 @@ def problem_operator(
     )
     eigenvalues = None if energies is None else eigenvalues_from_energies(energies, scale, shift)
     return ProblemOperator(op, sampler, scale, shift, eigenvalues)
+
+
+# ----------------------------------------------------------------- batch-level operators
+
+
+class BatchOperator(NamedTuple):
+    """An operator evaluated on a whole batch: the form every objective consumes.
+
+    ``apply(functions, batch, key=None) -> OperatorOutput``: ``functions`` is one per-point
+    function ``fn(x)`` ``(d,) -> (L,)`` for a self-adjoint operator, or a pair ``(f_fn, g_fn)``
+    (left, right; their inputs may differ in dimension) when ``two_sided``; ``batch`` is what
+    the sampler drew (``(B, d)``, or a pair ``(xs, ys)`` of ``(B, dx)``, ``(B', dy)``); ``key``
+    a PRNG key for stochastic estimates (ignored otherwise).
+
+    Producers: :func:`pointwise_operator` (a per-point differential operator, vmapped),
+    :func:`kernel_integral_operator` (``(K f)(x) = E_y[k(x, y) f(y)]`` estimated from the batch
+    itself), and :mod:`nestedlora_jax.dependence` (the canonical dependence kernel of paired
+    samples). A new operator kind is one function returning a ``BatchOperator``.
+
+    Attributes:
+      apply: the batch map above.
+      two_sided: ``True`` if it takes two function families (an SVD).
+      name: a short description, saved with training runs.
+    """
+
+    apply: Callable[..., Any]
+    two_sided: bool = False
+    name: str = "batch operator"
+
+    def __call__(self, functions, batch, key=None):
+        return self.apply(functions, batch, key)
+
+
+def pointwise_operator(op: Operator) -> BatchOperator:
+    """A per-point operator ``op(fn, x, key=None) -> (f, Tf)`` (e.g.
+    :func:`negative_hamiltonian`) as a :class:`BatchOperator`: vmapped over the batch ``(B, d)``,
+    with one key per point when it takes a ``key`` and one is given, giving the self-adjoint
+    ``OperatorOutput(f, Tf)``."""
+    from nestedlora_jax.objectives import OperatorOutput
+
+    if isinstance(op, BatchOperator):
+        return op
+    if not callable(op):
+        raise ValueError(
+            f"operator must be a per-point op(fn, x) -> (f, Tf) or a BatchOperator, got "
+            f"{type(op).__name__}."
+        )
+    takes_key = _accepts_key(op)
+
+    def apply(fn, xs, key=None):
+        if not callable(fn):
+            raise ValueError(
+                "a per-point operator acts on one function family; it was given a pair of "
+                "networks (f, g): use a two-sided BatchOperator (e.g. "
+                "dependence.dependence_kernel_operator()) for an SVD."
+            )
+        if takes_key and key is not None:
+            keys = jax.random.split(key, xs.shape[0])
+            f, Tf = jax.vmap(lambda x, k: op(fn, x, key=k))(xs, keys)
+        else:
+            f, Tf = jax.vmap(lambda x: op(fn, x))(xs)
+        return OperatorOutput(f, Tf)
+
+    return BatchOperator(apply, two_sided=False, name=getattr(op, "__name__", "pointwise"))
+
+
+def _accepts_key(op) -> bool:
+    import inspect
+
+    try:
+        return "key" in inspect.signature(op).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def kernel_integral_operator(kernel: Callable[[Array, Array], Array]) -> BatchOperator:
+    """``(K f)(x) = E_{y~p}[k(x, y) f(y)]`` for a symmetric kernel ``k``, estimated on the batch.
+
+    With a batch ``x_1..x_B ~ p``, ``(K f)(x_b) ~ (1 / (B - 1)) sum_{b' != b} k(x_b, x_b') f(x_b')``
+    (the point itself left out, so the estimate is unbiased given ``x_b``, and the linear term
+    ``mean_b f_b . (K f)_b`` is a U-statistic, unbiased for ``<f, K f>_p``). ``K`` is
+    self-adjoint in ``L2(p)``: its eigenpairs are those of the kernel under the sampling
+    density. Cost ``O(B^2)`` kernel evaluations per batch.
+
+    Args:
+      kernel: ``k(x, y)`` for two points ``(d,)`` -> scalar, symmetric.
+    """
+    from nestedlora_jax.objectives import OperatorOutput
+
+    if not callable(kernel):
+        raise ValueError(f"kernel must be a function k(x, y) -> scalar, got {type(kernel).__name__}.")
+
+    def apply(fn, xs, key=None):
+        B = xs.shape[0]
+        if B < 2:
+            raise ValueError(f"a kernel integral needs at least 2 points per batch, got {B}.")
+        f = jax.vmap(fn)(xs)
+        k = jax.vmap(lambda x: jax.vmap(lambda y: kernel(x, y))(xs))(xs)  # (B, B)
+        k = k * (1.0 - jnp.eye(B, dtype=k.dtype))
+        return OperatorOutput(f, (k @ f) / (B - 1))
+
+    return BatchOperator(apply, two_sided=False, name="kernel integral")

@@ -25,7 +25,6 @@ resumed from a checkpoint sees exactly the samples of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -49,8 +48,8 @@ from nestedlora_jax.hooks import (
 )
 from nestedlora_jax._checks import check_even_batch
 from nestedlora_jax.config import TrainingConfig
-from nestedlora_jax.objectives import Objective, nested_lora_objective
-from nestedlora_jax.operators import MAX_ABS_OPERATOR_VALUE, valid_points
+from nestedlora_jax.objectives import Objective, OperatorOutput, nested_lora_objective
+from nestedlora_jax.operators import MAX_ABS_OPERATOR_VALUE, pointwise_operator, valid_points
 
 __all__ = [
     "CollapseConfig",
@@ -74,50 +73,76 @@ Operator = Callable[..., tuple[jax.Array, jax.Array]]
 # ----------------------------------------------------------------- loss
 
 
-def make_loss_fn(apply: Apply, operator: Operator, objective: Objective | None = None, *,
-                 max_abs_value: float = MAX_ABS_OPERATOR_VALUE):
-    """Build ``loss_fn(params, objective_state, xs) -> (loss, (objective_state, stats))``.
+def make_loss_fn(apply: Apply | tuple[Apply, Apply], operator, objective: Objective | None = None,
+                 *, max_abs_value: float = MAX_ABS_OPERATOR_VALUE):
+    """Build ``loss_fn(params, objective_state, batch, key=None) -> (loss, (objective_state, stats))``.
 
-    ``f, Tf = vmap(operator(lambda x: apply(params, x), .))(xs)``, both ``(B, L)``; the
-    loss is ``objective.loss`` (default :func:`nested_lora_objective` with sequential
-    nesting), whose gradient never differentiates ``Tf``. ``stats`` holds per-function
-    batch estimates: ``norms`` = mean_b f_bi^2 (the NestedLoRA eigenvalue estimate) and
-    ``rayleigh`` = Rayleigh quotients of the objective's eigenfunction estimates; and
-    ``invalid_points``, the number of points whose ``f`` or ``Tf`` is non-finite or larger
-    than ``max_abs_value`` in magnitude (see :func:`~nestedlora_jax.operators.valid_points`;
-    :func:`make_train_step` skips such a batch).
+    The network is one ``apply(params, x)`` (one point ``(d,)`` -> ``(L,)``), or for an SVD a
+    pair ``(apply_f, apply_g)`` whose ``params`` is the pair ``(params_f, params_g)`` (the two
+    inputs may differ in dimension). The operator is a per-point ``operator(fn, x) -> (f(x),
+    (T f)(x))`` (vmapped over the batch ``(B, d)``) or a
+    :class:`~nestedlora_jax.operators.BatchOperator` (e.g. the canonical dependence kernel on a
+    batch of pairs ``(xs, ys)``); either way it gives an
+    :class:`~nestedlora_jax.objectives.OperatorOutput` and the loss is ``objective.loss`` of it
+    (default :func:`nested_lora_objective`, sequential nesting), whose gradient never
+    differentiates ``Tg`` or ``T* f``.
+
+    ``stats`` holds per-function batch estimates: ``norms`` = ``mean_b f_bi^2`` (the NestedLoRA
+    eigenvalue estimate; ``sqrt(mean f_i^2 mean g_i^2)``, the singular value estimate, for two
+    families), ``rayleigh`` = Rayleigh quotients of the objective's eigenfunction estimates
+    (``<f_i, T g_i> / (|f_i| |g_i|)`` for two families); and ``invalid_points``, the number of
+    points whose values are non-finite or larger than ``max_abs_value`` in magnitude (see
+    :func:`~nestedlora_jax.operators.valid_points`; :func:`make_train_step` skips such a batch).
     """
     objective = objective if objective is not None else nested_lora_objective()
-    takes_key = _accepts_key(operator)
+    batch_operator = pointwise_operator(operator)
+    two_networks = isinstance(apply, tuple)
+    if two_networks and (len(apply) != 2 or not all(callable(a) for a in apply)):
+        raise ValueError("apply must be one function apply(params, x) or a pair (apply_f, apply_g).")
+    if batch_operator.two_sided != two_networks:
+        raise ValueError(
+            f"the operator {batch_operator.name!r} is "
+            f"{'two-sided (an SVD: it needs a pair of networks apply=(apply_f, apply_g))' if batch_operator.two_sided else 'one-sided (self-adjoint: it needs one network apply(params, x))'}, "
+            f"but {'two networks were' if two_networks else 'one network was'} given."
+        )
 
-    def loss_fn(params, objective_state, xs, key=None):
-        fn = lambda x: apply(params, x)
-        if takes_key and key is not None:
-            # One key per point, for stochastic operators (e.g. Hutchinson Laplacians).
-            keys = jax.random.split(key, xs.shape[0])
-            f, Tf = jax.vmap(lambda x, k: operator(fn, x, key=k))(xs, keys)
-        else:
-            f, Tf = jax.vmap(lambda x: operator(fn, x))(xs)
-        loss, objective_state = objective.loss(f, Tf, objective_state)
-        f, Tf = jax.lax.stop_gradient((f, Tf))
-        phi = objective.readout(f, objective_state)
-        Tphi = objective.readout(Tf, objective_state)
-        phi_sq = jnp.mean(phi * phi, axis=0)
-        # A function that is exactly zero (fully collapsed) has no Rayleigh quotient; report
-        # 0 rather than NaN so the collapse test can see it.
-        rayleigh = jnp.where(phi_sq > 0, jnp.mean(phi * Tphi, axis=0) / jnp.where(phi_sq > 0, phi_sq, 1), 0)
-        stats = {"norms": jnp.mean(f * f, axis=0), "rayleigh": rayleigh,
-                 "invalid_points": jnp.sum(~valid_points(f, Tf, max_abs_value))}
+    def loss_fn(params, objective_state, batch, key=None):
+        out = batch_operator.apply(network_functions(apply, params), batch, key)
+        loss, objective_state = objective.loss(out, objective_state)
+        out = jax.lax.stop_gradient(out)
+        stats = _output_statistics(out, objective, objective_state, max_abs_value)
         return loss, (jax.lax.stop_gradient(objective_state), stats)
 
     return loss_fn
 
 
-def _accepts_key(operator) -> bool:
-    try:
-        return "key" in inspect.signature(operator).parameters
-    except (TypeError, ValueError):
-        return False
+def network_functions(apply, params):
+    """The per-point functions of one network (``x -> apply(params, x)``) or of a pair
+    ``(apply_f, apply_g)`` with ``params = (params_f, params_g)``: the ``functions`` a
+    :class:`~nestedlora_jax.operators.BatchOperator` takes."""
+    if isinstance(apply, tuple):
+        (apply_f, apply_g), (params_f, params_g) = apply, params
+        return (lambda x: apply_f(params_f, x)), (lambda y: apply_g(params_g, y))
+    return lambda x: apply(params, x)
+
+
+def _output_statistics(out: OperatorOutput, objective: Objective, objective_state, max_abs_value):
+    if out.is_self_adjoint:
+        phi = objective.readout(out.f, objective_state)
+        Tphi = objective.readout(out.Tg, objective_state)
+        phi_sq = jnp.mean(phi * phi, axis=0)
+        # A function that is exactly zero (fully collapsed) has no Rayleigh quotient; report
+        # 0 rather than NaN so the collapse test can see it.
+        rayleigh = jnp.where(phi_sq > 0, jnp.mean(phi * Tphi, axis=0) / jnp.where(phi_sq > 0, phi_sq, 1), 0)
+        return {"norms": jnp.mean(out.f * out.f, axis=0), "rayleigh": rayleigh,
+                "invalid_points": jnp.sum(~valid_points(out.f, out.Tg, max_abs_value))}
+    # Two families: at the optimum f_i = sqrt(s_i) phi_i and g_i = sqrt(s_i) psi_i.
+    norms = jnp.sqrt(jnp.mean(out.f * out.f, axis=0) * jnp.mean(out.g * out.g, axis=0))
+    cross = 0.5 * (jnp.mean(out.f * out.Tg, axis=0) + jnp.mean(out.Tadj_f * out.g, axis=0))
+    rayleigh = jnp.where(norms > 0, cross / jnp.where(norms > 0, norms, 1), 0)
+    invalid = (jnp.sum(~valid_points(out.f, out.Tg, max_abs_value))
+               + jnp.sum(~valid_points(out.g, out.Tadj_f, max_abs_value)))
+    return {"norms": norms, "rayleigh": rayleigh, "invalid_points": invalid}
 
 
 # ----------------------------------------------------------------- state and step
@@ -326,11 +351,29 @@ def _validate_fit_args(apply, params, sampler, batch_size, needs_even_batch):
         check_even_batch(batch_size, "TrainingConfig.batch_size")
     dim = getattr(sampler, "dim", None)
     if dim is None or not callable(getattr(sampler, "sample", None)):
-        raise ValueError("sampler must have a `dim` attribute and sample(key, n) / log_prob(x).")
-    return network_output_count(apply, params, dim)
+        raise ValueError(
+            f"sampler must have a `dim` attribute and sample(key, n), got {type(sampler).__name__} "
+            "(e.g. a samplers.GaussianSampler, or dependence.PairedData for paired data).")
+    if not isinstance(apply, tuple):
+        return network_output_count(apply, params, dim)
+    if not (isinstance(params, tuple) and len(params) == 2):
+        raise ValueError("two networks apply=(apply_f, apply_g) need params=(params_f, params_g).")
+    if not (isinstance(dim, tuple) and len(dim) == 2):
+        raise ValueError(
+            f"two networks learn from pairs: the sampler must draw pairs (xs, ys) and have "
+            f"dim = (dx, dy), got dim = {dim!r} (e.g. dependence.PairedData(x, y)).")
+    L_f = network_output_count(apply[0], params[0], dim[0], name="apply_f(params_f, x)",
+                               data="x")
+    L_g = network_output_count(apply[1], params[1], dim[1], name="apply_g(params_g, y)",
+                               data="y")
+    if L_f != L_g:
+        raise ValueError(f"the two networks must learn the same number of functions: f has "
+                         f"{L_f} outputs and g has {L_g}.")
+    return L_f
 
 
-def network_output_count(apply: Apply, params: PyTree, dim: int) -> int:
+def network_output_count(apply: Apply, params: PyTree, dim: int, *,
+                         name: str = "apply(params, x)", data: str = "the problem's") -> int:
     """L, the number of outputs of ``apply(params, x)`` on one point ``(dim,)``, found by an
     abstract trace (nothing is compiled); ValueError saying what to check when the network
     does not map one point to ``(L,)``, ``L >= 1``."""
@@ -340,13 +383,13 @@ def network_output_count(apply: Apply, params: PyTree, dim: int) -> int:
         out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((dim,), jnp.float32))
     except Exception as exc:  # noqa: BLE001 - re-raised with what to check
         raise ValueError(
-            f"apply(params, x) fails on one point x of shape ({dim},), the sampler's dimension: "
+            f"{name} fails on one point of shape ({dim},), the sampler's dimension: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Was the network "
-            f"built for another input dimension than the problem's d = {dim}?"
+            f"built for another input dimension than {data} d = {dim}?"
         ) from exc
     if len(out.shape) != 1:
         raise ValueError(
-            f"apply(params, x) must map one point of shape ({dim},) to (L,), got output "
+            f"{name} must map one point of shape ({dim},) to (L,), got output "
             f"shape {out.shape}."
         )
     L = out.shape[0]
@@ -358,7 +401,7 @@ def network_output_count(apply: Apply, params: PyTree, dim: int) -> int:
 def fit(
     apply: Apply,
     params: PyTree,
-    operator: Operator,
+    operator,
     sampler,
     *,
     config: TrainingConfig | None = None,
@@ -373,14 +416,21 @@ def fit(
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
 ) -> FitResult:
-    """Train ``apply(params, .)`` so its L outputs learn the top-L eigenfunctions of ``operator``.
+    """Train ``apply(params, .)`` so its L outputs learn the top-L eigenfunctions of ``operator``
+    (or, with two networks, the top-L singular functions).
 
     Args:
-      apply: pure network ``apply(params, x)``, one point ``(d,)`` -> ``(L,)``.
-      params: initial parameters (pytree).
+      apply: pure network ``apply(params, x)``, one point ``(d,)`` -> ``(L,)``; or a pair
+        ``(apply_f, apply_g)`` of left and right networks for an SVD (inputs ``(dx,)`` and
+        ``(dy,)``, both ``L`` outputs).
+      params: initial parameters (pytree); ``(params_f, params_g)`` for two networks.
       operator: ``operator(fn, x) -> (fn(x), (T fn)(x))`` for one point, T self-adjoint
-        in the inner product that batch means under ``sampler`` estimate.
-      sampler: object with ``dim`` and ``sample(key, n) -> (n, d)``.
+        in the inner product that batch means under ``sampler`` estimate; or a
+        :class:`~nestedlora_jax.operators.BatchOperator` (two-sided for two networks, e.g.
+        :func:`~nestedlora_jax.dependence.dependence_kernel_operator`).
+      sampler: object with ``dim`` and ``sample(key, n)``: ``(n, d)`` points, or for two
+        networks ``dim = (dx, dy)`` and pairs ``(xs, ys)`` (e.g.
+        :class:`~nestedlora_jax.dependence.PairedData` of arrays in memory).
       config: a :class:`~nestedlora_jax.config.TrainingConfig` (steps, batch size, learning
         rate, EMA, seed, chunk length, checkpoint interval, guards, collapse remedy); default
         ``TrainingConfig()``.

@@ -15,6 +15,7 @@ from nestedlora_jax.baselines import (
     neuralef_objective,
     spin_objective,
 )
+from nestedlora_jax.objectives import OperatorOutput
 
 sg = jax.lax.stop_gradient
 
@@ -55,9 +56,9 @@ def test_spin_masked_gradient_matches_autodiff_reference(decay, epsilon):
         obj = spin_objective(decay=decay, epsilon=epsilon)
         state = obj.init(L, jnp.float64)
         W_prev = jnp.asarray(rng.standard_normal((n, L)))
-        _, state = obj.loss(W_prev, A @ W_prev, state)  # a non-trivial moving average
+        _, state = obj.loss(OperatorOutput(W_prev, A @ W_prev), state)  # a non-trivial moving average
 
-        ours = lambda W: obj.loss(W, A @ W, state)[0]
+        ours = lambda W: obj.loss(OperatorOutput(W, A @ W), state)[0]
         reference = lambda W: _spin_reference_loss(W, A, state, decay, epsilon)
         (v_ours, g_ours), (v_ref, g_ref) = (
             jax.jit(jax.value_and_grad(fn))(W) for fn in (ours, reference)
@@ -111,7 +112,7 @@ def test_neuralef_gradient_matches_autodiff_reference(variant, split_batch, pair
         W = jnp.asarray(rng.standard_normal((n, L)))
         obj = neuralef_objective(variant=variant, split_batch=split_batch, pairing=pairing)
         state = obj.init(L, jnp.float64)
-        ours = lambda W: obj.loss(W, A @ W, state)[0]
+        ours = lambda W: obj.loss(OperatorOutput(W, A @ W), state)[0]
         g_ours = jax.jit(jax.grad(ours))(W)
         g_ref = jax.jit(jax.grad(
             lambda W: _neuralef_reference_loss(W, A, variant, split_batch, pairing)
@@ -125,7 +126,7 @@ def test_neuralef_gradient_matches_autodiff_reference(variant, split_batch, pair
 )
 def test_no_gradient_flows_into_Tf(obj):
     f = jax.random.normal(jax.random.key(0), (6, 3))
-    g = jax.jit(jax.grad(lambda Tf: obj.loss(f, Tf, obj.init(3, jnp.float32))[0]))(2.0 * f)
+    g = jax.jit(jax.grad(lambda Tf: obj.loss(OperatorOutput(f, Tf), obj.init(3, jnp.float32))[0]))(2.0 * f)
     np.testing.assert_array_equal(g, 0.0)
 
 
@@ -150,7 +151,7 @@ def _descend(obj, A, W, lr, steps, duplicate):
 
     def step(_, carry):
         W, state = carry
-        g, state = jax.grad(lambda W: obj.loss(*batch(W), state), has_aux=True)(W)
+        g, state = jax.grad(lambda W: obj.loss(OperatorOutput(*batch(W)), state), has_aux=True)(W)
         return W - lr * g, state
 
     return jax.lax.fori_loop(0, steps, step, (W, obj.init(W.shape[1], W.dtype)))
@@ -166,7 +167,7 @@ def _recover(obj, duplicate, lr=1.0, steps=5000):
         f, Tf = np.asarray(W), A_np @ np.asarray(W)
         if duplicate:
             f, Tf = np.concatenate([f, f]), np.concatenate([Tf, Tf])
-        final_loss = float(jax.jit(obj.loss)(f, Tf, state)[0])
+        final_loss = float(jax.jit(obj.loss)(OperatorOutput(f, Tf), state)[0])
     evals, evecs = np.linalg.eigh(A_np)
     order = np.argsort(evals)[::-1][:L]
     exact_vals, exact_vecs = evals[order], evecs[:, order]
@@ -219,10 +220,10 @@ def test_spin_state_is_bias_corrected_average():
         s0 = obj.init(3, jnp.float64)
         # Before any step the transform uses Sigma_bar = I.
         np.testing.assert_allclose(obj.readout(f1, s0), f1 / np.sqrt(1 + 1e-3), rtol=1e-12)
-        _, s1 = obj.loss(f1, f1, s0)
+        _, s1 = obj.loss(OperatorOutput(f1, f1), s0)
         sig = lambda f: np.asarray(f.T @ f / f.shape[0])
         np.testing.assert_allclose(s1.sigma_avg / s1.weight, sig(f1), rtol=1e-12)
-        _, s2 = obj.loss(f2, f2, s1)
+        _, s2 = obj.loss(OperatorOutput(f2, f2), s1)
         expected = (0.75 * 0.25 * sig(f1) + 0.25 * sig(f2)) / (0.75 * 0.25 + 0.25)
         np.testing.assert_allclose(s2.sigma_avg / s2.weight, expected, rtol=1e-12)
         # transform = Lc^{-1} f per sample.
@@ -239,10 +240,10 @@ def test_neuralef_running_rms():
         f1, f2 = (jax.random.normal(jax.random.key(i), (10, 3)) for i in (1, 2))
         s0 = obj.init(3, jnp.float64)
         np.testing.assert_array_equal(obj.readout(f1, s0), f1)  # identity before training
-        _, s1 = obj.loss(f1, f1, s0)
+        _, s1 = obj.loss(OperatorOutput(f1, f1), s0)
         ms = lambda f: np.mean(np.asarray(f) ** 2, axis=0)
         np.testing.assert_allclose(obj.readout(f1, s1), f1 / np.sqrt(ms(f1)), rtol=1e-12)
-        _, s2 = obj.loss(f2, f2, s1)
+        _, s2 = obj.loss(OperatorOutput(f2, f2), s1)
         expected = (0.9 * 0.1 * ms(f1) + 0.1 * ms(f2)) / (0.9 * 0.1 + 0.1)
         np.testing.assert_allclose(obj.readout(f1, s2), f1 / np.sqrt(expected), rtol=1e-12)
 
@@ -258,7 +259,8 @@ def test_float32_jit(obj):
 
     @jax.jit
     def go(f, Tf, state):
-        (value, state), g = jax.value_and_grad(obj.loss, has_aux=True)(f, Tf, state)
+        (value, state), g = jax.value_and_grad(
+            lambda f: obj.loss(OperatorOutput(f, Tf), state), has_aux=True)(f)
         return value, state, g, obj.readout(f, state)
 
     value, new_state, g, phi = go(f, Tf, state)
@@ -308,24 +310,30 @@ def test_bad_inputs(obj):
     f = jnp.ones((6, 3)) * jnp.arange(1.0, 4.0)
     state = obj.init(3, jnp.float32)
     with pytest.raises(ValueError, match=r"f must have shape \(B, L\)"):
-        obj.loss(f[:, 0], f[:, 0], state)
+        obj.loss(OperatorOutput(f[:, 0], f[:, 0]), state)
     with pytest.raises(ValueError, match="Tf must have the same shape"):
-        obj.loss(f, f[:, :2], state)
+        obj.loss(OperatorOutput(f, f[:, :2]), state)
     with pytest.raises(ValueError, match="initialised for L = 3 functions but f has L = 2"):
-        obj.loss(f[:, :2], f[:, :2], state)
+        obj.loss(OperatorOutput(f[:, :2], f[:, :2]), state)
     with pytest.raises(ValueError, match="initialised for L = 3"):
         obj.readout(f[:, :2], state)
     with pytest.raises(ValueError, match="expects its own state"):
-        obj.loss(f, f, ())
+        obj.loss(OperatorOutput(f, f), ())
     with pytest.raises(ValueError, match="floating-point"):
-        obj.loss(f.astype(jnp.int32), f, state)
+        obj.loss(OperatorOutput(f.astype(jnp.int32), f), state)
+    with pytest.raises(ValueError, match="takes an OperatorOutput"):
+        obj.loss((f, f), state)  # the pre-0.3 (f, Tf, state) call, caught with what to pass
+    with pytest.raises(ValueError, match="self-adjoint operator \\(one family\\).*nested_lora_objective"):
+        obj.loss(OperatorOutput(f, f, f, f), state)
+    with pytest.raises(ValueError, match="both g and Tadj_f"):
+        obj.loss(OperatorOutput(f, f, f), state)
 
 
 def test_neuralef_odd_batch():
     obj = neuralef_objective()
     f = jnp.ones((5, 2)) * jnp.arange(1.0, 3.0)
     with pytest.raises(ValueError, match="the batch size of f must be even .*; got 5"):
-        obj.loss(f, f, obj.init(2, jnp.float32))
+        obj.loss(OperatorOutput(f, f), obj.init(2, jnp.float32))
     # Without halves an odd batch is fine.
     obj = neuralef_objective(split_batch=False)
-    obj.loss(f, f, obj.init(2, jnp.float32))
+    obj.loss(OperatorOutput(f, f), obj.init(2, jnp.float32))
