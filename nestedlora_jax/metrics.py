@@ -7,6 +7,8 @@ Inputs are arrays of function values at N evaluation points:
 * ``w``   (N,)    nonnegative weights: every inner product is ``<a, b> = sum_n w_n a_n b_n``.
   Quadrature weights on a grid, or ``1/N`` for samples that already estimate L2(dx) (importance
   weighting is the caller's business);
+* for an SVD, ``f`` (N, L) and ``Tg`` (N, L) on the left points, ``g`` (M, L) on the right
+  points with weights ``wg`` (:func:`singular_ritz`, :func:`svd_metrics`);
 * ``blocks``: degenerate levels as half-open index ranges ``[(0, 1), (1, 3), (3, 6)]``, applied
   to the columns of both ``f`` and ``psi``. They must tile a prefix ``[0, K)`` in order;
   ``None`` means one block per state. :func:`degenerate_blocks` builds them from eigenvalues.
@@ -46,6 +48,9 @@ __all__ = [
     "residuals",
     "RayleighRitz",
     "rayleigh_ritz",
+    "SingularRitz",
+    "singular_ritz",
+    "svd_metrics",
     "summary_table",
 ]
 
@@ -313,6 +318,80 @@ def rayleigh_ritz(f: Array, Tf: Array, w: Array, *, rtol: float = 1e-6) -> Rayle
     theta = jnp.where(valid, theta, jnp.nan)
     coefficients = (whiten @ y) * valid[None, :]
     return RayleighRitz(theta, coefficients, rank)
+
+
+# --------------------------------------------------------------------------- SVD
+
+
+class SingularRitz(NamedTuple):
+    singular_values: Array  # (L,) descending; NaN beyond rank
+    left: Array  # (L, L) column j: coefficients of the j-th left Ritz function in f
+    right: Array  # (L, L) the same for g
+
+
+def _whitening(G: Array, rtol: float) -> tuple[Array, Array]:
+    """``W`` with ``W^T G W = diag(keep)``: the kept eigen-directions of ``G`` whitened, the
+    dropped ones (``g <= rtol max g``) zero columns, so shapes stay static."""
+    g_vals, v = jnp.linalg.eigh(G)
+    keep = g_vals > rtol * jnp.max(g_vals)
+    return v * jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, g_vals, 1)), 0)[None, :], keep
+
+
+def singular_ritz(f: Array, Tg: Array, g: Array, wf: Array, wg: Array, *,
+                  rtol: float = 1e-6) -> SingularRitz:
+    """Singular values of ``T`` restricted to ``span(f) x span(g)``: the SVD analogue of
+    :func:`rayleigh_ritz`.
+
+    With ``C_ij = <f_i, T g_j>`` (from ``f`` and ``Tg`` under ``wf``) and whitenings ``W_f``,
+    ``W_g`` of the Gram matrices ``<f_i, f_j>``, ``<g_i, g_j>``: ``svd(W_f^T C W_g) = U S V^T``.
+    ``S`` are the best approximations of the top singular values the two spans allow (each is
+    at most the true one, up to the estimation error of ``C``); the Ritz functions are
+    ``f @ left`` and ``g @ right``. Singular values beyond the rank of either Gram are NaN.
+    """
+    Wf, kf = _whitening(gram(f, wf), rtol)
+    Wg, kg = _whitening(gram(g, wg), rtol)
+    u, sv, vt = jnp.linalg.svd(Wf.T @ inner(f, Tg, wf) @ Wg)
+    rank = jnp.minimum(jnp.sum(kf), jnp.sum(kg))
+    sv = jnp.where(jnp.arange(sv.shape[0]) < rank, sv, jnp.nan)
+    return SingularRitz(sv, Wf @ u, Wg @ vt.T)
+
+
+def svd_metrics(f: Array, Tg: Array, g: Array, wf: Array, wg: Array, *, exact: Array | None = None,
+                phi: Array | None = None, psi: Array | None = None,
+                blocks: Blocks | None = None) -> dict:
+    """The evaluation protocol for learned singular functions ``f`` (left) and ``g`` (right).
+
+    Returns a dict with
+    ``singular_values`` (Ritz, :func:`singular_ritz`), ``norms`` (``||f_i|| ||g_i||``, the
+    NestedLoRA estimate), ``orthogonality_left`` / ``_right`` (max off-diagonal of each
+    family's normalised Gram); with ``exact`` (L,) descending singular values also
+    ``rel_error`` (Ritz) and ``rel_error_norm`` per function with their ``mean_`` / ``max_``;
+    with the exact left functions ``phi`` (N, L) (at the points of ``f``) and right functions
+    ``psi`` (M, L): ``subspace_distance_left`` / ``_right`` (mean over ``blocks``),
+    ``..._total`` (the whole span) and ``angle_distance_left`` / ``_right`` (per function, as
+    learned, in nesting order: no re-ordering by the Ritz values).
+    """
+    ritz = singular_ritz(f, Tg, g, wf, wg)
+    norms = jnp.sqrt(norms_squared(f, wf) * norms_squared(g, wg))
+    out = {
+        "singular_values": ritz.singular_values,
+        "norms": norms,
+        "orthogonality_left": orthogonality(f, wf).max_offdiag,
+        "orthogonality_right": orthogonality(g, wg).max_offdiag,
+    }
+    if exact is not None:
+        exact = jnp.asarray(exact)
+        for key, value in (("rel_error", ritz.singular_values), ("rel_error_norm", norms)):
+            rel = jnp.abs(value - exact) / jnp.abs(exact)
+            out[key], out[f"mean_{key}"], out[f"max_{key}"] = rel, jnp.mean(rel), jnp.max(rel)
+    for side, learned, true, w in (("left", f, phi, wf), ("right", g, psi, wg)):
+        if true is None:
+            continue
+        sub = subspace_distance(learned, true, w, blocks)
+        out[f"subspace_distance_{side}"] = sub.mean
+        out[f"subspace_distance_{side}_total"] = sub.total
+        out[f"angle_distance_{side}"] = angle_distance(learned, true, w, blocks).per_function
+    return out
 
 
 # --------------------------------------------------------------------------- table

@@ -47,6 +47,7 @@ __all__ = [
     "BatchOperator",
     "pointwise_operator",
     "kernel_integral_operator",
+    "matrix_operator",
     "known_energies",
     "ritz_energies",
     "scaling_from_energies",
@@ -435,3 +436,34 @@ def kernel_integral_operator(kernel: Callable[[Array, Array], Array]) -> BatchOp
         return OperatorOutput(f, (k @ f) / (B - 1))
 
     return BatchOperator(apply, two_sided=False, name="kernel integral")
+
+
+def matrix_operator(matrix) -> BatchOperator:
+    """A finite matrix ``A`` ``(n, m)`` as a two-sided operator ``R^m -> R^n`` (the Euclidean
+    inner products), for SVDs by free parameter tables and for tests against ``numpy.linalg.svd``.
+
+    The two families are evaluated at the indices ``i = 0..n-1`` and ``j = 0..m-1`` (points of
+    shape ``(1,)``, e.g. ``apply(table, i) = table[i[0].astype(int)]``); the batch is not used.
+    Rows are weighted by ``sqrt(n)`` (``sqrt(m)``) so that batch means are the Euclidean sums, and
+    the population is given twice so each batch half is all of it (exact with or without the
+    objective's ``split_batch``): ``f = sqrt(n) F``, ``Tg = sqrt(n) A G``, ``g = sqrt(m) G``,
+    ``T* f = sqrt(m) A^T F``.
+    """
+    from nestedlora_jax.objectives import OperatorOutput
+
+    A = np.asarray(matrix, np.float64)
+    if A.ndim != 2 or A.size == 0 or not np.all(np.isfinite(A)):
+        raise ValueError(f"matrix must be a finite 2-D array, got shape {A.shape}.")
+    n, m = A.shape
+    rows = jnp.arange(n, dtype=jnp.float32)[:, None]
+    cols = jnp.arange(m, dtype=jnp.float32)[:, None]
+
+    def apply(functions, batch=None, key=None):
+        f_fn, g_fn = functions
+        F, G = jax.vmap(f_fn)(rows), jax.vmap(g_fn)(cols)
+        a = jnp.asarray(A, F.dtype)
+        twice = lambda v: jnp.concatenate([v, v])
+        return OperatorOutput(twice(np.sqrt(n) * F), twice(np.sqrt(n) * (a @ G)),
+                              twice(np.sqrt(m) * G), twice(np.sqrt(m) * (a.T @ F)))
+
+    return BatchOperator(apply, two_sided=True, name="matrix")
