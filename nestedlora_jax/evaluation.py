@@ -27,10 +27,9 @@ from nestedlora_jax import metrics as M
 from nestedlora_jax.operators import (
     ProblemOperator,
     energies_from_eigenvalues,
-    known_energies,
     valid_points,
 )
-from nestedlora_jax.problems import Hydrogen
+from nestedlora_jax.problems import check_problem
 
 __all__ = ["Evaluation", "METRIC_NAMES", "evaluate", "quadrature_grid", "network_values", "gram_statistics", "metrics_from_gram", "GramStatistics"]
 
@@ -62,55 +61,39 @@ def network_values(apply, params, operator, xs, *, chunk: int = 512):
 
 
 def quadrature_grid(problem, L: int, num: int = 200, *, sampler=None) -> tuple[np.ndarray, np.ndarray]:
-    """A quadrature grid ``(points (N, d), dx-weights (N,))`` covering the first L states.
+    """A quadrature grid ``(points (N, d), dx-weights (N,))`` covering the first L states:
+    ``problem.quadrature_grid(L, num, sampler=sampler)``
+    (:meth:`~nestedlora_jax.problems.Problem.quadrature_grid`; d <= 2).
 
     * boxes (``problem.box``): tensor Gauss-Legendre with ``num`` nodes per axis;
     * hydrogen (2-D): polar grid, Gauss-Legendre in ``r`` on ``[0, R]`` (R = 12 n_max + 20,
       where the slowest state has decayed below 1e-8) and ``num`` equispaced angles
       (exact for the trigonometric angular parts);
     * otherwise (``d <= 2``): tensor Gauss-Legendre on ``[-R, R]^d`` with ``R`` from the
-      problem's ``evaluation_radius(L)`` if it has one, else from the scale of ``sampler``
-      (default: the problem's default sampler).
+      problem's ``evaluation_radius(L)`` if it gives one, else from the length scale of
+      ``sampler`` (default: the problem's default sampler;
+      :func:`~nestedlora_jax.samplers.length_scale`).
+
+    A problem of your own changes its grid by overriding ``quadrature_grid`` or
+    ``evaluation_radius``.
     """
-    dim = problem.dim
-    if dim > 2:
+    check_problem(problem, "quadrature_grid")
+    return problem.quadrature_grid(L, num, sampler=sampler)
+
+
+def _check_importance_weighting(operator: ProblemOperator, importance_weighted) -> bool:
+    """The operator's importance weighting; a contradicting explicit value is an error."""
+    chosen = bool(operator.importance_weighted)
+    if importance_weighted is not None and bool(importance_weighted) != chosen:
         raise ValueError(
-            f"quadrature grids are provided for d <= 2 (got d = {dim}); evaluate on a Monte "
-            "Carlo sample instead (evaluate(..., points=None))."
+            f"importance_weighted={importance_weighted!r} contradicts the operator, which was "
+            f"built with importance_weighted={chosen} (problem_operator(..., "
+            f"importance_weighted={chosen})): the network trained with it represents "
+            f"{'psi / sqrt(p)' if chosen else 'psi'}, so it must be evaluated the same way. "
+            "Leave importance_weighted out (it is read from the operator), or build the "
+            "operator with the other choice."
         )
-    if problem.box is not None:
-        lo, hi = (np.full(dim, float(b)) for b in problem.box)
-        return _tensor_gauss_legendre(lo, hi, num)
-    if isinstance(problem, Hydrogen) and dim == 2:
-        n_max = max(s[0] for s in problem.states(L))
-        R = 12.0 * (n_max + 0.5) / getattr(problem, "Z", 1.0) + 20.0
-        r, wr = np.polynomial.legendre.leggauss(num)
-        r = 0.5 * R * (r + 1.0)
-        wr = 0.5 * R * wr * r
-        theta = 2 * np.pi * np.arange(num) / num
-        wt = np.full(num, 2 * np.pi / num)
-        rr, tt = np.meshgrid(r, theta, indexing="ij")
-        points = np.stack([rr * np.cos(tt), rr * np.sin(tt)], axis=-1).reshape(-1, 2)
-        return points, np.outer(wr, wt).reshape(-1)
-    radius = getattr(problem, "evaluation_radius", None)
-    if radius is not None:
-        R = float(radius(L))
-    else:
-        sampler = problem.default_sampler(L) if sampler is None else sampler
-        R = 8.0 * float(np.max(getattr(sampler, "scale", 1.0)))
-    return _tensor_gauss_legendre(np.full(dim, -R), np.full(dim, R), num)
-
-
-def _tensor_gauss_legendre(lo, hi, num):
-    nodes, weights = np.polynomial.legendre.leggauss(num)
-    axes = [0.5 * (h - l) * (nodes + 1.0) + l for l, h in zip(lo, hi)]
-    ws = [0.5 * (h - l) * weights for l, h in zip(lo, hi)]
-    grids = np.meshgrid(*axes, indexing="ij")
-    points = np.stack([g.reshape(-1) for g in grids], axis=-1)
-    w = ws[0]
-    for extra in ws[1:]:
-        w = np.outer(w, extra).reshape(-1)
-    return points, w
+    return chosen
 
 
 # The metrics, by kind: per state (L,), aggregates (floats), per block.
@@ -226,7 +209,7 @@ def evaluate(
     weights: np.ndarray | None = None,
     num_samples: int = 2**18,
     key: jax.Array | None = None,
-    importance_weighted: bool = True,
+    importance_weighted: bool | None = None,
     readout: Callable[[np.ndarray], np.ndarray] | None = None,
     chunk: int = 512,
     groups: int = 32,
@@ -260,9 +243,10 @@ def evaluate(
         no standard errors (the grid is deterministic). ``points`` without ``weights`` are
         taken as samples from ``operator.sampler``; no ``points`` means ``num_samples`` fresh
         samples from it, drawn chunk by chunk from ``key`` (never all in memory at once).
-      importance_weighted: the network represents ``psi / sqrt(p)`` (training used the
-        sampler's ``log_prob``), as :func:`~nestedlora_jax.operators.problem_operator` does
-        by default.
+      importance_weighted: whether the network represents ``psi / sqrt(p)`` (training used
+        the sampler's ``log_prob``). Read from ``operator.importance_weighted`` (the choice
+        made in :func:`~nestedlora_jax.operators.problem_operator`); ``None``, the default,
+        takes it from there, and an explicit value that contradicts it is refused.
       readout: maps raw outputs ``(n, L)`` to eigenfunction estimates (a baseline's
         ``objective.readout`` with its state bound; applied chunk by chunk, so it must act
         on each point alone); identity by default.
@@ -275,10 +259,14 @@ def evaluate(
       point counts; ``result.table()`` prints it, ``result.to_dict()`` is its JSON form.
 
     Raises:
-      ValueError: a grid with a weight count different from its point count; fewer Monte
+      ValueError: ``problem`` not a :class:`~nestedlora_jax.problems.Problem`;
+        ``importance_weighted`` contradicting ``operator.importance_weighted``; a grid with a
+        weight count different from its point count; fewer Monte
         Carlo samples than ``max(256, 3 L groups)``: each group's Gram matrix ``(3L, 3L)``
         needs at least ``3L`` points for the jackknife to mean anything.
     """
+    check_problem(problem, "evaluate")
+    importance_weighted = _check_importance_weighting(operator, importance_weighted)
     on_grid = weights is not None
     if on_grid and points is None:
         raise ValueError("weights were given without points: pass the grid's points too.")
@@ -299,7 +287,7 @@ def evaluate(
             f"{n_points} Monte Carlo samples are too few to evaluate {L} functions with "
             f"standard errors: use at least {minimum} (num_samples=..., or more points)."
         )
-    exact = known_energies(problem, L)
+    exact = problem.known_energies(L)
     # Without a known spectrum there are no levels to group: every state is its own block (and
     # no metric that needs the exact answer is reported).
     blocks = (tuple((i, i + 1) for i in range(L)) if exact is None
@@ -363,7 +351,7 @@ class GramStatistics(NamedTuple):
 
 
 def gram_statistics(apply, params, problem, operator, *, points=None, weights=None,
-                    num_samples=2**18, key=None, importance_weighted=True, readout=None,
+                    num_samples=2**18, key=None, importance_weighted=None, readout=None,
                     chunk=512, groups=1) -> GramStatistics:
     """``S_g = sum_n w_n z_n z_n^T`` over ``groups`` consecutive groups of points, chunk by chunk.
 
@@ -372,14 +360,19 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
     everything is in the ``f = psi / sqrt(p)`` representation, whose plain means estimate
     ``L2(dx)`` inner products (with ``importance_weighted=False`` the exact ``psi`` cannot be
     compared and is left out). Samples are drawn chunk by chunk, chunk ``c`` from
-    ``fold_in(key, c)``, so any ``num_samples`` fits in memory.
+    ``fold_in(key, c)``, so any ``num_samples`` fits in memory. ``importance_weighted`` is
+    ``operator.importance_weighted`` (``None``, the default; a contradicting value raises, as in
+    :func:`evaluate`).
     """
+    check_problem(problem, "gram_statistics")
+    importance_weighted = _check_importance_weighting(operator, importance_weighted)
     on_grid = weights is not None
     sampler = operator.sampler
     key = jax.random.PRNGKey(12345) if key is None else key
     n_total = len(points) if points is not None else int(num_samples)
     bounds = np.linspace(0, n_total, groups + 1).round().astype(int)
     sums, counts, has_psi, invalid = None, np.zeros(groups), None, 0
+    exact_known = None  # problem.has_eigenfunctions(L), asked once L is known
     for c, start in enumerate(range(0, n_total, chunk)):
         stop = min(start + chunk, n_total)
         if points is not None:
@@ -394,7 +387,9 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
             f, Tf = np.asarray(readout(f), np.float64), np.asarray(readout(Tf), np.float64)
         with jax.enable_x64(True):
             x64 = jnp.asarray(x, jnp.float64)
-            psi = _exact_values(problem, x64, f.shape[1])
+            if exact_known is None:
+                exact_known = problem.has_eigenfunctions(f.shape[1])
+            psi = _exact_values(problem, x64, f.shape[1]) if exact_known else None
             half_log_p = (0.5 * np.asarray(_log_probs(sampler, x64), np.float64)
                           if importance_weighted else None)
         if on_grid:
@@ -548,11 +543,6 @@ def _log_probs(sampler, xs):
 
 
 def _exact_values(problem, x64, L):
-    eigenfunctions = getattr(type(problem), "eigenfunctions", None)
-    if eigenfunctions is None:  # a problem written without the method: no distances
-        return None
-    try:
-        values = _per_point(eigenfunctions, problem, x64, L)
-    except NotImplementedError:
-        return None
-    return np.asarray(values, np.float64)
+    """The exact eigenfunctions at ``x64``, float64 ``(N, L)``; call only where
+    ``problem.has_eigenfunctions(L)``."""
+    return np.asarray(_per_point(type(problem).eigenfunctions, problem, x64, L), np.float64)

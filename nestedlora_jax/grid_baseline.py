@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nestedlora_jax.problems import check_problem
+
 __all__ = [
     "finite_difference_hamiltonian",
     "finite_difference_eigensolver",
@@ -91,9 +93,10 @@ def grid_domain(problem, num_points: int, *, radius: float | None = None) -> Gri
     ``j = 1..n``, ``h = (high - low) / (n + 1)``. Problems on ``R^d`` (``box`` is None) use the
     interior nodes of ``[-radius, radius]`` with a zero Dirichlet boundary.
     """
+    check_problem(problem, "grid_domain")
     n = _check_int(num_points, "num_points (grid nodes per axis)", 3)
     box = problem.box
-    periodic = bool(getattr(problem, "periodic", False))
+    periodic = bool(problem.periodic)
     if box is None:
         if periodic:
             raise ValueError(f"{type(problem).__name__} is periodic but has no box.")
@@ -177,7 +180,7 @@ def finite_difference_hamiltonian(problem, num_points: int, *, radius: float | N
 
     nodes, h, periodic, _, _ = grid_domain(problem, num_points, radius=radius)
     n, d = len(nodes), problem.dim
-    kinetic = float(getattr(problem, "kinetic", 1.0))
+    kinetic = float(problem.kinetic)
     V = _grid_potential(problem, nodes)
 
     # The constant diagonal of the Laplacian goes in with V, so the Kronecker terms only carry
@@ -229,9 +232,9 @@ def _spectrum_lower_bound(problem, H, h: float, n: int) -> float:
     ``H >= min V + kinetic d mu_1``.
     """
     d = problem.dim
-    kinetic = float(getattr(problem, "kinetic", 1.0))
+    kinetic = float(problem.kinetic)
     diag = H.diagonal() - 2.0 * d * kinetic / h**2  # = V
-    if getattr(problem, "periodic", False):
+    if problem.periodic:
         mu1 = 0.0
     else:
         mu1 = (4 / h**2) * math.sin(math.pi / (2 * (n + 1))) ** 2
@@ -271,6 +274,7 @@ def finite_difference_eigensolver(
     import scipy.sparse.linalg as sla
 
     t_start = time.perf_counter()
+    check_problem(problem, "finite_difference_eigensolver")
     L = _check_int(L, "L (the number of states)", 1)
     n = _check_int(num_points, "num_points (grid nodes per axis)", 3)
     d = int(problem.dim)
@@ -317,10 +321,7 @@ def finite_difference_eigensolver(
     energies = np.sort(np.asarray(values, np.float64))
     t_solved = time.perf_counter()
 
-    try:
-        exact = np.asarray(problem.energies(L), np.float64)
-    except NotImplementedError:
-        exact = None
+    exact = problem.known_energies(L)
     if exact is not None:
         rel = np.abs(energies - exact) / np.abs(exact)
         mean_rel, max_rel = float(np.mean(rel)), float(np.max(rel))
@@ -605,6 +606,7 @@ def grid_baseline_sweep(
       After ``"does not fit"``, ``"timeout"`` or ``"out of memory"``, every size at least as
       large is not run and gets the same status.
     """
+    check_problem(problem, "grid_baseline_sweep")
     L = _check_int(L, "L (the number of states)", 1)
     d = int(problem.dim)
     if isinstance(sizes, (int, np.integer)) or len(sizes) == 0:

@@ -89,15 +89,9 @@ def make_problem(name: str, dim: int):
 
 def grid_radius(problem, L: int) -> float | None:
     """Half-width of the finite-difference box for problems on ``R^d`` (None on boxes): where
-    the slowest of the ``L`` states has decayed far below the grid's own error."""
-    if problem.box is not None:
-        return None
-    if isinstance(problem, Hydrogen):
-        n_max = max(s[0] for s in problem.states(L))
-        return 8.0 * n_max + 8.0
-    # Oscillators: psi ~ exp(-w y^2 / 2) * poly; 6 / sqrt(w_min) covers the low levels.
-    w_min = min(getattr(problem, "frequencies", (1.0,)))
-    return 6.0 / np.sqrt(w_min)
+    the slowest of the ``L`` states has decayed far below the grid's own error
+    (:meth:`~nestedlora_jax.problems.Problem.grid_radius`)."""
+    return problem.grid_radius(L)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,10 +248,8 @@ def print_summary(args, summary, per_seed, grid=None):
 
 
 def describe(problem) -> str:
-    if isinstance(problem, CoupledOscillator):
-        return (f"CoupledOscillator(dim={problem.dim}, seed={problem.seed}), "
-                f"frequencies {list(problem.frequencies)}")
-    return repr(problem)
+    """The problem's one-line description (:meth:`~nestedlora_jax.problems.Problem.describe`)."""
+    return problem.describe()
 
 
 def print_grid(grid):
@@ -271,22 +263,10 @@ def print_grid(grid):
 
 
 def slice_plane(problem, L: int):
-    """Centre and two orthonormal directions of the plotted 2-D slice, and its half-width.
-
-    The centre is offset along the other directions, so that states odd along them (zero on
-    a plane through the middle) still show."""
-    d = problem.dim
-    e = np.eye(d)
-    off = np.arange(d) >= 2
-    if problem.box is not None:
-        lo, hi = problem.box
-        centre = lo + (hi - lo) * np.where(off, 0.3, 0.5)
-        return centre, e[0], e[1], 0.5 * (hi - lo)
-    if isinstance(problem, CoupledOscillator):
-        q, w = np.asarray(problem.rotation), np.asarray(problem.frequencies)
-        centre = q[:, 2:] @ (0.6 / np.sqrt(w[2:]))  # the two softest axes span the slice
-        return centre, q[:, 0], q[:, 1], 4.0 / np.sqrt(w[0])
-    return np.where(off, 1.5, 0.0), e[0], e[1], grid_radius(problem, L) * 0.6
+    """Centre and two orthonormal directions of the plotted 2-D slice, and its half-width
+    (:meth:`~nestedlora_jax.problems.Problem.slice_plane`: the centre is offset along the other
+    directions, so that states odd along them still show)."""
+    return problem.slice_plane(L)
 
 
 def make_figures(problem, result, out_dir, L, max_slice_states: int = 8):

@@ -30,6 +30,7 @@ import numpy as np
 
 from nestedlora_jax._checks import check_num_states, check_positive_float
 from nestedlora_jax.laplacians import LAPLACIAN_METHODS, STOCHASTIC_LAPLACIAN_METHODS, laplacian
+from nestedlora_jax.problems import check_problem
 from nestedlora_jax.samplers import check_sampler_dim
 
 Array = jax.Array
@@ -243,28 +244,27 @@ def ritz_energies(apply, params, potential, sampler, *, kinetic: float = 1.0,
 
 
 class ProblemOperator(NamedTuple):
-    """What ``problem_operator`` builds: the operator, its sampler and scaling, and the exact
+    """What ``problem_operator`` builds: the operator, its sampler and scaling, the exact
     operator eigenvalues ``t = shift - scale * E`` of the ``L`` wanted states (``(L,)`` float64;
-    ``None`` when the problem's spectrum is unknown)."""
+    ``None`` when the problem's spectrum is unknown), and whether it is importance-weighted
+    (the network then represents ``psi / sqrt(p)``, ``p`` the sampler's density; otherwise
+    ``psi`` itself). Evaluation reads that choice from here, so it cannot contradict the
+    training's."""
 
     op: Operator
     sampler: Any
     scale: float
     shift: float
     eigenvalues: np.ndarray | None
+    importance_weighted: bool = True
 
 
 def known_energies(problem: Any, L: int) -> np.ndarray | None:
-    """``problem.energies(L)``, or ``None`` when the problem does not know its spectrum
-    (``energies`` missing or raising ``NotImplementedError``). A bad ``L`` still raises."""
-    energies = getattr(problem, "energies", None)
-    if energies is None:
-        return None
-    try:
-        return np.asarray(energies(L), np.float64)
-    except NotImplementedError:
-        check_num_states(L)
-        return None
+    """``problem.known_energies(L)``: the exact energies, float64, or ``None`` when the problem
+    does not know its spectrum (:meth:`~nestedlora_jax.problems.Problem.known_energies`). A bad
+    ``L`` still raises; a ``problem`` that is not a ``Problem`` too."""
+    check_problem(problem, "known_energies")
+    return problem.known_energies(L)
 
 
 def problem_operator(
@@ -284,20 +284,24 @@ def problem_operator(
     ``problem.default_sampler(L)`` (unless ``sampler`` is given), and importance-weights with the
     sampler's ``log_prob`` (so batch means estimate ``L2(dx)`` inner products); with
     ``importance_weighted=False`` the network represents ``psi`` itself and batch means estimate
-    ``L2(p)`` inner products. A problem without a known spectrum needs ``scale`` and ``shift``
-    (``solve`` estimates them, see :func:`ritz_energies`).
+    ``L2(p)`` inner products. The choice is recorded in the result
+    (``ProblemOperator.importance_weighted``), where :func:`~nestedlora_jax.evaluation.evaluate`
+    reads it. A problem without a known spectrum needs ``scale`` and ``shift`` (``solve``
+    estimates them, see :func:`ritz_energies`).
 
     Raises:
-      ValueError: ``L`` not an int >= 1 or more states than the problem's exact list provides;
+      ValueError: ``problem`` not a :class:`~nestedlora_jax.problems.Problem`; ``L`` not an int
+        >= 1 or more states than the problem's exact list provides;
         sampler dimension different from ``problem.dim``; unknown Laplacian method; a
         non-callable potential; an unknown spectrum without ``scale`` and ``shift``; a
         non-finite or non-positive ``scale``, a non-finite ``shift``.
     """
-    energies = known_energies(problem, L)  # validates L (ValueError if too large or < 1)
-    if not callable(getattr(problem, "potential", None)):
+    check_problem(problem, "problem_operator")
+    energies = problem.known_energies(L)  # validates L (ValueError if too large or < 1)
+    if not callable(problem.potential):
         raise ValueError(
             f"{type(problem).__name__}.potential must be a function of one point (d,) -> scalar; "
-            f"got {getattr(problem, 'potential', None)!r}."
+            f"got {problem.potential!r}."
         )
     if sampler is None:
         try:
@@ -333,7 +337,7 @@ def problem_operator(
         log_prob=sampler.log_prob if importance_weighted else None,
     )
     eigenvalues = None if energies is None else eigenvalues_from_energies(energies, scale, shift)
-    return ProblemOperator(op, sampler, scale, shift, eigenvalues)
+    return ProblemOperator(op, sampler, scale, shift, eigenvalues, bool(importance_weighted))
 
 
 # ----------------------------------------------------------------- batch-level operators

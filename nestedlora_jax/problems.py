@@ -4,22 +4,36 @@ Every problem is a frozen dataclass deriving from ``Problem``; its Hamiltonian i
 ``H = -kinetic * Lap + V`` with ``kinetic = 1`` (no 1/2, as in the paper). A problem provides
 
 - ``dim``; ``potential(x) -> ()`` for one point ``x`` ``(dim,)``;
-- ``energies(L) -> np.ndarray (L,)``: the exact ``L`` lowest energies, ascending, float64;
+- ``energies(L) -> np.ndarray (L,)``: the exact ``L`` lowest energies, ascending, float64
+  (``NotImplementedError`` where the spectrum is unknown; ``known_energies(L)`` is then ``None``);
 - ``degenerate_blocks(L)``: half-open ``(start, stop)`` index ranges of the degenerate levels among
   the first ``L`` states (the last one truncated at ``L``);
 - ``eigenfunctions(x, L) -> (L,)``: the exact real eigenfunctions, normalised in ``L2(dx)``, at
-  one point, in the order of ``energies`` (``NotImplementedError`` where there is no closed form);
+  one point, in the order of ``energies`` (``NotImplementedError`` where there is no closed form;
+  ``has_eigenfunctions(L)`` says which);
 - ``default_sampler(L)`` and ``operator_scaling(L) -> (scale, shift)``: the recommended sampling
   density and the scaling of ``T = scale * (-H) + shift`` for learning the ``L`` lowest states
   (they become ``T``'s top positive eigenvalues ``t_i = shift - scale * E_i``, ``t_1 = 1``);
 - ``boundary_mask``: ``None``, or (Dirichlet problems) a function of one point, smooth, positive
   inside the domain and zero on its boundary, that the network output is multiplied by;
 - ``periodic``: whether the domain is a periodic box (then the network must be periodic);
-  ``box``: ``(low, high)`` of the box ``[low, high]^d`` (well, cosine) or ``None`` on ``R^d``.
+  ``box``: ``(low, high)`` of the box ``[low, high]^d`` (well, cosine) or ``None`` on ``R^d``;
+- ``network_hints()``: what the default network needs to know (:class:`NetworkHints`: radial
+  input, periodic inputs, the boundary mask, the input standardization);
+- ``quadrature_grid(L, num, sampler=None)`` (d <= 2) and ``evaluation_radius(L)``: the grid
+  evaluation integrates on;
+- ``grid_radius(L)``, ``slice_plane(L)``, ``describe()``: the finite-difference box, the plotted
+  slice and the one-line description the benchmarks use.
+
+Each capability has a default in ``Problem``; a problem overrides what it knows better. The
+generic modules (``operators``, ``evaluation``, ``solver``, ``grid_baseline``) only call these
+methods: none of them names a concrete problem class or looks for an attribute by ``getattr``.
 
 Adding a problem: subclass ``Problem`` as a frozen dataclass and implement ``potential``,
-``energies``, ``default_sampler`` (and ``eigenfunctions`` if known). ``_lowest_states`` does the
-bookkeeping for separable problems.
+``default_sampler``, and ``energies`` / ``eigenfunctions`` if known (``_lowest_states`` does the
+bookkeeping for separable problems); override the other methods where the defaults do not fit.
+An object that is not a ``Problem`` is refused by the generic entry points with a ValueError
+(:func:`check_problem`) rather than half-used.
 """
 from __future__ import annotations
 
@@ -40,12 +54,15 @@ from nestedlora_jax.samplers import (
     UniformBoxSampler,
     _as_matrix_tuple,
     _symmetric_positive_definite,
+    length_scale,
 )
 
 Array = jax.Array
 
 __all__ = [
     "Problem",
+    "NetworkHints",
+    "check_problem",
     "HarmonicOscillator",
     "CoupledOscillator",
     "Hydrogen",
@@ -167,11 +184,79 @@ def _lowest_states(spectrum: Callable[[int, int], np.ndarray], dim: int, L: int)
     return values, index
 
 
+def _tensor_gauss_legendre(lo, hi, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tensor Gauss-Legendre rule on the box ``prod_k [lo_k, hi_k]`` with ``num`` nodes per
+    axis: ``(points (num^d, d), dx-weights (num^d,))``, C order (last axis fastest)."""
+    nodes, weights = np.polynomial.legendre.leggauss(num)
+    axes = [0.5 * (h - l) * (nodes + 1.0) + l for l, h in zip(lo, hi)]
+    ws = [0.5 * (h - l) * weights for l, h in zip(lo, hi)]
+    grids = np.meshgrid(*axes, indexing="ij")
+    points = np.stack([g.reshape(-1) for g in grids], axis=-1)
+    w = ws[0]
+    for extra in ws[1:]:
+        w = np.outer(w, extra).reshape(-1)
+    return points, w
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkHints:
+    """What a problem asks of the network that represents its eigenfunctions
+    (:func:`~nestedlora_jax.solver.default_network` uses it where ``NetworkConfig`` leaves a
+    choice open).
+
+    Attributes:
+      radial_input: feed ``|x|`` to the network beside ``x`` (Coulomb problems: the cusp at
+        the nucleus is a function of the radius).
+      periodic: the domain is a periodic box, so the network's inputs must be periodic.
+      boundary_mask: ``None``, or a function of one point, zero on the boundary, that the
+        network output is multiplied by (Dirichlet problems).
+      input_standardization: ``None``, or ``(center, scale)``, each ``(d,)``: the network sees
+        ``(x - center) / scale``.
+    """
+
+    radial_input: bool = False
+    periodic: bool = False
+    boundary_mask: Callable[[Array], Array] | None = None
+    input_standardization: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def check_problem(problem: Any, where: str = "this function") -> None:
+    """Raises ValueError unless ``problem`` is a :class:`Problem` (an instance of a subclass).
+
+    The generic modules call the problem's methods (``network_hints``, ``quadrature_grid``,
+    ``known_energies``, ...), whose defaults live in ``Problem``: an object that merely looks
+    like a problem would fail later, at whichever method it lacks."""
+    if not isinstance(problem, Problem):
+        raise ValueError(
+            f"{where} takes a nestedlora_jax.problems.Problem; got {type(problem).__name__}, "
+            "which does not derive from it. Subclass Problem (a frozen dataclass with dim, "
+            "potential(x), default_sampler(L) and, if known, energies(L) / eigenfunctions(x, L)): "
+            "it supplies the defaults of every other capability."
+        )
+
+
 class Problem:
     """Base class of the problems; see the module docstring for the interface.
 
     Subclasses are frozen dataclasses with a ``dim`` field and implement ``potential``,
-    ``energies``, ``default_sampler`` and, where known, ``eigenfunctions``.
+    ``default_sampler`` and, where known, ``energies`` and ``eigenfunctions``. Every other
+    capability the library asks of a problem is a method here with a default that a subclass
+    overrides where it knows better:
+
+    - ``known_energies(L)``: the exact energies, or ``None`` (``energies`` raising
+      ``NotImplementedError``): then ``solve`` estimates the operator's scaling and evaluation
+      reports no errors;
+    - ``has_eigenfunctions(L)``: whether ``eigenfunctions(x, L)`` works (default: whether it
+      traces without ``NotImplementedError``);
+    - ``network_hints()``: a :class:`NetworkHints` built from ``periodic``, ``boundary_mask``
+      and ``input_standardization()`` (no radial input);
+    - ``quadrature_grid(L, num, sampler=None)`` and ``evaluation_radius(L)``: the box's tensor
+      Gauss-Legendre rule, else one on ``[-R, R]^d`` (d <= 2);
+    - ``grid_radius(L)``, ``slice_plane(L)``, ``describe()``: for the benchmarks.
+
+    The generic code takes only ``Problem`` instances (:func:`check_problem`): a duck-typed
+    object is refused with a ValueError that says to subclass ``Problem``, rather than used
+    until the first method it lacks.
     """
 
     dim: int
@@ -189,10 +274,29 @@ class Problem:
         raise NotImplementedError
 
     def energies(self, L: int) -> np.ndarray:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no known spectrum.")
+
+    def known_energies(self, L: int) -> np.ndarray | None:
+        """``energies(L)`` as float64, or ``None`` when the spectrum is unknown (``energies``
+        raises ``NotImplementedError``). A bad ``L`` still raises (ValueError)."""
+        try:
+            return np.asarray(self.energies(L), np.float64)
+        except NotImplementedError:
+            check_num_states(L)
+            return None
 
     def eigenfunctions(self, x: Array, L: int) -> Array:
         raise NotImplementedError(f"{type(self).__name__} has no closed-form eigenfunctions.")
+
+    def has_eigenfunctions(self, L: int) -> bool:
+        """Whether ``eigenfunctions(x, L)`` is available for these ``L`` states: it traces (an
+        abstract evaluation on one point, nothing computed) without ``NotImplementedError``."""
+        try:
+            jax.eval_shape(lambda x: self.eigenfunctions(x, L),
+                           jax.ShapeDtypeStruct((self.dim,), jnp.float32))
+        except NotImplementedError:
+            return False
+        return True
 
     def default_sampler(self, L: int):
         raise NotImplementedError
@@ -207,6 +311,14 @@ class Problem:
         ``[-1, 1]^d`` around the origin says so here."""
         return None
 
+    def network_hints(self) -> NetworkHints:
+        """What the default network must know about this problem: ``periodic``,
+        ``boundary_mask`` and ``input_standardization()``; no radial input (``Hydrogen``
+        asks for it)."""
+        return NetworkHints(radial_input=False, periodic=bool(self.periodic),
+                            boundary_mask=self.boundary_mask,
+                            input_standardization=self.input_standardization())
+
     def operator_scaling(self, L: int) -> tuple[float, float]:
         """``(scale, shift)`` so that ``T = scale * (-H) + shift`` has the ``L`` lowest states as
         its top eigenvalues, all in ``[1/2, 1]``: :func:`~nestedlora_jax.operators.scaling_from_energies`
@@ -214,6 +326,60 @@ class Problem:
         from nestedlora_jax.operators import scaling_from_energies
 
         return scaling_from_energies(self.energies(L))
+
+    def evaluation_radius(self, L: int) -> float | None:
+        """Half-width ``R`` of the evaluation grid ``[-R, R]^d`` on ``R^d`` for the ``L`` lowest
+        states; ``None`` (the default): ``8`` times the sampler's length scale
+        (:func:`~nestedlora_jax.samplers.length_scale`)."""
+        return None
+
+    def quadrature_grid(self, L: int, num: int = 200, *, sampler=None) -> tuple[np.ndarray, np.ndarray]:
+        """A quadrature grid ``(points (N, d), dx-weights (N,))`` covering the first L states
+        (d <= 2; :func:`~nestedlora_jax.evaluation.quadrature_grid` is the public entry).
+
+        * boxes (``box``): tensor Gauss-Legendre with ``num`` nodes per axis;
+        * otherwise: tensor Gauss-Legendre on ``[-R, R]^d`` with ``R = evaluation_radius(L)``,
+          or, where that is ``None``, ``8`` times the length scale of ``sampler`` (default: the
+          problem's default sampler).
+        """
+        dim = self.dim
+        if dim > 2:
+            raise ValueError(
+                f"quadrature grids are provided for d <= 2 (got d = {dim}); evaluate on a Monte "
+                "Carlo sample instead (evaluate(..., points=None))."
+            )
+        if self.box is not None:
+            lo, hi = (np.full(dim, float(b)) for b in self.box)
+            return _tensor_gauss_legendre(lo, hi, num)
+        R = self.evaluation_radius(L)
+        if R is None:
+            sampler = self.default_sampler(L) if sampler is None else sampler
+            R = 8.0 * length_scale(sampler)
+        R = float(R)
+        return _tensor_gauss_legendre(np.full(dim, -R), np.full(dim, R), num)
+
+    def grid_radius(self, L: int) -> float | None:
+        """Half-width of a finite-difference box ``[-R, R]^d`` on ``R^d`` where the slowest of
+        the ``L`` states has decayed far below the grid's own error (``None`` on boxes). Default
+        ``6``: a unit-frequency oscillator's ``exp(-x^2 / 2) * poly`` covers its low levels."""
+        return None if self.box is not None else 6.0
+
+    def slice_plane(self, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """``(centre, u, v, half_width)`` of a 2-D slice to plot the ``L`` states on: the first
+        two axes through ``centre``, which is offset along the others so that states odd along
+        them (zero on a plane through the middle) still show. Needs ``dim >= 2``."""
+        d = self.dim
+        e = np.eye(d)
+        off = np.arange(d) >= 2
+        if self.box is not None:
+            lo, hi = self.box
+            centre = lo + (hi - lo) * np.where(off, 0.3, 0.5)
+            return centre, e[0], e[1], 0.5 * (hi - lo)
+        return np.where(off, 1.5, 0.0), e[0], e[1], self.grid_radius(L) * 0.6
+
+    def describe(self) -> str:
+        """A one-line description for reports (default: ``repr``)."""
+        return repr(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +542,23 @@ class CoupledOscillator(Problem):
         check_num_states(L)
         q, w = np.asarray(self.rotation), np.asarray(self.frequencies)
         return CorrelatedGaussianSampler(self.dim, (q * (0.75 / w)) @ q.T)
+
+    def grid_radius(self, L: int) -> float:
+        """``6 / sqrt(w_min)``: along the softest axis ``psi ~ exp(-w y^2 / 2) * poly``."""
+        return 6.0 / np.sqrt(min(self.frequencies))
+
+    def slice_plane(self, L: int):
+        """The two softest axes (``rotation[:, 0]``, ``[:, 1]``) span the slice, through a centre
+        offset by ``0.6 / sqrt(w_k)`` along every other axis ``k``; half-width
+        ``4 / sqrt(w_min)``."""
+        q, w = np.asarray(self.rotation), np.asarray(self.frequencies)
+        centre = q[:, 2:] @ (0.6 / np.sqrt(w[2:]))
+        return centre, q[:, 0], q[:, 1], 4.0 / np.sqrt(w[0])
+
+    def describe(self) -> str:
+        """The seed and the frequencies (``K`` itself is ``d^2`` numbers)."""
+        return (f"CoupledOscillator(dim={self.dim}, seed={self.seed}), "
+                f"frequencies {list(self.frequencies)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,6 +747,38 @@ class Hydrogen(Problem):
         return RadialExponentialMixture(
             self.dim, scales=tuple(c / self._kappa(n) for n in levels), shape=self.dim
         )
+
+    def network_hints(self) -> NetworkHints:
+        """Radial input: the cusp of every state at the nucleus is a function of ``|x|``."""
+        return dataclasses.replace(super().network_hints(), radial_input=True)
+
+    def _max_level(self, L: int) -> int:
+        return max(s[0] for s in self.states(L))
+
+    def evaluation_radius(self, L: int) -> float:
+        """``R = 12 (n_max + 1/2) / Z + 20``, where the slowest of the ``L`` states (2-D) has
+        decayed below 1e-8."""
+        return 12.0 * (self._max_level(L) + 0.5) / self.Z + 20.0
+
+    def quadrature_grid(self, L: int, num: int = 200, *, sampler=None):
+        """2-D: a polar grid, Gauss-Legendre in ``r`` on ``[0, R]`` (``R = evaluation_radius(L)``)
+        and ``num`` equispaced angles (exact for the trigonometric angular parts); ``sampler`` is
+        not used. 3-D: none (``Problem.quadrature_grid``'s ValueError)."""
+        if self.dim != 2:
+            return super().quadrature_grid(L, num, sampler=sampler)
+        R = self.evaluation_radius(L)
+        r, wr = np.polynomial.legendre.leggauss(num)
+        r = 0.5 * R * (r + 1.0)
+        wr = 0.5 * R * wr * r
+        theta = 2 * np.pi * np.arange(num) / num
+        wt = np.full(num, 2 * np.pi / num)
+        rr, tt = np.meshgrid(r, theta, indexing="ij")
+        points = np.stack([rr * np.cos(tt), rr * np.sin(tt)], axis=-1).reshape(-1, 2)
+        return points, np.outer(wr, wt).reshape(-1)
+
+    def grid_radius(self, L: int) -> float:
+        """``8 n_max + 8`` for the finite-difference box."""
+        return 8.0 * self._max_level(L) + 8.0
 
     def operator_scaling(self, L: int) -> tuple[float, float]:
         """``T = scale * (-H + c)``, ``c = 1.5 |E_L|``, ``scale = 1 / (|E_1| + c)`` (so t_1 = 1).

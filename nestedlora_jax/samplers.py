@@ -33,6 +33,7 @@ __all__ = [
     "UniformBoxSampler",
     "RadialExponentialMixture",
     "check_sampler_dim",
+    "length_scale",
 ]
 
 
@@ -102,17 +103,29 @@ def _check_point(x: Array, dim: int, cls: str) -> Array:
 
 
 def check_sampler_dim(sampler: Any, dim: int) -> None:
-    """Raises ValueError unless ``sampler.dim == dim`` (e.g. a problem's dimension)."""
-    sampler_dim = getattr(sampler, "dim", None)
-    if sampler_dim is None or not callable(getattr(sampler, "log_prob", None)):
+    """Raises ValueError unless ``sampler`` is a :class:`Sampler` (``dim``, ``sample(key, n)``
+    and ``log_prob(x)``) with ``sampler.dim == dim`` (e.g. a problem's dimension)."""
+    if not isinstance(sampler, Sampler) or not callable(sampler.log_prob) \
+            or not callable(sampler.sample):
         raise ValueError(
-            f"expected a sampler with .dim, .sample and .log_prob; got {type(sampler).__name__}."
+            f"expected a sampler with .dim, .sample(key, n) and .log_prob(x); got "
+            f"{type(sampler).__name__}, which is not one."
         )
-    if sampler_dim != dim:
+    if sampler.dim != dim:
         raise ValueError(
-            f"sampler dimension mismatch: {type(sampler).__name__} draws points in {sampler_dim} "
+            f"sampler dimension mismatch: {type(sampler).__name__} draws points in {sampler.dim} "
             f"dimensions but the problem is {dim}-dimensional."
         )
+
+
+def length_scale(sampler: Any) -> float:
+    """The width of a sampler's density along its widest axis, for sizing grids that must cover
+    where it puts its points: the ``scale`` of a :class:`GaussianSampler` or
+    :class:`LaplaceSampler`; 1 for every other sampler (a problem that needs another grid
+    overrides ``Problem.evaluation_radius``)."""
+    if isinstance(sampler, (GaussianSampler, LaplaceSampler)):
+        return float(np.max(sampler.scale))
+    return 1.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from nestedlora_jax.operators import (
     ritz_energies,
     scaling_from_energies,
 )
-from nestedlora_jax.problems import Hydrogen
+from nestedlora_jax.problems import check_problem
 from nestedlora_jax.training import (
     FitResult,
     default_optimizer,
@@ -83,21 +83,23 @@ def make_objective(method: str, **kwargs) -> Objective:
 
 def default_network(problem, L: int, network: NetworkConfig = NetworkConfig(), *,
                     architecture: str = "parallel", seed: int = 0):
-    """The eigenfunction network for ``problem``: ``network``'s choices, with what the problem
-    asks for where ``network`` leaves it open (``None``): radial input for Coulomb problems,
-    periodic inputs on periodic boxes; the Dirichlet mask on wells always, and the problem's
-    input standardization unless ``network.standardize_input`` is off."""
-    radial = network.radial_input if network.radial_input is not None else isinstance(problem, Hydrogen)
-    periodic = network.periodic if network.periodic is not None else bool(getattr(problem, "periodic", False))
-    standardization = getattr(problem, "input_standardization", lambda: None)() \
-        if network.standardize_input else None
+    """The eigenfunction network for ``problem``: ``network``'s choices, with the problem's
+    :meth:`~nestedlora_jax.problems.Problem.network_hints` where ``network`` leaves them open
+    (``None``): radial input (Coulomb problems), periodic inputs (periodic boxes); the
+    problem's boundary mask always (Dirichlet boxes), and its input standardization unless
+    ``network.standardize_input`` is off."""
+    check_problem(problem, "default_network")
+    hints = problem.network_hints()
+    radial = network.radial_input if network.radial_input is not None else hints.radial_input
+    periodic = network.periodic if network.periodic is not None else hints.periodic
+    standardization = hints.input_standardization if network.standardize_input else None
     center, scale = standardization if standardization is not None else (None, None)
     return eigenfunction_network(
         problem.dim, L, architecture=architecture, hidden=network.hidden,
         activation=ACTIVATION_FUNCTIONS[network.activation],
         fourier_features=network.fourier_features, radial_input=radial, periodic=periodic,
         envelope=network.envelope, envelope_decay=network.envelope_decay,
-        boundary_mask=getattr(problem, "boundary_mask", None), input_center=center,
+        boundary_mask=hints.boundary_mask, input_center=center,
         input_scale=scale, rngs=nnx.Rngs(params=seed),
     )
 
@@ -163,8 +165,10 @@ def solve(
     """Learn the ``L`` lowest eigenstates of ``problem`` and evaluate them.
 
     Args:
-      problem: a problem from :mod:`nestedlora_jax.problems` (or anything with the same
-        interface). A problem whose spectrum is unknown (no ``energies``) trains too: without
+      problem: a problem from :mod:`nestedlora_jax.problems`, or your own subclass of
+        :class:`~nestedlora_jax.problems.Problem` (the network, the operator and the evaluation
+        take what they need from its methods). A problem whose spectrum is unknown (no
+        ``energies``) trains too: without
         ``config.operator.scale`` / ``shift`` they come from the Rayleigh-Ritz energies of the
         initial network on 8192 samples (upper bounds of the wanted energies,
         :func:`~nestedlora_jax.operators.ritz_energies`); the evaluation then reports energies,
@@ -191,6 +195,7 @@ def solve(
         process's after ``jax.distributed.initialize()``), an int ``n`` over the first ``n``;
         ``batch_size`` must be divisible by the device count. See :mod:`nestedlora_jax.parallel`.
     """
+    check_problem(problem, "solve")
     config = SolveConfig() if config is None else config
     if not isinstance(config, SolveConfig):
         raise ValueError(f"config must be a SolveConfig, got {type(config).__name__}.")
@@ -460,7 +465,8 @@ def _evaluation_operator(problem, L, config: SolveConfig, operator: ProblemOpera
     training used a stochastic one (its noise would enter every reported error)."""
     if config.operator.laplacian not in STOCHASTIC_LAPLACIAN_METHODS:
         return operator
-    return problem_operator(problem, L, operator.sampler, scale=operator.scale, shift=operator.shift)
+    return problem_operator(problem, L, operator.sampler, scale=operator.scale, shift=operator.shift,
+                            importance_weighted=operator.importance_weighted)
 
 
 def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_samples") -> bool:

@@ -41,7 +41,8 @@ def test_importance_weighted_monte_carlo_recovers_delta_and_eigenvalues(name):
     problem, L = MC_CASES[name]
     B = 8192
     with jax.enable_x64(True):
-        op, sampler, scale, shift, t = problem_operator(problem, L)
+        op, sampler, scale, shift, t, weighted = problem_operator(problem, L)
+        assert weighted  # the default; the network below represents psi / sqrt(p)
 
         def f_exact(x):  # the network's target: psi / sqrt(p)
             return problem.eigenfunctions(x, L) * jnp.exp(-0.5 * sampler.log_prob(x))
