@@ -7,7 +7,11 @@ The public API is flat, as in optax and jax: ``nl.solve``, ``nl.fit``, ``nl.lapl
 * ``objectives``  nesting masks and the NestedLoRA losses (one masked-gradient custom VJP)
 * ``baselines``   SpIN and NeuralEF objectives with the same interface
 * ``laplacians``  Laplacians by autodiff (forward-over-forward, folx, Hutchinson, ...)
-* ``operators``   the (importance-weighted) negative Hamiltonian, energy conversion
+* ``operators``   the (importance-weighted) negative Hamiltonian, energy conversion; the
+                  batch-level operator contract (``BatchOperator``, ``pointwise_operator``,
+                  ``kernel_integral_operator``, ``matrix_operator``)
+* ``dependence``  the canonical dependence kernel of paired data (operator, ``PairedData`` /
+                  ``ClassPairedData`` samplers, exact ``GaussianPairs``, ``pair_metrics``)
 * ``samplers``    Gaussian (isotropic or full covariance), Laplace, uniform box, radial mixture
 * ``problems``    oscillators (isotropic, coupled), hydrogen, infinite well, cosine potential:
                   exact answers in any dimension
@@ -20,6 +24,7 @@ The public API is flat, as in optax and jax: ``nl.solve``, ``nl.fit``, ``nl.lapl
                   on Monte Carlo samples with standard errors
 * ``networks``    Flax NNX eigenfunction networks and ``to_apply`` (imports Flax)
 * ``solver``      ``solve(problem, L, config=...)`` and ``restore(run_dir)`` (imports Flax)
+* ``pairs``       ``solve_pairs(x, y, L)``: two networks on paired data (imports Flax)
 * ``grid_baseline`` finite-difference sparse eigensolver baseline (needs scipy; import it
                   explicitly: ``nestedlora_jax.grid_baseline``)
 
@@ -32,6 +37,7 @@ import importlib
 from nestedlora_jax import (
     baselines,
     config,
+    dependence,
     hooks,
     laplacians,
     metrics,
@@ -50,6 +56,14 @@ from nestedlora_jax.config import (
     OperatorConfig,
     SolveConfig,
     TrainingConfig,
+)
+from nestedlora_jax.dependence import (
+    ClassPairedData,
+    GaussianPairs,
+    PairedData,
+    dependence_kernel_operator,
+    discrete_dependence_operator,
+    pair_metrics,
 )
 from nestedlora_jax.evaluation import Evaluation, evaluate, quadrature_grid
 from nestedlora_jax.hooks import (
@@ -70,6 +84,7 @@ from nestedlora_jax.laplacians import LAPLACIAN_METHODS, batched_laplacian, lapl
 from nestedlora_jax.objectives import (
     NESTINGS,
     Objective,
+    OperatorOutput,
     lora_objective,
     nested_lora_loss,
     nested_lora_objective,
@@ -78,8 +93,12 @@ from nestedlora_jax.objectives import (
     nesting_weights,
 )
 from nestedlora_jax.operators import (
+    BatchOperator,
     ProblemOperator,
     apply_operator,
+    kernel_integral_operator,
+    matrix_operator,
+    pointwise_operator,
     eigenvalues_from_energies,
     energies_from_eigenvalues,
     negative_hamiltonian,
@@ -111,7 +130,7 @@ from nestedlora_jax.training import (
     train_steps,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Flax-based names, imported lazily so that the core never pulls in Flax.
 _LAZY = {
@@ -124,6 +143,9 @@ _LAZY = {
     "restore": ("nestedlora_jax.solver", "restore"),
     "SolveResult": ("nestedlora_jax.solver", "SolveResult"),
     "PeriodicEvaluation": ("nestedlora_jax.solver", "PeriodicEvaluation"),
+    "pairs": ("nestedlora_jax.pairs", None),
+    "solve_pairs": ("nestedlora_jax.pairs", "solve_pairs"),
+    "PairsResult": ("nestedlora_jax.pairs", "PairsResult"),
 }
 
 
@@ -143,12 +165,16 @@ __all__ = [
     "Problem", "HarmonicOscillator", "CoupledOscillator", "Hydrogen", "InfiniteWell",
     "CosinePotential", "GaussianSampler", "CorrelatedGaussianSampler", "LaplaceSampler",
     "RadialExponentialMixture", "UniformBoxSampler",
+    # paired data and the dependence kernel
+    "solve_pairs", "PairsResult", "PairedData", "ClassPairedData", "GaussianPairs",
+    "dependence_kernel_operator", "discrete_dependence_operator", "pair_metrics",
     # objectives
-    "Objective", "NESTINGS", "nested_lora_loss", "nested_lora_objective", "nested_lora_svd_loss",
+    "Objective", "OperatorOutput", "NESTINGS", "nested_lora_loss", "nested_lora_objective", "nested_lora_svd_loss",
     "lora_objective", "nesting_masks", "nesting_weights", "neuralef_objective", "spin_objective",
     # operators
     "laplacian", "batched_laplacian", "LAPLACIAN_METHODS", "negative_hamiltonian",
-    "apply_operator", "problem_operator", "ProblemOperator", "eigenvalues_from_energies",
+    "apply_operator", "problem_operator", "ProblemOperator", "BatchOperator",
+    "pointwise_operator", "kernel_integral_operator", "matrix_operator", "eigenvalues_from_energies",
     "energies_from_eigenvalues",
     # training
     "fit", "FitResult", "TrainState", "make_loss_fn", "make_train_step", "init_train_state",
@@ -158,6 +184,6 @@ __all__ = [
     # networks and evaluation
     "eigenfunction_network", "to_apply", "load_params", "evaluate", "Evaluation", "quadrature_grid",
     # modules
-    "baselines", "config", "hooks", "laplacians", "metrics", "objectives", "operators",
-    "problems", "samplers", "training", "networks", "solver",
+    "baselines", "config", "dependence", "hooks", "laplacians", "metrics", "objectives", "operators",
+    "problems", "samplers", "training", "networks", "solver", "pairs",
 ]

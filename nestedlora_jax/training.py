@@ -349,8 +349,11 @@ class FitResult:
 def _validate_fit_args(apply, params, sampler, batch_size, needs_even_batch):
     if needs_even_batch:
         check_even_batch(batch_size, "TrainingConfig.batch_size")
-    dim = getattr(sampler, "dim", None)
-    if dim is None or not callable(getattr(sampler, "sample", None)):
+    try:  # the sampler contract: dim and sample(key, n)
+        dim, sample = sampler.dim, sampler.sample
+    except AttributeError:
+        dim = sample = None
+    if dim is None or not callable(sample):
         raise ValueError(
             f"sampler must have a `dim` attribute and sample(key, n), got {type(sampler).__name__} "
             "(e.g. a samplers.GaussianSampler, or dependence.PairedData for paired data).")

@@ -21,3 +21,11 @@ def test_core_imports_no_flax():
 def test_public_names_resolve():
     for name in nestedlora_jax.__all__:
         assert getattr(nestedlora_jax, name) is not None, name
+
+
+def test_package_version_matches_pyproject():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == nestedlora_jax.__version__
