@@ -118,7 +118,8 @@ def solve_pairs(
         drawn independently from the same class). Give both or neither.
       nesting: ``"sequential"`` (default) or ``"joint"``.
       config: a :class:`~nestedlora_jax.config.TrainingConfig`; default
-        ``TrainingConfig(steps=10000, batch_size=min(512, N rounded down to even))``.
+        ``TrainingConfig(steps=10000, batch_size=512)`` (batches are independent draws of
+        pairs, so a batch may be larger than the data).
       hidden: hidden widths of the default networks (one shared MLP per view with L outputs).
       activation: their activation, one of ``config.ACTIVATIONS`` (SiLU by default: on the
         Gaussian CDK it learned the high-degree Hermite functions faster than softplus).
@@ -145,7 +146,7 @@ def solve_pairs(
             else ClassPairedData(x, x_labels, y, y_labels))
     n = data.x.shape[0]
     if config is None:
-        config = TrainingConfig(steps=10000, batch_size=max(2, min(512, n - n % 2)))
+        config = TrainingConfig(steps=10000, batch_size=512)
     elif not isinstance(config, TrainingConfig):
         raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}.")
     if activation not in ACTIVATIONS:

@@ -88,8 +88,6 @@ def test_solve_pairs_bad_input():
         solve_pairs(x, y, 2, networks=nets, config=short)
     with pytest.raises(ValueError, match="unknown nesting"):
         solve_pairs(x, y, 2, nesting="both", config=short)
-    with pytest.raises(ValueError, match="a batch of 512 needs at least 512 pairs, but the data has 100"):
-        solve_pairs(x, y, 2, config=TrainingConfig(steps=2, batch_size=512))
 
 
 def _two_networks(dx, dy, L):
