@@ -17,7 +17,7 @@ angle distance to the exact functions (per function, in nesting order) and subsp
 Prints a table and writes ``cdk_gaussian.json`` to ``--out``; times are wall-clock seconds of
 training (compilation included) on whatever ran it, recorded with the machine's load average.
 
-    python benchmarks/cdk_gaussian.py [--steps 60000] [--batch 1024] [--seeds 0] [--out benchmarks/results]
+    python benchmarks/cdk_gaussian.py [--steps 30000] [--batch 4096] [--seeds 0] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -122,8 +122,8 @@ def run_discrete():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    p.add_argument("--steps", type=positive_int, default=60000)
-    p.add_argument("--batch", type=positive_int, default=1024)
+    p.add_argument("--steps", type=positive_int, default=30000)
+    p.add_argument("--batch", type=positive_int, default=4096)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)

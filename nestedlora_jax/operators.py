@@ -360,7 +360,7 @@ class BatchOperator(NamedTuple):
     Attributes:
       apply: the batch map above.
       two_sided: ``True`` if it takes two function families (an SVD).
-      name: a short description, saved with training runs.
+      name: a short description, for messages.
     """
 
     apply: Callable[..., Any]
@@ -401,7 +401,7 @@ def pointwise_operator(op: Operator) -> BatchOperator:
             f, Tf = jax.vmap(lambda x: op(fn, x))(xs)
         return OperatorOutput(f, Tf)
 
-    return BatchOperator(apply, two_sided=False, name=getattr(op, "__name__", "pointwise"))
+    return BatchOperator(apply, two_sided=False, name="pointwise")
 
 
 def _accepts_key(op) -> bool:

@@ -3,10 +3,11 @@
 The compiled part is pure:
 
 * ``make_loss_fn(apply, operator, objective)`` ->
-  ``loss_fn(params, objective_state, xs, key=None) -> (loss, (objective_state, stats))``: the
-  network ``apply(params, x)`` (one point ``(d,)`` -> ``(L,)``), the operator
-  ``operator(fn, x) -> (f(x), (T f)(x))`` and the objective. Usable alone in a user's own
-  training step.
+  ``loss_fn(params, objective_state, batch, key=None) -> (loss, (objective_state, stats))``: the
+  network ``apply(params, x)`` (one point ``(d,)`` -> ``(L,)``) or a pair ``(apply_f, apply_g)``
+  for an SVD, the operator (per point, ``operator(fn, x) -> (f(x), (T f)(x))``, or a
+  :class:`~nestedlora_jax.operators.BatchOperator`) and the objective. Usable alone in a user's
+  own training step.
 * ``make_train_step(loss_fn, optimizer, sample, batch_size)`` -> a pure
   ``step(state, key) -> state`` (sample, gradient, guarded Optax update, EMA of parameters,
   running statistics), jit- and scan-friendly.
