@@ -434,12 +434,6 @@ class OperatorOutput(NamedTuple):
         """One family (``g = f``, ``T* = T``): an eigendecomposition."""
         return self.g is None
 
-    @property
-    def right(self) -> tuple[Any, Any]:
-        """``(g, T* f)``: the right family and the adjoint applied to the left one (``(f, Tf)``
-        for a self-adjoint output)."""
-        return (self.f, self.Tg) if self.is_self_adjoint else (self.g, self.Tadj_f)
-
 
 def require_self_adjoint(out: OperatorOutput, method: str) -> tuple[Any, Any]:
     """``(f, Tf)`` of a self-adjoint :class:`OperatorOutput`; ValueError naming ``method``

@@ -22,6 +22,7 @@ self-adjoint in ``L2(p)``, so the objective may treat ``T f`` as a constant in t
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -30,6 +31,7 @@ import numpy as np
 
 from nestedlora_jax._checks import check_num_states, check_positive_float
 from nestedlora_jax.laplacians import LAPLACIAN_METHODS, STOCHASTIC_LAPLACIAN_METHODS, laplacian
+from nestedlora_jax.objectives import OperatorOutput
 from nestedlora_jax.problems import check_problem
 from nestedlora_jax.samplers import check_sampler_dim
 
@@ -367,17 +369,12 @@ class BatchOperator(NamedTuple):
     two_sided: bool = False
     name: str = "batch operator"
 
-    def __call__(self, functions, batch, key=None):
-        return self.apply(functions, batch, key)
-
 
 def pointwise_operator(op: Operator) -> BatchOperator:
     """A per-point operator ``op(fn, x, key=None) -> (f, Tf)`` (e.g.
     :func:`negative_hamiltonian`) as a :class:`BatchOperator`: vmapped over the batch ``(B, d)``,
     with one key per point when it takes a ``key`` and one is given, giving the self-adjoint
     ``OperatorOutput(f, Tf)``."""
-    from nestedlora_jax.objectives import OperatorOutput
-
     if isinstance(op, BatchOperator):
         return op
     if not callable(op):
@@ -405,8 +402,6 @@ def pointwise_operator(op: Operator) -> BatchOperator:
 
 
 def _accepts_key(op) -> bool:
-    import inspect
-
     try:
         return "key" in inspect.signature(op).parameters
     except (TypeError, ValueError):
@@ -425,8 +420,6 @@ def kernel_integral_operator(kernel: Callable[[Array, Array], Array]) -> BatchOp
     Args:
       kernel: ``k(x, y)`` for two points ``(d,)`` -> scalar, symmetric.
     """
-    from nestedlora_jax.objectives import OperatorOutput
-
     if not callable(kernel):
         raise ValueError(f"kernel must be a function k(x, y) -> scalar, got {type(kernel).__name__}.")
 
@@ -453,8 +446,6 @@ def matrix_operator(matrix) -> BatchOperator:
     objective's ``split_batch``): ``f = sqrt(n) F``, ``Tg = sqrt(n) A G``, ``g = sqrt(m) G``,
     ``T* f = sqrt(m) A^T F``.
     """
-    from nestedlora_jax.objectives import OperatorOutput
-
     A = np.asarray(matrix, np.float64)
     if A.ndim != 2 or A.size == 0 or not np.all(np.isfinite(A)):
         raise ValueError(f"matrix must be a finite 2-D array, got shape {A.shape}.")
