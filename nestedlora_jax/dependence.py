@@ -52,7 +52,7 @@ import numpy as np
 
 from nestedlora_jax._checks import check_num_states, check_positive_int
 from nestedlora_jax.objectives import OperatorOutput
-from nestedlora_jax.operators import BatchOperator
+from nestedlora_jax.operators import BatchOperator, matrix_operator
 
 Array = jax.Array
 
@@ -100,32 +100,28 @@ def discrete_dependence_operator(joint) -> BatchOperator:
 
     The functions are evaluated at the category indices ``i = 0..nx-1`` and ``j = 0..ny-1``
     (passed as points of shape ``(1,)``, e.g. ``apply(table, i) = table[i[0].astype(int)]`` for
-    free parameter tables); the batch is not used. With ``p_x``, ``p_y`` the marginals,
-    ``(K g)_i = sum_j P_ij g_j / p_x,i - sum_j p_y,j g_j``, and the output rows are weighted by
-    ``sqrt(n p)`` so that plain batch means are the exact ``p``-expectations. The population is
-    given twice (``B = 2 nx``), so each batch half is the whole population and the objective is
-    exact with or without ``split_batch``. Its singular values are those of
-    ``P / sqrt(p_x p_y^T)`` without the top one (1): see
+    free parameter tables); the batch is not used. With ``p_x``, ``p_y`` the marginals, the
+    vectors ``sqrt(p_x) f`` and ``sqrt(p_y) g`` see the Euclidean operator
+    ``P / sqrt(p_x p_y^T) - sqrt(p_x) sqrt(p_y)^T`` (the kernel ``P / (p_x p_y^T) - 1`` in those
+    coordinates), applied by :func:`~nestedlora_jax.operators.matrix_operator`: batch means are
+    the exact ``p``-expectations, with or without ``split_batch``. Its singular values are those
+    of ``P / sqrt(p_x p_y^T)`` without the top one (1): see
     :func:`discrete_dependence_singular_values`.
     """
     P = _check_joint(joint)
-    px, py = P.sum(axis=1), P.sum(axis=0)
-    nx, ny = P.shape
-    cond_y = P / px[:, None]  # p(y | x)
-    cond_x = (P / py[None, :]).T  # p(x | y)
-    ix = jnp.arange(nx, dtype=jnp.float32)[:, None]
-    iy = jnp.arange(ny, dtype=jnp.float32)[:, None]
+    sqrt_px, sqrt_py = np.sqrt(P.sum(axis=1)), np.sqrt(P.sum(axis=0))
+    euclidean = matrix_operator(_centred_table(P))
+
+    def weighted(fn, sqrt_p):
+        def point(i):
+            value = fn(i)
+            return jnp.asarray(sqrt_p, value.dtype)[i[0].astype(jnp.int32)] * value
+
+        return point
 
     def apply(functions, batch=None, key=None):
         f_fn, g_fn = _two_functions(functions)
-        f, g = jax.vmap(f_fn)(ix), jax.vmap(g_fn)(iy)
-        dtype = f.dtype
-        Kg = jnp.asarray(cond_y, dtype) @ g - jnp.asarray(py, dtype) @ g
-        Kf = jnp.asarray(cond_x, dtype) @ f - jnp.asarray(px, dtype) @ f
-        wx = jnp.sqrt(nx * jnp.asarray(px, dtype))[:, None]
-        wy = jnp.sqrt(ny * jnp.asarray(py, dtype))[:, None]
-        twice = lambda a: jnp.concatenate([a, a])
-        return OperatorOutput(twice(wx * f), twice(wx * Kg), twice(wy * g), twice(wy * Kf))
+        return euclidean.apply((weighted(f_fn, sqrt_px), weighted(g_fn, sqrt_py)))
 
     return BatchOperator(apply, two_sided=True, name="discrete dependence kernel")
 
@@ -134,9 +130,14 @@ def discrete_dependence_singular_values(joint) -> np.ndarray:
     """Singular values of the CDK of ``P`` ``(nx, ny)``: those of ``P / sqrt(p_x p_y^T)`` after
     the top one (which is 1, the constant mode), descending, ``min(nx, ny) - 1`` of them."""
     P = _check_joint(joint)
-    px, py = P.sum(axis=1), P.sum(axis=0)
-    s = np.linalg.svd(P / np.sqrt(np.outer(px, py)), compute_uv=False)
-    return s[1:]
+    return np.linalg.svd(_centred_table(P), compute_uv=False)[: min(P.shape) - 1]
+
+
+def _centred_table(P: np.ndarray) -> np.ndarray:
+    """``P / sqrt(p_x p_y^T) - sqrt(p_x) sqrt(p_y)^T``: the normalised joint table without its
+    constant mode (whose singular vectors are ``sqrt(p_x)``, ``sqrt(p_y)``, singular value 1)."""
+    sqrt_px, sqrt_py = np.sqrt(P.sum(axis=1)), np.sqrt(P.sum(axis=0))
+    return P / np.outer(sqrt_px, sqrt_py) - np.outer(sqrt_px, sqrt_py)
 
 
 def _check_joint(joint) -> np.ndarray:
