@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nestedlora_jax import metrics as M
 from nestedlora_jax._checks import check_num_states, check_positive_int
 from nestedlora_jax.objectives import OperatorOutput
 from nestedlora_jax.operators import BatchOperator, matrix_operator
@@ -60,6 +61,7 @@ __all__ = [
     "ClassPairedData",
     "GaussianPairs",
     "PairedData",
+    "centred_leave_one_out",
     "dependence_kernel_operator",
     "discrete_dependence_operator",
     "discrete_dependence_singular_values",
@@ -88,11 +90,15 @@ def dependence_kernel_operator() -> BatchOperator:
         f_fn, g_fn = _two_functions(functions)
         xs, ys = _pair_batch(batch)
         f, g = jax.vmap(f_fn)(xs), jax.vmap(g_fn)(ys)
-        B = f.shape[0]
-        loo = lambda h: (jnp.sum(h, axis=0) - h) / (B - 1)
-        return OperatorOutput(f, g - loo(g), g, f - loo(f))
+        return OperatorOutput(f, centred_leave_one_out(g), g, centred_leave_one_out(f))
 
     return BatchOperator(apply, two_sided=True, name="canonical dependence kernel")
+
+
+def centred_leave_one_out(h):
+    """``h_b - mean_{b' != b} h_b'`` for ``h`` ``(B, L)`` (numpy or jax): on paired samples, the
+    unbiased single-pair estimate of the dependence kernel applied to the other family."""
+    return h - (h.sum(axis=0) - h) / (h.shape[0] - 1)
 
 
 def discrete_dependence_operator(joint) -> BatchOperator:
@@ -395,13 +401,19 @@ class GaussianPairs:
 
     def sample(self, key: Array, n: int, dtype=jnp.float32):
         """``n`` independent pairs ``(xs (n, dx), ys (n, dy))``."""
-        r = len(self.correlations)
         ku, ke = jax.random.split(key)
         u = jax.random.normal(ku, (n, self.dx), dtype)
         e = jax.random.normal(ke, (n, self.dy), dtype)
-        rho = jnp.asarray(self.correlations, dtype)
-        v = e.at[:, :r].set(rho * u[:, :r] + jnp.sqrt(1 - rho**2) * e[:, :r])
-        ax, ay = (jnp.asarray(a, dtype) for a in self.mixing)
+        return self._pairs_from_latent(u, e, jnp)
+
+    def _pairs_from_latent(self, u, e, xp):
+        """``(x, y)`` from independent standard normals ``u`` ``(n, dx)``, ``e`` ``(n, dy)``:
+        ``v_i = rho_i u_i + sqrt(1 - rho_i^2) e_i`` for the correlated variates, ``v_i = e_i``
+        for the rest, then ``x = A_x u``, ``y = A_y v``. ``xp``: ``numpy`` or ``jax.numpy``."""
+        rho = xp.asarray(self.correlations, u.dtype)
+        r = rho.shape[0]
+        v = xp.concatenate([rho * u[:, :r] + xp.sqrt(1 - rho**2) * e[:, :r], e[:, r:]], axis=1)
+        ax, ay = (xp.asarray(a, u.dtype) for a in self.mixing)
         return u @ ax.T, v @ ay.T
 
     def quadrature(self, num: int = 40):
@@ -421,13 +433,8 @@ class GaussianPairs:
         grids = np.meshgrid(*([z] * d), indexing="ij")
         latent = np.stack([g.reshape(-1) for g in grids], axis=1)
         weights = np.prod(np.stack(np.meshgrid(*([w] * d), indexing="ij")).reshape(d, -1), axis=0)
-        u, e = latent[:, : self.dx], latent[:, self.dx:]
-        rho = np.asarray(self.correlations)
-        r = rho.size
-        v = e.copy()
-        v[:, :r] = rho * u[:, :r] + np.sqrt(1 - rho**2) * e[:, :r]
-        ax, ay = self.mixing
-        return u @ ax.T, v @ ay.T, weights
+        xs, ys = self._pairs_from_latent(latent[:, : self.dx], latent[:, self.dx:], np)
+        return xs, ys, weights
 
     def _indices(self, L: int):
         L = check_num_states(L)
@@ -504,8 +511,6 @@ def pair_metrics(embed_x, embed_y, xs, ys, *, weights=None, exact=None, phi=None
     functions at ``xs``, ``ys`` (e.g. from :class:`GaussianPairs`), for errors and distances.
     Returns the dict of ``svd_metrics`` as numpy values (float64).
     """
-    from nestedlora_jax import metrics as M
-
     xs, ys = np.asarray(xs), np.asarray(ys)
     if xs.shape[0] != ys.shape[0]:
         raise ValueError(f"pairs need as many xs as ys: got {xs.shape[0]} and {ys.shape[0]}.")
@@ -517,7 +522,7 @@ def pair_metrics(embed_x, embed_y, xs, ys, *, weights=None, exact=None, phi=None
     f, g = run(embed_x, xs), run(embed_y, ys)
     if weights is None:
         w = np.full(n, 1.0 / n)
-        Tg = g - (g.sum(axis=0) - g) / (n - 1)
+        Tg = centred_leave_one_out(g)
     else:
         w = np.asarray(weights, np.float64)
         if w.shape != (n,):
