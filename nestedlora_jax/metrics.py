@@ -282,6 +282,14 @@ def residuals(f: Array, Tf: Array, lam: Array | None, w: Array) -> Array:
     return jnp.sqrt(norms_squared(r, w) / norms_squared(f, w))
 
 
+def _whitening(G: Array, rtol: float) -> tuple[Array, Array]:
+    """``W`` with ``W^T G W = diag(keep)``: the kept eigen-directions of ``G`` whitened, the
+    dropped ones (``g <= rtol max g``) zero columns, so shapes stay static."""
+    g_vals, v = jnp.linalg.eigh(G)
+    keep = g_vals > rtol * jnp.max(g_vals)
+    return v * jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, g_vals, 1)), 0)[None, :], keep
+
+
 class RayleighRitz(NamedTuple):
     eigenvalues: Array  # (L,) descending; NaN beyond rank
     coefficients: Array  # (L, L) column j: coefficients of Ritz vector j in f (zero beyond rank)
@@ -303,10 +311,7 @@ def rayleigh_ritz(f: Array, Tf: Array, w: Array, *, rtol: float = 1e-6) -> Rayle
     """
     a = inner(f, Tf, w)
     a = (a + a.T) / 2
-    g_vals, v = jnp.linalg.eigh(gram(f, w))
-    keep = g_vals > rtol * jnp.max(g_vals)
-    scale = jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, g_vals, 1)), 0)
-    whiten = v * scale[None, :]
+    whiten, keep = _whitening(gram(f, w), rtol)
     b = whiten.T @ a @ whiten
     b = (b + b.T) / 2
     shift = 2 * jnp.max(jnp.abs(b)) + 1
@@ -327,14 +332,6 @@ class SingularRitz(NamedTuple):
     singular_values: Array  # (L,) descending; NaN beyond rank
     left: Array  # (L, L) column j: coefficients of the j-th left Ritz function in f
     right: Array  # (L, L) the same for g
-
-
-def _whitening(G: Array, rtol: float) -> tuple[Array, Array]:
-    """``W`` with ``W^T G W = diag(keep)``: the kept eigen-directions of ``G`` whitened, the
-    dropped ones (``g <= rtol max g``) zero columns, so shapes stay static."""
-    g_vals, v = jnp.linalg.eigh(G)
-    keep = g_vals > rtol * jnp.max(g_vals)
-    return v * jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, g_vals, 1)), 0)[None, :], keep
 
 
 def singular_ritz(f: Array, Tg: Array, g: Array, wf: Array, wg: Array, *,

@@ -52,10 +52,9 @@ class PairsResult:
         raw and EMA parameters as pairs ``(params_f, params_g)``).
       apply_f, apply_g: the pure networks, one point -> ``(L,)``.
       params_f, params_g: the EMA parameters (used by ``embed_x`` / ``embed_y``).
-      singular_values: ``(L,)`` Rayleigh-Ritz singular values of the learned features on a
-        subset of the training pairs (:func:`~nestedlora_jax.metrics.singular_ritz`; for a
-        held-out estimate call :func:`~nestedlora_jax.dependence.pair_metrics` on other pairs).
-      metrics: all of :func:`~nestedlora_jax.dependence.pair_metrics` on those pairs.
+      metrics: all of :func:`~nestedlora_jax.dependence.pair_metrics` of ``embed_x`` /
+        ``embed_y`` on a subset of the training pairs (for a held-out estimate call it on other
+        pairs).
     """
 
     fit: FitResult
@@ -63,8 +62,13 @@ class PairsResult:
     apply_g: Callable
     params_f: Any
     params_g: Any
-    singular_values: np.ndarray
-    metrics: dict
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def singular_values(self) -> np.ndarray:
+        """``(L,)`` Rayleigh-Ritz singular values of the learned features (``metrics``;
+        :func:`~nestedlora_jax.metrics.singular_ritz`)."""
+        return np.asarray(self.metrics["singular_values"])
 
     def __post_init__(self):
         self._embed_x = jax.jit(jax.vmap(lambda x: self.apply_f(self.params_f, x)))
@@ -176,9 +180,8 @@ def solve_pairs(
     result = fit((apply_f, apply_g), (params_f, params_g), dependence_kernel_operator(), data,
                  config=config, objective=nested_lora_objective(nesting),
                  checkpoint_dir=checkpoint_dir, resume=resume, hooks=hooks, progress=progress)
-    ema_f, ema_g = result.ema_params
+    pairs = PairsResult(result, apply_f, apply_g, *result.ema_params)
     xs, ys = data.sample(jax.random.PRNGKey(seed + 2), min(n, EVALUATION_PAIRS))
-    metrics = pair_metrics(jax.jit(jax.vmap(lambda a: apply_f(ema_f, a))),
-                           jax.jit(jax.vmap(lambda b: apply_g(ema_g, b))), xs, ys)
-    return PairsResult(result, apply_f, apply_g, ema_f, ema_g,
-                       np.asarray(metrics["singular_values"]), metrics)
+    # Through the result's own embeddings: each network is compiled for evaluation once.
+    pairs.metrics = pair_metrics(pairs.embed_x, pairs.embed_y, xs, ys)
+    return pairs
