@@ -388,7 +388,7 @@ def network_output_count(apply: Apply, params: PyTree, dim: int, *,
     except Exception as exc:  # noqa: BLE001 - re-raised with what to check
         raise ValueError(
             f"{name} fails on one point of shape ({dim},), the sampler's dimension: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Was the network "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0].rstrip('.') if str(exc) else ''}. Was the network "
             f"built for another input dimension than {data} d = {dim}?"
         ) from exc
     if len(out.shape) != 1:
