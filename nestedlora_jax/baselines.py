@@ -32,23 +32,33 @@ are equal, hence the factor 2 on ``(Tf)_b @ G_pi`` without differentiating ``T``
 ``Covariance`` backward also sends ``f @ G`` (not ``f @ (G + G^T)/2``) to each factor of
 ``Sigma``: that *is* the mask, and the ``2 f_b @ G_sigma`` above.
 
-*Difference from the reference (the "EMA of the Jacobian term").* The reference also keeps
-a moving average, in parameter space, of the Jacobian ``dSigma/dtheta = 2 E[(df/dtheta) f^T]``
-and uses it in place of the current batch's in the ``G_sigma`` term. An ``Objective`` only
-sees ``f``, and the averaged Jacobian of past batches is not a function of the current ``f``
-(for a general network it need not even lie in the range of the current Jacobian's
-transpose), so no exact f-space equivalent exists; the exception is a network that is a free
-table over a fixed population, where it would be an average of past ``f``. Here the ``G_sigma``
-term uses the **current batch's** Jacobian (``f_b`` above) with the moving average
-``Sigma_bar`` inside ``G_sigma``: the reference with Jacobian decay 1. The parameters where
-``lambda`` is stationary are the same; only the stochastic bias of the update differs (both
-variants are biased estimators; the current Jacobian is nearly independent of ``Sigma_bar``,
-which puts weight ``decay`` on the current batch).
+*The moving average of the Jacobian* (``jacobian="moving_average"``, the default, as Pfau
+et al. and the reference run it). The ``G_sigma`` term is applied in parameter space: with
+``J_lm = (2/B) sum_b f_bl df_bm/dtheta`` (the reference's ``j_new``; ``sum_lm G_lm J_lm`` is
+what ``f_b @ G_sigma`` gives through the network), SpIN keeps a moving average ``Jbar`` of
+``J`` (same decay as ``Sigma_bar``) and the update is::
+
+    dL/dtheta = (2/B) sum_b (Tf_b @ G_pi) . df_b/dtheta  +  sum_lm (G_sigma)_lm Jbar_lm
+
+An ``Objective`` only sees ``f``, and ``Jbar`` of past batches is not a function of the
+current ``f``, so this part is the objective's ``parameter_term``: ``make_loss_fn`` hands it
+the network, parameters and batch, and it adds a zero-valued term whose gradient is the
+second sum. Cost: ``L`` reverse passes per sample for the per-sample Jacobians
+(:func:`sigma_jacobian`) and a state of ``L^2`` times the parameters, as in the reference.
+``jacobian="current_batch"`` (method ``"spin-batch-jacobian"``) uses the current batch's
+``J`` instead: the f-space gradient ``(2/B) f_b @ G_sigma`` above, as cheap as NestedLoRA. The
+two variants have the same stationary points. Pfau et al. average both ``Sigma`` and ``J`` so
+that the update is a function of (approximately) full expectations, not of products of
+estimates from one batch; with ``Sigma_bar`` already averaged, the current batch enters
+``G_sigma`` only with weight ``decay``, so the batch's ``J`` is nearly independent of it, and
+averaging ``J`` trades its variance for staleness (``Jbar`` lags the parameters by about
+``1 / decay`` steps). With ``decay = 1`` the two are identical (tested).
 
 *Second difference.* The reference starts ``Sigma_bar`` at zero with no correction, so for
 the first ~``1/decay`` steps it is shrunk by ``1 - (1-decay)^t``. Here the average is
 bias-corrected (divided by its accumulated weight, as in Adam), i.e. it is the weighted mean
-of the batches seen so far; the two agree once ``(1-decay)^t`` is negligible.
+of the batches seen so far; the two agree once ``(1-decay)^t`` is negligible. ``Jbar`` is
+corrected by the same weight.
 
 Learned eigenfunctions are ``Lc^{-1} f`` per sample (:func:`spin_objective`'s ``readout``).
 
@@ -81,7 +91,7 @@ average that its hydrogen script asks for.)
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,8 +104,10 @@ __all__ = [
     "NEURALEF_PAIRINGS",
     "NEURALEF_VARIANTS",
     "NeuralEFState",
+    "SPIN_JACOBIANS",
     "SpinState",
     "neuralef_objective",
+    "sigma_jacobian",
     "spin_objective",
 ]
 
@@ -147,18 +159,25 @@ def _ema_update(avg, weight, new, decay):
 
 # ------------------------------------------------------------------ SpIN
 
+SPIN_JACOBIANS = ("moving_average", "current_batch")
+
 
 class SpinState(NamedTuple):
-    """SpIN's state: the moving average of ``Sigma = E[f f^T]``.
+    """SpIN's state: the moving averages of ``Sigma = E[f f^T]`` and of its Jacobian.
 
     Attributes:
       sigma_avg: ``(L, L)`` un-normalised moving average (starts at 0).
       weight: scalar, accumulated weight ``1 - (1 - decay)^t``; ``sigma_avg / weight`` is
         the bias-corrected average (``Sigma_bar``). Zero before the first step.
+      jacobian_avg: with ``jacobian="moving_average"``, a pytree shaped like the network's
+        parameters with two leading axes ``(L, L)``: the un-normalised moving average of
+        ``J_lm = (2/B) sum_b f_bl df_bm/dtheta`` (same weight as ``sigma_avg``); ``None``
+        for ``jacobian="current_batch"``.
     """
 
     sigma_avg: jax.Array
     weight: jax.Array
+    jacobian_avg: Any = None
 
 
 def _spin_sigma_bar(state: SpinState, dtype):
@@ -183,50 +202,126 @@ def _spin_value(f, Tf, sigma_bar, epsilon):
     return -jnp.trace(chol_inv @ pi @ chol_inv.T)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _spin_masked(f, Tf, sigma_bar, epsilon):
-    """``-tr(Lambda)``, with SpIN's masked gradient w.r.t. ``f`` (none to Tf or Sigma_bar)."""
-    return _spin_value(f, Tf, sigma_bar, epsilon)
-
-
-def _spin_masked_fwd(f, Tf, sigma_bar, epsilon):
-    return _spin_value(f, Tf, sigma_bar, epsilon), (f, Tf, sigma_bar)
-
-
-def _spin_masked_bwd(epsilon, residuals, ct):
-    f, Tf, sigma_bar = residuals
+def _spin_gradient_factors(f, Tf, sigma_bar, epsilon):
+    """``(G_pi, G_sigma)`` of the masked gradient (module docstring), each ``(L, L)``."""
     _, chol_inv = _spin_factors(sigma_bar, epsilon)
-    pi = f.T @ Tf / f.shape[0]
-    lam = chol_inv @ pi @ chol_inv.T
+    lam = chol_inv @ (f.T @ Tf / f.shape[0]) @ chol_inv.T
     d = jnp.diagonal(chol_inv)  # D = diag(Lc^{-1}), applied as column scaling
     g_pi = -chol_inv.T * d  # -Lc^{-T} D
     g_sigma = chol_inv.T @ jnp.triu(lam * d)  # Lc^{-T} triu(Lambda D)
-    grad_f = (2.0 / f.shape[0]) * (Tf @ g_pi + f @ g_sigma)
-    return ct * grad_f, jnp.zeros_like(Tf), jnp.zeros_like(sigma_bar)
+    return g_pi, g_sigma
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _spin_masked(f, Tf, sigma_bar, epsilon, sigma_term):
+    """``-tr(Lambda)``, with SpIN's masked gradient w.r.t. ``f`` (none to Tf or Sigma_bar).
+
+    ``sigma_term=False`` leaves out the ``f_b @ G_sigma`` part: the parameter-space moving
+    average supplies it instead.
+    """
+    return _spin_value(f, Tf, sigma_bar, epsilon)
+
+
+def _spin_masked_fwd(f, Tf, sigma_bar, epsilon, sigma_term):
+    return _spin_value(f, Tf, sigma_bar, epsilon), (f, Tf, sigma_bar)
+
+
+def _spin_masked_bwd(epsilon, sigma_term, residuals, ct):
+    f, Tf, sigma_bar = residuals
+    g_pi, g_sigma = _spin_gradient_factors(f, Tf, sigma_bar, epsilon)
+    grad_f = Tf @ g_pi + f @ g_sigma if sigma_term else Tf @ g_pi
+    return ct * (2.0 / f.shape[0]) * grad_f, jnp.zeros_like(Tf), jnp.zeros_like(sigma_bar)
 
 
 _spin_masked.defvjp(_spin_masked_fwd, _spin_masked_bwd)
 
 
-def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3) -> Objective:
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(c for c in range(1, min(n, cap) + 1) if n % c == 0)
+
+
+def sigma_jacobian(apply, params, xs, f, *, chunk_size: int = 64, per_function: bool = False):
+    """``J_lm = (2/B) sum_b f_bl d f_m(x_b) / d theta``: the Jacobian term of SpIN's update.
+
+    ``sum_lm G_lm J_lm`` is the parameter-space gradient that ``f_b @ G`` gives in f-space
+    (``dSigma/dtheta`` with the mask of Pfau et al.: one factor of ``Sigma`` varies).
+    Per-point Jacobians, contracted with ``f`` ``chunk_size`` points at a time so memory stays
+    ``O(chunk_size L P)``.
+
+    Args:
+      apply: ``apply(params, x)``, one point ``(d,)`` -> ``(L,)``.
+      params: the parameters (a pytree; no gradient flows through this function).
+      xs: ``(B, d)`` the batch.
+      f: ``(B, L)`` the values ``apply(params, x_b)`` (the weights of the sum).
+      per_function: the network is L independent networks whose every parameter leaf has
+        the function index as its leading axis (``networks.ParallelMLPs``): ``df_m/dtheta`` is
+        zero outside slice ``m``, so one reverse pass per point gives all of them and ``J``
+        is stored without its zero blocks (``L`` times the parameters instead of ``L^2``).
+
+    Returns:
+      A pytree like ``params`` whose leaves have shape ``(L, L, *leaf.shape)``, or with
+      ``per_function`` ``(L, *leaf.shape)`` (leaf axis 0 is ``m``: ``J_lm`` restricted to
+      the slice it lives in).
+    """
+    params, f = jax.lax.stop_gradient(params), jax.lax.stop_gradient(f)
+    B, L = f.shape
+    c = _largest_divisor_at_most(B, chunk_size)
+    if per_function:
+        # d(sum_m f_m)/dtheta has df_m/dtheta_m in slice m of every leaf.
+        jac_point = jax.grad(lambda p, x: jnp.sum(apply(p, x)))
+        spec, lead = "bl,bm...->lm...", (L,)
+    else:
+        jac_point = jax.jacrev(apply)  # leaves (L, *shape): L reverse passes
+        spec, lead = "bl,bm...->lm...", (L, L)
+
+    def body(acc, chunk):
+        xc, fc = chunk
+        jac = jax.vmap(jac_point, in_axes=(None, 0))(params, xc)  # leaves (c, [L,] *shape)
+        return jax.tree_util.tree_map(
+            lambda a, j: a + jnp.einsum(spec, fc, j.astype(a.dtype)), acc, jac), None
+
+    acc = jax.tree_util.tree_map(lambda p: jnp.zeros(lead + p.shape, p.dtype), params)
+    chunks = (xs.reshape((B // c, c) + xs.shape[1:]), f.reshape(B // c, c, L))
+    acc, _ = jax.lax.scan(body, acc, chunks)
+    return jax.tree_util.tree_map(lambda a: a * (2.0 / B), acc)
+
+
+def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3,
+                   jacobian: str = "moving_average", per_function_parameters: bool = False,
+                   chunk_size: int = 64) -> Objective:
     """Spectral Inference Networks (SpIN) as an :class:`Objective` (name ``"spin"``).
 
     Each call of ``loss`` updates ``Sigma_bar`` with the batch's ``E[f f^T]`` (weight
     ``decay``, bias-corrected), then returns ``-tr(Lambda)`` with
     ``Lambda = Lc^{-1} E[f (Tf)^T] Lc^{-T}``, ``Lc = chol(Sigma_bar + epsilon I)``, whose
-    gradient w.r.t. ``f`` is SpIN's masked gradient (module docstring). ``diag(Lambda)``
-    estimates the top-L eigenvalues in decreasing order.
+    gradient is SpIN's masked gradient (module docstring). ``diag(Lambda)`` estimates the
+    top-L eigenvalues in decreasing order.
 
     Args:
-      decay: weight of the new batch in the moving average of ``Sigma``, in ``(0, 1]``
-        (reference: 0.01; 1 means no averaging).
+      decay: weight of the new batch in the moving averages, in ``(0, 1]`` (reference: 0.01;
+        1 means no averaging).
       epsilon: ridge added to ``Sigma_bar`` before the Cholesky factorisation, ``>= 0``
         (reference: 1e-3).
+      jacobian: ``"moving_average"`` (Pfau et al. and the reference): the ``G_sigma`` term is
+        contracted with a moving average of ``J = dSigma/dtheta`` in parameter space
+        (:func:`sigma_jacobian`, L reverse passes per sample, state of ``L^2`` times the
+        parameters; needs one network and a per-point operator). ``"current_batch"``: the
+        current batch's Jacobian, i.e. the f-space gradient ``(2/B) f_b @ G_sigma`` (decay 1
+        for the Jacobian only; no parameter-space state, as cheap as NestedLoRA).
+      per_function_parameters: the network is L independent networks, every parameter leaf
+        with the function index as leading axis (``architecture="parallel"``;
+        :func:`sigma_jacobian`'s ``per_function``): the same update at one reverse pass per
+        sample instead of L, with ``L`` instead of ``L^2`` copies of the parameters in the
+        state. ``init`` checks the leading axes; independence of the slices is the caller's
+        promise (:func:`~nestedlora_jax.solve` sets it for its parallel networks).
+      chunk_size: points per chunk of the per-sample Jacobians (memory).
 
     Returns:
       An :class:`Objective` with state :class:`SpinState`, ``readout(f, state) =
       f @ Lc^{-T}`` (``Lc^{-1} f`` per sample: the learned, approximately orthonormal
-      eigenfunctions; ``Lc`` from the state) and ``needs_even_batch=False``.
+      eigenfunctions; ``Lc`` from the state) and ``needs_even_batch=False``; with
+      ``"moving_average"`` its ``init(L, dtype, params)`` takes the parameters and its
+      ``parameter_term`` adds the averaged Jacobian term.
     """
     decay = _check_unit_interval(decay, "decay", open_left=True, open_right=False)
     try:
@@ -235,23 +330,63 @@ def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3) -> Objective:
         raise ValueError(f"epsilon must be a real number, got {epsilon!r}.") from e
     if not (epsilon >= 0 and epsilon < float("inf")):
         raise ValueError(f"epsilon must be finite and >= 0, got {epsilon!r}.")
+    if jacobian not in SPIN_JACOBIANS:
+        raise ValueError(f"unknown SpIN jacobian {jacobian!r}; expected one of {SPIN_JACOBIANS}.")
+    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    if not isinstance(per_function_parameters, bool):
+        raise ValueError(f"per_function_parameters must be a bool, got {per_function_parameters!r}.")
+    averaged = jacobian == "moving_average"
+    per_function = per_function_parameters and averaged
 
-    def init(L, dtype=jnp.float32):
+    def init(L, dtype=jnp.float32, params=None):
         L, dtype = _check_init(L, dtype)
-        return SpinState(jnp.zeros((L, L), dtype), jnp.zeros((), dtype))
+        jac = None
+        if averaged:
+            if params is None:
+                raise ValueError(
+                    "SpIN with jacobian='moving_average' keeps a moving average shaped like the "
+                    "parameters: call init(L, dtype, params) (init_train_state does), or use "
+                    "spin_objective(jacobian='current_batch')."
+                )
+            if per_function:
+                _check_per_function_leaves(params, L)
+            lead = (L,) if per_function else (L, L)
+            jac = jax.tree_util.tree_map(lambda p: jnp.zeros(lead + jnp.shape(p), jnp.result_type(p)), params)
+        return SpinState(jnp.zeros((L, L), dtype), jnp.zeros((), dtype), jac)
 
     def loss(out, state):
         f, Tf = _check_pair(*require_self_adjoint(out, "SpIN"), "f", "Tf")
-        _check_spin_state(state, f)
+        _check_spin_state(state, f, averaged)
         Tf = jax.lax.stop_gradient(Tf)
         fs = jax.lax.stop_gradient(f)
         sigma = fs.T @ fs / f.shape[0]
         avg, weight, sigma_bar = _ema_update(
             state.sigma_avg.astype(f.dtype), state.weight.astype(f.dtype), sigma, decay
         )
-        value = _spin_masked(f, Tf, sigma_bar, epsilon)
-        new_state = SpinState(avg.astype(state.sigma_avg.dtype), weight.astype(state.weight.dtype))
+        value = _spin_masked(f, Tf, sigma_bar, epsilon, not averaged)
+        new_state = state._replace(sigma_avg=avg.astype(state.sigma_avg.dtype),
+                                   weight=weight.astype(state.weight.dtype))
         return value, new_state
+
+    def parameter_term(apply, params, xs, out, state):
+        f, Tf = (jax.lax.stop_gradient(a) for a in require_self_adjoint(out, "SpIN"))
+        j_avg = jax.tree_util.tree_map(
+            lambda a, new: (1 - decay) * a + decay * new, state.jacobian_avg,
+            sigma_jacobian(apply, params, xs, f, chunk_size=chunk_size, per_function=per_function))
+        # loss() has already folded this batch into the weight shared by both averages.
+        _, g_sigma = _spin_gradient_factors(f, Tf, _spin_sigma_bar(state, f.dtype), epsilon)
+        w = state.weight
+        if per_function:  # J_lm lives in slice m: sum_l G_lm J_lm, slice by slice
+            contract = lambda g, a: jnp.einsum("lm,lm...->m...", g, a)
+        else:
+            contract = lambda g, a: jnp.tensordot(g, a, axes=2)
+        direction = jax.tree_util.tree_map(
+            lambda a: contract(g_sigma.astype(a.dtype), a / w.astype(a.dtype)), j_avg)
+        # Value zero, gradient w.r.t. params = direction.
+        term = sum(jnp.vdot(p, jax.lax.stop_gradient(d)) for p, d in zip(
+            jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(direction)))
+        return term - jax.lax.stop_gradient(term), state._replace(jacobian_avg=j_avg)
 
     def readout(f, state):
         f = jnp.asarray(f)
@@ -259,20 +394,39 @@ def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3) -> Objective:
             raise ValueError(f"f must have shape (B, L), got shape {f.shape}.")
         if not jnp.issubdtype(f.dtype, jnp.floating):
             raise ValueError(f"f must be a floating-point array, got dtype {f.dtype}.")
-        _check_spin_state(state, f)
+        _check_spin_state(state, f, averaged)
         chol, _ = _spin_factors(_spin_sigma_bar(state, f.dtype), epsilon)
         return solve_triangular(chol, f.T, lower=True).T
 
     return Objective(
-        name="spin", init=init, loss=loss, readout=readout, needs_even_batch=False
+        name="spin" if averaged else "spin-batch-jacobian", init=init, loss=loss,
+        readout=readout, needs_even_batch=False,
+        parameter_term=parameter_term if averaged else None,
     )
 
 
-def _check_spin_state(state, f):
+def _check_per_function_leaves(params, L):
+    bad = [jnp.shape(p) for p in jax.tree_util.tree_leaves(params)
+           if jnp.ndim(p) < 1 or jnp.shape(p)[0] != L]
+    if bad:
+        raise ValueError(
+            f"per_function_parameters=True needs every parameter leaf to carry the {L} functions "
+            f"on its leading axis (L independent networks, architecture='parallel'); leaves of "
+            f"shape {bad[:3]} do not. Use per_function_parameters=False for this network."
+        )
+
+
+def _check_spin_state(state, f, averaged):
     if not isinstance(state, SpinState):
         raise ValueError(
             f"SpIN expects its own state (SpinState from spin_objective().init), got "
             f"{type(state).__name__}."
+        )
+    if averaged and state.jacobian_avg is None:
+        raise ValueError(
+            "this SpinState has no Jacobian average: it was made by "
+            "spin_objective(jacobian='current_batch'); use that objective with it, or init "
+            "this one with init(L, dtype, params)."
         )
     if state.sigma_avg.ndim != 2 or state.sigma_avg.shape[0] != state.sigma_avg.shape[1]:
         raise ValueError(

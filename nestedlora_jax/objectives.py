@@ -471,14 +471,30 @@ class Objective(NamedTuple):
       norms_are_eigenvalues: ``True`` if at the optimum ``||f_i||^2`` equals the i-th
         eigenvalue (NestedLoRA). Collapse detection compares the two, so it runs only for
         such objectives; the baselines' raw outputs have arbitrary norms.
+      parameter_term: ``None`` for an objective whose update is a function of ``f`` alone
+        (all but one). Otherwise ``(apply, params, xs, out, state) -> (term, new_state)``,
+        called after ``loss`` with its new state, for an update that needs the network's
+        parameter-space Jacobian (SpIN's moving average of ``dSigma/dtheta``): ``term`` is
+        added to the loss; its value is zero and its gradient w.r.t. ``params`` is the
+        method's extra update. Such an objective takes ``init(L, dtype, params)`` (its state
+        may hold parameter-shaped averages) and needs one network and a per-point operator,
+        so that ``out.f = vmap(apply(params, .))(xs)``.
     """
 
     name: str
-    init: Callable[[int, Any], Any]
+    init: Callable[..., Any]
     loss: Callable[[Any, Any], tuple[Any, Any]]
     readout: Callable[[Any, Any], Any]
     needs_even_batch: bool
     norms_are_eigenvalues: bool = False
+    parameter_term: Callable[..., tuple[Any, Any]] | None = None
+
+    def init_state(self, L: int, dtype, params):
+        """The objective's state for a network with parameters ``params`` (passed to
+        ``init`` only when the objective has a :attr:`parameter_term`)."""
+        if self.parameter_term is None:
+            return self.init(L, dtype)
+        return self.init(L, dtype, params)
 
 
 def nested_lora_objective(

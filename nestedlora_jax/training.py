@@ -50,7 +50,12 @@ from nestedlora_jax.hooks import (
 from nestedlora_jax._checks import check_even_batch
 from nestedlora_jax.config import TrainingConfig
 from nestedlora_jax.objectives import Objective, OperatorOutput, nested_lora_objective
-from nestedlora_jax.operators import MAX_ABS_OPERATOR_VALUE, pointwise_operator, valid_points
+from nestedlora_jax.operators import (
+    MAX_ABS_OPERATOR_VALUE,
+    BatchOperator,
+    pointwise_operator,
+    valid_points,
+)
 
 __all__ = [
     "CollapseConfig",
@@ -107,9 +112,19 @@ def make_loss_fn(apply: Apply | tuple[Apply, Apply], operator, objective: Object
             f"but {'two networks were' if two_networks else 'one network was'} given."
         )
 
+    if objective.parameter_term is not None and (two_networks or isinstance(operator, BatchOperator)):
+        raise ValueError(
+            f"the {objective.name!r} objective updates through the network's parameter-space "
+            "Jacobian, which needs one network and a per-point operator op(fn, x) -> (f, Tf) "
+            f"(got {'two networks' if two_networks else 'the batch operator ' + repr(batch_operator.name)})."
+        )
+
     def loss_fn(params, objective_state, batch, key=None):
         out = batch_operator.apply(network_functions(apply, params), batch, key)
         loss, objective_state = objective.loss(out, objective_state)
+        if objective.parameter_term is not None:
+            term, objective_state = objective.parameter_term(apply, params, batch, out, objective_state)
+            loss = loss + term
         out = jax.lax.stop_gradient(out)
         stats = _output_statistics(out, objective, objective_state, max_abs_value)
         return loss, (jax.lax.stop_gradient(objective_state), stats)
@@ -255,7 +270,7 @@ def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, L:
         params=params,
         ema_params=params,
         opt_state=optimizer.init(params),
-        objective_state=objective.init(L, dtype),
+        objective_state=objective.init_state(L, dtype, params),
         norms=jnp.zeros((L,), dtype),
         rayleigh=jnp.zeros((L,), dtype),
         loss=jnp.zeros((), dtype),

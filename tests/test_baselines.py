@@ -18,6 +18,8 @@ from nestedlora_jax.baselines import (
 from nestedlora_jax.objectives import OperatorOutput
 
 sg = jax.lax.stop_gradient
+# The f-space variant: its loss alone is the whole update, so it is tested on f directly.
+spin_current = functools.partial(spin_objective, jacobian="current_batch")
 
 
 # ------------------------------------------------------------------ 1. SpIN gradient
@@ -53,7 +55,7 @@ def test_spin_masked_gradient_matches_autodiff_reference(decay, epsilon):
         rng = np.random.default_rng(0)
         A = jnp.asarray(symmetric_matrix(n, [], -2.0, 2.0, seed=1))
         W = jnp.asarray(rng.standard_normal((n, L)))
-        obj = spin_objective(decay=decay, epsilon=epsilon)
+        obj = spin_current(decay=decay, epsilon=epsilon)
         state = obj.init(L, jnp.float64)
         W_prev = jnp.asarray(rng.standard_normal((n, L)))
         _, state = obj.loss(OperatorOutput(W_prev, A @ W_prev), state)  # a non-trivial moving average
@@ -65,6 +67,132 @@ def test_spin_masked_gradient_matches_autodiff_reference(decay, epsilon):
         )
         np.testing.assert_allclose(v_ours, v_ref, rtol=1e-12)
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-11, atol=1e-13)
+
+
+# ------------------------------------------------------------------ 1b. SpIN in parameter space
+
+
+def _mlp(p, x):
+    return p["W2"] @ jnp.tanh(p["W1"] @ x + p["b1"])
+
+
+def _mlp_params(key, d=3, width=8, L=4):
+    k1, k2 = jax.random.split(key)
+    return {"W1": jax.random.normal(k1, (width, d)), "b1": jnp.zeros(width),
+            "W2": 0.5 * jax.random.normal(k2, (L, width))}
+
+
+def _radial_op(fn, x):
+    """A per-point self-adjoint (multiplication) operator: T f = (2 - |x|^2) f."""
+    f = fn(x)
+    return f, (2.0 - x @ x) * f
+
+
+def _tree_max_abs_diff(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in
+               zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_spin_jacobian_average_matches_explicit_reference():
+    """Pfau et al.'s update, built independently: full per-sample Jacobians of the batch,
+    ``J_lm = (2/B) sum_b f_bl df_bm/dtheta``, their bias-corrected moving average, and
+    ``grad = (2/B) sum_b (Tf_b @ G_pi) . df_b/dtheta + sum_lm G_sigma_lm Jbar_lm``, over
+    four steps of an evolving network; with decay 1 it equals the f-space variant."""
+    from nestedlora_jax.baselines import _spin_gradient_factors
+    from nestedlora_jax.training import make_loss_fn
+
+    B, L, decay, eps = 12, 4, 0.3, 1e-3
+    with jax.enable_x64(True):
+        params = _mlp_params(jax.random.key(0))
+        xs0 = jax.random.normal(jax.random.key(3), (B, 3))
+        obj = spin_objective(decay=decay, epsilon=eps, chunk_size=5)  # chunks of 4 points
+        loss_fn = jax.jit(make_loss_fn(_mlp, _radial_op, obj))
+        state = obj.init_state(L, jnp.float64, params)
+        sigma_avg, weight, j_avg = jnp.zeros((L, L)), 0.0, None
+        p = params
+        for t in range(4):
+            xs = xs0 * (1.0 + 0.2 * t)
+            (_, (state, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, state, xs)
+
+            f = jax.vmap(lambda x: _mlp(p, x))(xs)
+            Tf = (2.0 - jnp.sum(xs**2, axis=1))[:, None] * f
+            jac = jax.jacrev(lambda q: jax.vmap(lambda x: _mlp(q, x))(xs))(p)  # (B, L, ...)
+            j_new = jax.tree_util.tree_map(lambda j: 2 * jnp.einsum("bl,bm...->lm...", f, j) / B, jac)
+            sigma_avg = (1 - decay) * sigma_avg + decay * f.T @ f / B
+            weight = (1 - decay) * weight + decay
+            j_avg = j_new if j_avg is None else j_avg
+            j_avg = jax.tree_util.tree_map(lambda a, n: (1 - decay) * a + decay * n, j_avg, j_new) if t else jax.tree_util.tree_map(lambda n: decay * n, j_new)
+            g_pi, g_sigma = _spin_gradient_factors(f, Tf, sigma_avg / weight, eps)
+            first = jax.tree_util.tree_map(
+                lambda j: jnp.einsum("bm,bm...->...", (2.0 / B) * Tf @ g_pi, j), jac)
+            expected = jax.tree_util.tree_map(
+                lambda a, j: a + jnp.tensordot(g_sigma, j / weight, axes=2), first, j_avg)
+            assert _tree_max_abs_diff(g, expected) < 1e-12
+            assert _tree_max_abs_diff(state.jacobian_avg, j_avg) < 1e-12
+            p = jax.tree_util.tree_map(lambda a, d: a - 0.05 * d, p, g)
+
+        # Decay 1: no memory, the same update as the current-batch (f-space) gradient.
+        one = [make_loss_fn(_mlp, _radial_op, spin_objective(decay=1.0, jacobian=j))
+               for j in ("moving_average", "current_batch")]
+        grads = [jax.grad(fn, has_aux=True)(p, o.init_state(L, jnp.float64, p), xs0)[0]
+                 for fn, o in zip(one, [spin_objective(decay=1.0), spin_current(decay=1.0)])]
+        assert _tree_max_abs_diff(*grads) < 1e-13
+
+
+def test_spin_jacobian_average_recovers_eigh():
+    """Through make_loss_fn on a free table (f = W[i], T f = A W at row i, the whole
+    population per batch), the parameter-space SpIN recovers the top-L pairs in order."""
+    from nestedlora_jax.training import make_loss_fn
+
+    L = len(TOP)
+    with jax.enable_x64(True):
+        A_np = symmetric_matrix(N, TOP, -3.0, 0.4, seed=7)
+        A = jnp.asarray(A_np)
+        rows = jnp.arange(N, dtype=jnp.float64)[:, None]
+        table = lambda W, x: W[x[0].astype(jnp.int32)]
+
+        def op(fn, x):
+            return fn(x), A[x[0].astype(jnp.int32)] @ jax.vmap(fn)(rows)
+
+        obj = spin_objective()
+        loss_fn = make_loss_fn(table, op, obj)
+
+        @jax.jit
+        def descend(W):
+            def step(_, carry):
+                W, state = carry
+                g, (state, _) = jax.grad(loss_fn, has_aux=True)(W, state, rows)
+                return W - 1.0 * g, state
+            return jax.lax.fori_loop(0, 12000, step, (W, obj.init_state(L, W.dtype, W)))
+
+        W, state = descend(jax.random.normal(jax.random.key(0), (N, L)))
+        psi = np.asarray(obj.readout(W, state))
+    evals, evecs = np.linalg.eigh(A_np)
+    order = np.argsort(evals)[::-1][:L]
+    rayleigh = np.sum(psi * (A_np @ psi), axis=0) / np.sum(psi**2, axis=0)
+    rel = np.abs(rayleigh - evals[order]) / evals[order]
+    cos = np.abs(np.sum(psi * evecs[:, order], axis=0)) / np.linalg.norm(psi, axis=0)
+    print(f"spin (Jacobian average): max rel eigenvalue error {rel.max():.2e}, max 1-|cos| {1 - cos.min():.2e}")
+    assert rel.max() <= 1e-6
+    assert cos.min() >= 1 - 1e-6
+
+
+def test_spin_jacobian_average_needs_params_and_a_pointwise_operator():
+    from nestedlora_jax.operators import kernel_integral_operator
+    from nestedlora_jax.training import make_loss_fn
+
+    with pytest.raises(ValueError, match=r"init\(L, dtype, params\).*jacobian='current_batch'"):
+        spin_objective().init(3, jnp.float32)
+    with pytest.raises(ValueError, match="no Jacobian average"):
+        f = jnp.ones((4, 3))
+        spin_objective().loss(OperatorOutput(f, f), spin_current().init(3, jnp.float32))
+    with pytest.raises(ValueError, match="one network and a per-point operator"):
+        make_loss_fn(_mlp, kernel_integral_operator(lambda x, y: jnp.exp(-jnp.sum((x - y) ** 2))),
+                     spin_objective())
+    with pytest.raises(ValueError, match="unknown SpIN jacobian"):
+        spin_objective(jacobian="exact")
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        spin_objective(chunk_size=0)
 
 
 # ------------------------------------------------------------------ 2. NeuralEF gradient
@@ -122,7 +250,7 @@ def test_neuralef_gradient_matches_autodiff_reference(variant, split_batch, pair
 
 
 @pytest.mark.parametrize(
-    "obj", [spin_objective(), neuralef_objective()], ids=["spin", "neuralef"]
+    "obj", [spin_current(), neuralef_objective()], ids=["spin", "neuralef"]
 )
 def test_no_gradient_flows_into_Tf(obj):
     f = jax.random.normal(jax.random.key(0), (6, 3))
@@ -185,7 +313,7 @@ def test_spin_recovers_eigh():
     but directions and Rayleigh quotients are exact at the fixed point (every matrix is
     diagonal in the eigenbasis there).
     """
-    rel, cos, gram, loss, exact = _recover(spin_objective(), duplicate=False)
+    rel, cos, gram, loss, exact = _recover(spin_current(), duplicate=False)
     print(f"spin: max rel eigenvalue error {rel.max():.2e}, max 1-|cos| {1 - cos.min():.2e}")
     assert rel.max() <= 1e-6
     assert cos.min() >= 1 - 1e-6
@@ -214,7 +342,7 @@ def test_neuralef_recovers_eigh(variant, split_batch):
 
 def test_spin_state_is_bias_corrected_average():
     with jax.enable_x64(True):
-        obj = spin_objective(decay=0.25, epsilon=1e-3)
+        obj = spin_current(decay=0.25, epsilon=1e-3)
         obj = obj._replace(loss=jax.jit(obj.loss), readout=jax.jit(obj.readout))
         f1, f2 = (jax.random.normal(jax.random.key(i), (10, 3)) for i in (1, 2))
         s0 = obj.init(3, jnp.float64)
@@ -249,7 +377,7 @@ def test_neuralef_running_rms():
 
 
 @pytest.mark.parametrize(
-    "obj", [spin_objective(), neuralef_objective(), neuralef_objective(variant="original")],
+    "obj", [spin_current(), neuralef_objective(), neuralef_objective(variant="original")],
     ids=["spin", "neuralef", "neuralef-original"],
 )
 def test_float32_jit(obj):
@@ -272,9 +400,10 @@ def test_float32_jit(obj):
 
 def test_names_and_flags():
     assert spin_objective().name == "spin" and not spin_objective().needs_even_batch
+    assert spin_objective().parameter_term is not None and spin_current().parameter_term is None
     assert neuralef_objective().name == "neuralef" and neuralef_objective().needs_even_batch
     assert not neuralef_objective(split_batch=False).needs_even_batch
-    assert isinstance(spin_objective().init(2, jnp.float32), SpinState)
+    assert isinstance(spin_current().init(2, jnp.float32), SpinState)
     assert isinstance(neuralef_objective().init(2, jnp.float32), NeuralEFState)
 
 
@@ -304,7 +433,7 @@ def test_bad_hyperparameters(make, match):
 
 
 @pytest.mark.parametrize(
-    "obj", [spin_objective(), neuralef_objective()], ids=["spin", "neuralef"]
+    "obj", [spin_current(), neuralef_objective()], ids=["spin", "neuralef"]
 )
 def test_bad_inputs(obj):
     f = jnp.ones((6, 3)) * jnp.arange(1.0, 4.0)
@@ -337,3 +466,32 @@ def test_neuralef_odd_batch():
     # Without halves an odd batch is fine.
     obj = neuralef_objective(split_batch=False)
     obj.loss(OperatorOutput(f, f), obj.init(2, jnp.float32))
+
+
+def test_spin_per_function_jacobian_equals_the_full_one_on_parallel_networks():
+    """On ParallelMLPs (every leaf carries the function index first, outputs independent) the
+    block-compressed Jacobian average gives the same update as the full one, and a network
+    without that layout is refused."""
+    from flax import nnx
+
+    from nestedlora_jax.networks import eigenfunction_network, to_apply
+    from nestedlora_jax.training import make_loss_fn
+
+    L = 3
+    apply, params = to_apply(eigenfunction_network(2, L, architecture="parallel", hidden=(8, 8),
+                                                   rngs=nnx.Rngs(0)))
+    xs = jax.random.normal(jax.random.key(1), (10, 2))
+    op = lambda fn, x: (fn(x), (1.5 - x @ x) * fn(x))
+    grads = []
+    for per_function in (False, True):
+        obj = spin_objective(decay=0.2, per_function_parameters=per_function, chunk_size=4)
+        loss_fn = jax.jit(make_loss_fn(apply, op, obj))
+        state, p = obj.init_state(L, jnp.float32, params), params
+        for t in range(3):  # the averages carry three batches
+            g, (state, _) = jax.grad(loss_fn, has_aux=True)(p, state, xs * (1 + 0.3 * t))
+        grads.append(g)
+    assert _tree_max_abs_diff(*grads) < 1e-5 * max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(grads[0]))
+    shared_apply, shared = to_apply(eigenfunction_network(2, L, architecture="shared", hidden=(8,),
+                                                          rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="leading axis.*per_function_parameters=False"):
+        spin_objective(per_function_parameters=True).init(L, jnp.float32, shared)
