@@ -42,12 +42,14 @@ from nestedlora_jax import (
     laplacians,
     metrics,
     objectives,
+    omm,
     operators,
     problems,
     samplers,
     training,
 )
 from nestedlora_jax.baselines import neuralef_objective, spin_objective
+from nestedlora_jax.omm import omm_loss, omm_objective
 from nestedlora_jax.config import (
     METHODS,
     ConfigVersionError,
@@ -171,6 +173,7 @@ __all__ = [
     # objectives
     "Objective", "OperatorOutput", "NESTINGS", "nested_lora_loss", "nested_lora_objective", "nested_lora_svd_loss",
     "lora_objective", "nesting_masks", "nesting_weights", "neuralef_objective", "spin_objective",
+    "omm_loss", "omm_objective",
     # operators
     "laplacian", "batched_laplacian", "LAPLACIAN_METHODS", "negative_hamiltonian",
     "apply_operator", "problem_operator", "ProblemOperator", "BatchOperator",
@@ -184,6 +187,6 @@ __all__ = [
     # networks and evaluation
     "eigenfunction_network", "to_apply", "load_params", "evaluate", "Evaluation", "quadrature_grid",
     # modules
-    "baselines", "config", "dependence", "hooks", "laplacians", "metrics", "objectives", "operators",
+    "baselines", "config", "dependence", "hooks", "laplacians", "metrics", "objectives", "omm", "operators",
     "problems", "samplers", "training", "networks", "solver", "pairs",
 ]

@@ -32,6 +32,7 @@ from nestedlora_jax.operators import MAX_ABS_OPERATOR_VALUE
 __all__ = [
     "CONFIG_VERSION",
     "METHODS",
+    "SHARED_NETWORK_METHODS",
     "ConfigVersionError",
     "EvaluationConfig",
     "NetworkConfig",
@@ -45,7 +46,10 @@ __all__ = [
 CONFIG_VERSION = 1
 
 MAX_SEED = 2**31 - 16  # seeds are 32-bit; fit and solve derive seed + 1 and seed + 7
-METHODS = ("neuralsvd-seq", "neuralsvd-joint", "neuralef", "spin")
+METHODS = ("neuralsvd-seq", "neuralsvd-joint", "neuralef", "spin", "spin-batch-jacobian",
+           "omm-seq", "omm-joint", "omm-sanger")
+# Joint nesting trains one network with L outputs; the other methods L parallel networks.
+SHARED_NETWORK_METHODS = ("neuralsvd-joint", "omm-joint")
 ACTIVATIONS = ("softplus", "tanh", "silu", "gelu")
 ARCHITECTURES = ("parallel", "shared")
 ENVELOPES = (None, "fixed", "learnable")
@@ -312,7 +316,9 @@ class SolveConfig(_Config):
     Attributes:
       method: one of :data:`METHODS` (``"neuralsvd-seq"``: NestedLoRA
         with sequential nesting; ``"neuralsvd-joint"``; the baselines ``"neuralef"``,
-        ``"spin"``).
+        ``"spin"`` (with the parameter-space Jacobian average of Pfau et al.),
+        ``"spin-batch-jacobian"`` (the current batch's Jacobian instead); the orbital
+        minimisation objectives ``"omm-seq"``, ``"omm-joint"``, ``"omm-sanger"``).
       network, operator, training, evaluation: the parts.
     """
 
@@ -339,7 +345,7 @@ class SolveConfig(_Config):
         """The network architecture this method uses."""
         if self.network.architecture is not None:
             return self.network.architecture
-        return "shared" if self.method == "neuralsvd-joint" else "parallel"
+        return "shared" if self.method in SHARED_NETWORK_METHODS else "parallel"
 
     def replace(self, **changes) -> "SolveConfig":
         """A copy with fields changed; nested fields by part, e.g.

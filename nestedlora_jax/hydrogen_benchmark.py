@@ -34,6 +34,7 @@ from nestedlora_jax.run_folder import (
 )
 from nestedlora_jax.config import (
     METHODS,
+    SHARED_NETWORK_METHODS,
     CollapseConfig,
     EvaluationConfig,
     NetworkConfig,
@@ -223,7 +224,7 @@ def _data_parallel(n: int | None) -> bool | int:
 
 
 def _default_hidden(method: str) -> tuple[int, ...]:
-    return (128, 128, 128) if method == "neuralsvd-joint" else (32, 32, 32)
+    return (128, 128, 128) if method in SHARED_NETWORK_METHODS else (32, 32, 32)
 
 
 def _collapsed(metrics) -> list[int]:

@@ -27,6 +27,7 @@ import os
 import shutil
 
 from nestedlora_jax._io import write_json_atomic
+from nestedlora_jax.config import SHARED_NETWORK_METHODS
 
 __all__ = [
     "RUN_CONFIG",
@@ -161,7 +162,7 @@ def check_training_args(args, dim: int) -> None:
     """The checks both training commands share (``--states``, ``--batch``, ``--hidden``,
     ``--seeds``): ``ValueError`` naming the option."""
     check_sizes(states=args.states, batch=args.batch, hidden=args.hidden, dim=dim,
-                architecture="shared" if args.method == "neuralsvd-joint" else "parallel")
+                architecture="shared" if args.method in SHARED_NETWORK_METHODS else "parallel")
     if args.batch is not None and args.batch % 2:
         raise ValueError(f"--batch must be even (the objective splits it in halves), got {args.batch}.")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from nestedlora_jax.baselines import neuralef_objective, spin_objective
+from nestedlora_jax.omm import omm_objective
 from nestedlora_jax._checks import check_positive_int
 from nestedlora_jax._io import write_json_atomic
 from nestedlora_jax.config import (
@@ -78,6 +79,12 @@ def make_objective(method: str, **kwargs) -> Objective:
         return neuralef_objective(**kwargs)
     if method == "spin":
         return spin_objective(**kwargs)
+    if method == "spin-batch-jacobian":
+        return spin_objective(jacobian="current_batch", **kwargs)
+    if method.startswith("omm-"):
+        variant = {"omm-seq": "sequential", "omm-joint": "joint", "omm-sanger": "sanger"}.get(method)
+        if variant is not None:
+            return omm_objective(variant, **kwargs)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
 
 
@@ -432,7 +439,11 @@ def _build(problem, L, config: SolveConfig, sampler, network=None, objective=Non
     upper bounds of the wanted energies): deterministic for a seed, so ``restore`` rebuilds the
     same operator."""
     if objective is None:
-        objective = make_objective(config.method)
+        # SpIN's Jacobian average skips the zero blocks of the default parallel networks (the
+        # same update, one reverse pass per sample instead of L).
+        kwargs = ({"per_function_parameters": True} if config.method == "spin" and network is None
+                  and config.architecture == "parallel" else {})
+        objective = make_objective(config.method, **kwargs)
     elif not isinstance(objective, Objective):
         raise ValueError(f"objective must be an Objective, got {type(objective).__name__}.")
     seed = config.training.seed

@@ -9,8 +9,10 @@ import pytest
 from nestedlora_jax.hydrogen_benchmark import main
 
 
-# The SpIN path of the benchmark is a slow test (its objective recovers eigh in test_baselines).
-@pytest.mark.parametrize("method", ["neuralsvd-seq", pytest.param("spin", marks=pytest.mark.slow)])
+# The SpIN and OMM paths of the benchmark are slow tests (their objectives recover eigh in
+# test_baselines and test_omm).
+@pytest.mark.parametrize("method", ["neuralsvd-seq", pytest.param("spin", marks=pytest.mark.slow),
+                                    pytest.param("omm-joint", marks=pytest.mark.slow)])
 def test_benchmark_writes_results_and_figures(tmp_path, method):
     out = tmp_path / "h"
     figures = method == "neuralsvd-seq"
