@@ -240,13 +240,15 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(c for c in range(1, min(n, cap) + 1) if n % c == 0)
 
 
-def sigma_jacobian(apply, params, xs, f, *, chunk_size: int = 64, per_function: bool = False):
+def sigma_jacobian(apply, params, xs, f, *, chunk_size: int | None = None,
+                   per_function: bool = False):
     """``J_lm = (2/B) sum_b f_bl d f_m(x_b) / d theta``: the Jacobian term of SpIN's update.
 
     ``sum_lm G_lm J_lm`` is the parameter-space gradient that ``f_b @ G`` gives in f-space
     (``dSigma/dtheta`` with the mask of Pfau et al.: one factor of ``Sigma`` varies).
     Per-point Jacobians, contracted with ``f`` ``chunk_size`` points at a time so memory stays
-    ``O(chunk_size L P)``.
+    ``O(chunk_size L P)`` (default: 64 points, or 1024 with ``per_function``, whose per-point
+    Jacobian is just one gradient).
 
     Args:
       apply: ``apply(params, x)``, one point ``(d,)`` -> ``(L,)``.
@@ -265,6 +267,8 @@ def sigma_jacobian(apply, params, xs, f, *, chunk_size: int = 64, per_function: 
     """
     params, f = jax.lax.stop_gradient(params), jax.lax.stop_gradient(f)
     B, L = f.shape
+    if chunk_size is None:
+        chunk_size = 1024 if per_function else 64
     c = _largest_divisor_at_most(B, chunk_size)
     if per_function:
         # d(sum_m f_m)/dtheta has df_m/dtheta_m in slice m of every leaf.
@@ -288,7 +292,7 @@ def sigma_jacobian(apply, params, xs, f, *, chunk_size: int = 64, per_function: 
 
 def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3,
                    jacobian: str = "moving_average", per_function_parameters: bool = False,
-                   chunk_size: int = 64) -> Objective:
+                   chunk_size: int | None = None) -> Objective:
     """Spectral Inference Networks (SpIN) as an :class:`Objective` (name ``"spin"``).
 
     Each call of ``loss`` updates ``Sigma_bar`` with the batch's ``E[f f^T]`` (weight
@@ -314,7 +318,8 @@ def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3,
         sample instead of L, with ``L`` instead of ``L^2`` copies of the parameters in the
         state. ``init`` checks the leading axes; independence of the slices is the caller's
         promise (:func:`~nestedlora_jax.solve` sets it for its parallel networks).
-      chunk_size: points per chunk of the per-sample Jacobians (memory).
+      chunk_size: points per chunk of the per-sample Jacobians (memory; default as in
+        :func:`sigma_jacobian`).
 
     Returns:
       An :class:`Objective` with state :class:`SpinState`, ``readout(f, state) =
@@ -332,8 +337,10 @@ def spin_objective(*, decay: float = 0.01, epsilon: float = 1e-3,
         raise ValueError(f"epsilon must be finite and >= 0, got {epsilon!r}.")
     if jacobian not in SPIN_JACOBIANS:
         raise ValueError(f"unknown SpIN jacobian {jacobian!r}; expected one of {SPIN_JACOBIANS}.")
-    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, float))
+                                   or int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+    chunk_size = None if chunk_size is None else int(chunk_size)
     if not isinstance(per_function_parameters, bool):
         raise ValueError(f"per_function_parameters must be a bool, got {per_function_parameters!r}.")
     averaged = jacobian == "moving_average"

@@ -191,7 +191,7 @@ def test_spin_jacobian_average_needs_params_and_a_pointwise_operator():
                      spin_objective())
     with pytest.raises(ValueError, match="unknown SpIN jacobian"):
         spin_objective(jacobian="exact")
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
         spin_objective(chunk_size=0)
 
 
