@@ -273,16 +273,16 @@ def sigma_jacobian(apply, params, xs, f, *, chunk_size: int | None = None,
     if per_function:
         # d(sum_m f_m)/dtheta has df_m/dtheta_m in slice m of every leaf.
         jac_point = jax.grad(lambda p, x: jnp.sum(apply(p, x)))
-        spec, lead = "bl,bm...->lm...", (L,)
+        lead = (L,)
     else:
         jac_point = jax.jacrev(apply)  # leaves (L, *shape): L reverse passes
-        spec, lead = "bl,bm...->lm...", (L, L)
+        lead = (L, L)
 
     def body(acc, chunk):
         xc, fc = chunk
         jac = jax.vmap(jac_point, in_axes=(None, 0))(params, xc)  # leaves (c, [L,] *shape)
         return jax.tree_util.tree_map(
-            lambda a, j: a + jnp.einsum(spec, fc, j.astype(a.dtype)), acc, jac), None
+            lambda a, j: a + jnp.einsum("bl,bm...->lm...", fc, j.astype(a.dtype)), acc, jac), None
 
     acc = jax.tree_util.tree_map(lambda p: jnp.zeros(lead + p.shape, p.dtype), params)
     chunks = (xs.reshape((B // c, c) + xs.shape[1:]), f.reshape(B // c, c, L))

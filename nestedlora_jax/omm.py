@@ -124,6 +124,15 @@ def _masked_omm_bwd(sanger, split_batch, residuals, ct):
 _masked_omm.defvjp(_masked_omm_fwd, _masked_omm_bwd)
 
 
+def _check_options(variant, weights, split_batch):
+    if variant not in OMM_VARIANTS:
+        raise ValueError(f"unknown OMM variant {variant!r}; expected one of {OMM_VARIANTS}.")
+    if not isinstance(split_batch, bool):
+        raise ValueError(f"split_batch must be a bool, got {split_batch!r}.")
+    if weights is not None and variant != "joint":
+        raise ValueError(f"weights apply to joint nesting only (variant='joint'), not {variant!r}.")
+
+
 def omm_loss(f, Tf, *, variant: OmmVariant = "sequential", weights=None,
              split_batch: bool = True):
     """Nested OMM objective ``-tr((2 I - Lambda) Pi)`` for a self-adjoint operator.
@@ -152,16 +161,11 @@ def omm_loss(f, Tf, *, variant: OmmVariant = "sequential", weights=None,
     Returns:
       Scalar objective estimate in the dtype of ``f``.
     """
-    if variant not in OMM_VARIANTS:
-        raise ValueError(f"unknown OMM variant {variant!r}; expected one of {OMM_VARIANTS}.")
-    if not isinstance(split_batch, bool):
-        raise ValueError(f"split_batch must be a bool, got {split_batch!r}.")
+    _check_options(variant, weights, split_batch)
     f, Tf = _check_pair(f, Tf, "f", "Tf")
     _check_even(f.shape[0], "f", split_batch)
     L = f.shape[1]
     nesting = "joint" if variant == "joint" else "sequential"
-    if weights is not None and nesting != "joint":
-        raise ValueError(f"weights apply to joint nesting only (variant='joint'), not {variant!r}.")
     m, M = _masks_as(f.dtype, L, nesting, weights)
     value_m, value_M = (m, M) if nesting == "joint" else _masks_as(f.dtype, L, "joint", None)
     Tf = jax.lax.stop_gradient(Tf)
@@ -173,12 +177,7 @@ def omm_objective(variant: OmmVariant = "sequential", weights=None,
     """The nested OMM objective (:func:`omm_loss`) as an :class:`Objective` (stateless,
     identity readout; its functions converge to orthonormal eigenfunctions, so norms are not
     eigenvalues). Names: ``"omm-seq"``, ``"omm-joint"``, ``"omm-sanger"``."""
-    if variant not in OMM_VARIANTS:
-        raise ValueError(f"unknown OMM variant {variant!r}; expected one of {OMM_VARIANTS}.")
-    if not isinstance(split_batch, bool):
-        raise ValueError(f"split_batch must be a bool, got {split_batch!r}.")
-    if weights is not None and variant != "joint":
-        raise ValueError(f"weights apply to joint nesting only (variant='joint'), not {variant!r}.")
+    _check_options(variant, weights, split_batch)
 
     def loss(out, state):
         f, Tf = require_self_adjoint(out, "OMM")
