@@ -66,8 +66,9 @@ def quadrature_grid(problem, L: int, num: int = 200, *, sampler=None) -> tuple[n
     (:meth:`~nestedlora_jax.problems.Problem.quadrature_grid`; d <= 2).
 
     * boxes (``problem.box``): tensor Gauss-Legendre with ``num`` nodes per axis;
-    * hydrogen (2-D): polar grid, Gauss-Legendre in ``r`` on ``[0, R]`` (R = 12 n_max + 20,
-      where the slowest state has decayed below 1e-8) and ``num`` equispaced angles
+    * hydrogen (2-D): polar grid, Gauss-Legendre in ``r`` on ``[0, R]`` (``R`` the radius
+      outside which every state has less than 1e-10 of its norm,
+      :meth:`~nestedlora_jax.problems.Hydrogen.evaluation_radius`) and ``num`` equispaced angles
       (exact for the trigonometric angular parts);
     * otherwise (``d <= 2``): tensor Gauss-Legendre on ``[-R, R]^d`` with ``R`` from the
       problem's ``evaluation_radius(L)`` if it gives one, else from the length scale of

@@ -66,6 +66,7 @@ __all__ = [
     "HarmonicOscillator",
     "CoupledOscillator",
     "Hydrogen",
+    "hydrogen_tail_radius",
     "InfiniteWell",
     "CosinePotential",
     "HAN_LU_ZHOU_COEFFICIENTS",
@@ -610,6 +611,51 @@ def _real_solid_harmonics(x: Array, l_max: int) -> list[list[Array]]:
     return table[: l_max + 1]
 
 
+def hydrogen_tail_radius(dim: int, n: int, l: int, Z: float = 1.0, tail: float = 1e-10) -> float:
+    """The radius ``R`` beyond which the hydrogen state ``(n, l)`` (2-D or 3-D, charge ``Z``)
+    holds a fraction ``tail`` of its norm: ``int_{r > R} psi^2 = tail``.
+
+    In ``rho = 2 kappa r`` the radial density is ``g(rho) e^{-rho}`` with the polynomial
+    ``g = rho^(2l + dim - 1) (L_k^alpha(rho))^2`` (2-D ``k = n - l``, ``alpha = 2l``; 3-D
+    ``k = n - l - 1``, ``alpha = 2l + 1``), so the tail fraction
+    ``int_a^inf g e^{-rho} / int_0^inf g e^{-rho} = e^{-a} sum_i w_i g(a + t_i) / sum_i w_i g(t_i)``
+    is exact with 64-node Gauss-Laguerre (``deg g < 128``); it decreases in ``a``, which is
+    found by bisection.
+    """
+    if not 0 < tail < 1:
+        raise ValueError(f"hydrogen_tail_radius: tail must be in (0, 1); got {tail!r}.")
+    _check_dim(dim, "hydrogen_tail_radius", allowed=(2, 3))
+    n_min = 0 if dim == 2 else 1
+    if not (n >= n_min and 0 <= l <= n - (dim - 2)):
+        raise ValueError(f"hydrogen_tail_radius: no {dim}-D state with n={n}, l={l} (2-D: "
+                         "n >= 0, 0 <= l <= n; 3-D: n >= 1, 0 <= l < n).")
+    k, alpha = (n - l, 2 * l) if dim == 2 else (n - l - 1, 2 * l + 1)
+    kappa = Z / (2 * n + 1) if dim == 2 else Z / (2 * n)
+    t, w = np.polynomial.laguerre.laggauss(64)
+
+    def log_g(x):
+        prev, cur = np.ones_like(x), 1.0 + alpha - x
+        lag = prev if k == 0 else cur
+        for j in range(1, k):
+            prev, cur = cur, ((2 * j + 1 + alpha - x) * cur - (j + alpha) * prev) / (j + 1)
+            lag = cur
+        return (2 * l + dim - 1) * np.log(x) + 2 * np.log(np.abs(lag) + 1e-300)
+
+    def log_integral(a):  # log int_a^inf g e^{-rho}, shifted by its largest term (no overflow)
+        lg = log_g(a + t)
+        return -a + lg.max() + np.log(np.sum(w * np.exp(lg - lg.max())))
+
+    total = log_integral(0.0)
+    log_tail = lambda a: log_integral(a) - total
+    lo, hi = 0.0, 1.0
+    while log_tail(hi) > math.log(tail):
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if log_tail(mid) > math.log(tail) else (lo, mid)
+    return float(hi / (2 * kappa))
+
+
 @dataclasses.dataclass(frozen=True)
 class Hydrogen(Problem):
     """``H = -Lap - Z / |x|`` in 2-D or 3-D (bound states).
@@ -755,10 +801,17 @@ class Hydrogen(Problem):
     def _max_level(self, L: int) -> int:
         return max(s[0] for s in self.states(L))
 
+    # Fraction of every state's norm the evaluation grid may leave outside its radius.
+    EVALUATION_TAIL: ClassVar[float] = 1e-10
+
     def evaluation_radius(self, L: int) -> float:
-        """``R = 12 (n_max + 1/2) / Z + 20``, where the slowest of the ``L`` states (2-D) has
-        decayed below 1e-8."""
-        return 12.0 * (self._max_level(L) + 0.5) / self.Z + 20.0
+        """The radius outside which each of the ``L`` states has less than ``EVALUATION_TAIL``
+        (1e-10) of its norm, computed from the radial densities (``hydrogen_tail_radius``):
+        2-D 13, 49, 95, 153, 221, 298 for ``n_max = 0..5``. The excited states reach far: the
+        rule of thumb ``12 (n_max + 1/2) + 20`` used before left 2.3% of the n = 3 states'
+        norm outside (62 for 16 states) and 69% of the n = 5 states' (86 for 36)."""
+        return max(hydrogen_tail_radius(self.dim, n, l, self.Z, self.EVALUATION_TAIL)
+                   for n, l, *_ in self.states(L))
 
     def quadrature_grid(self, L: int, num: int = 200, *, sampler=None):
         """2-D: a polar grid, Gauss-Legendre in ``r`` on ``[0, R]`` (``R = evaluation_radius(L)``)

@@ -23,7 +23,7 @@ CASES = {
     "oscillator1d": (HarmonicOscillator(1), 8),
     "oscillator2d": (HarmonicOscillator(2), 15),
     "oscillator3d": (HarmonicOscillator(3), 20),
-    "hydrogen2d": (Hydrogen(2), 25),  # n <= 4; the benchmark's 16 states are n <= 3
+    "hydrogen2d": (Hydrogen(2), 36),  # n <= 5, the benchmark's largest table
     "hydrogen2d_Z2": (Hydrogen(2, Z=2.0), 9),
     "hydrogen3d": (Hydrogen(3), 30),  # n <= 4, every tabulated harmonic
     "well2d": (InfiniteWell(2, length=2.0), 12),
@@ -128,6 +128,24 @@ def _radial_rule(r_max):
     return np.concatenate([n for n, _ in nodes]), np.concatenate([w for _, w in nodes])
 
 
+def _angular_rule(d):
+    """Directions (K, d) and weights (K,) on the unit circle / sphere."""
+    if d == 2:
+        # Trapezoid in the angle: exact for trigonometric polynomials of degree < 24 (here <= 10).
+        phi = 2 * np.pi * np.arange(24) / 24
+        u, wu = np.stack([np.cos(phi), np.sin(phi)], -1), np.full(24, 2 * np.pi / 24)
+    else:
+        # Gauss-Legendre in cos(theta) x trapezoid in phi: exact for spherical polynomials of
+        # degree <= 9 (products of two l <= 3 harmonics have degree <= 6).
+        ct, wct = np.polynomial.legendre.leggauss(6)
+        phi = 2 * np.pi * np.arange(12) / 12
+        CT, PHI = np.meshgrid(ct, phi, indexing="ij")
+        ST = np.sqrt(1 - CT**2)
+        u = np.stack([ST * np.cos(PHI), ST * np.sin(PHI), CT], -1).reshape(-1, 3)
+        wu = np.outer(wct, np.full(12, 2 * np.pi / 12)).ravel()
+    return u, wu
+
+
 def _quadrature(problem):
     """Points (N, d) and weights (N,) integrating products of two eigenfunctions over the domain."""
     d = problem.dim
@@ -146,21 +164,10 @@ def _quadrature(problem):
     if isinstance(problem, (InfiniteWell, CosinePotential)):
         X, Y = np.meshgrid(x, x, indexing="ij")
         return np.stack([X.ravel(), Y.ravel()], -1), np.outer(w, w).ravel()
-    # Hydrogen, n <= 4 at Z = 1: psi^2 ~ r^8 exp(-2 r / 9) is below 1e-20 beyond r ~ 700 / Z.
+    # Hydrogen, n <= 5 at Z = 1: the slowest psi^2 ~ r^10 exp(-2 r / 11) holds below 1e-25 of
+    # its norm beyond r ~ 800 / Z.
     r, wr = _radial_rule(800.0 / problem.Z)
-    if d == 2:
-        # Trapezoid in the angle: exact for trigonometric polynomials of degree < 24 (here <= 8).
-        phi = 2 * np.pi * np.arange(24) / 24
-        u, wu = np.stack([np.cos(phi), np.sin(phi)], -1), np.full(24, 2 * np.pi / 24)
-    else:
-        # Gauss-Legendre in cos(theta) x trapezoid in phi: exact for spherical polynomials of
-        # degree <= 9 (products of two l <= 3 harmonics have degree <= 6).
-        ct, wct = np.polynomial.legendre.leggauss(6)
-        phi = 2 * np.pi * np.arange(12) / 12
-        CT, PHI = np.meshgrid(ct, phi, indexing="ij")
-        ST = np.sqrt(1 - CT**2)
-        u = np.stack([ST * np.cos(PHI), ST * np.sin(PHI), CT], -1).reshape(-1, 3)
-        wu = np.outer(wct, np.full(12, 2 * np.pi / 12)).ravel()
+    u, wu = _angular_rule(d)
     pts = (r[:, None, None] * u[None]).reshape(-1, d)
     return pts, (wr[:, None] * r[:, None] ** (d - 1) * wu[None]).ravel()
 
@@ -173,6 +180,37 @@ def test_eigenfunctions_orthonormal_by_quadrature(name):
         psi = np.asarray(jax.jit(jax.vmap(lambda x: problem.eigenfunctions(x, L)))(jnp.asarray(pts)))
     gram = psi.T @ (w[:, None] * psi)
     np.testing.assert_allclose(gram, np.eye(L), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim, L", [(2, 9), (2, 16), (2, 36), (3, 14), (3, 30)])
+def test_hydrogen_evaluation_radius_leaves_the_stated_tail(dim, L):
+    # Independent of the Laguerre-quadrature bisection: integrate the eigenfunctions themselves
+    # beyond R (Gauss-Legendre panels on [R, 12 R]; the mass past 12 R is below 1e-30).
+    problem = Hydrogen(dim)
+    R = problem.evaluation_radius(L)
+    breaks = R * np.geomspace(1.0, 12.0, 9)
+    nodes = [_gl(a, b, 40) for a, b in zip(breaks[:-1], breaks[1:])]
+    r, wr = np.concatenate([n for n, _ in nodes]), np.concatenate([w for _, w in nodes])
+    u, wu = _angular_rule(dim)
+    x = (r[:, None, None] * u[None]).reshape(-1, dim)
+    with jax.enable_x64(True):
+        psi = np.asarray(jax.jit(jax.vmap(lambda y: problem.eigenfunctions(y, L)))(jnp.asarray(x)))
+    tails = ((wr * r ** (dim - 1))[:, None] * wu[None]).reshape(-1) @ psi**2
+    # The slowest state leaves exactly the stated fraction, none leaves more.
+    assert np.max(tails) == pytest.approx(problem.EVALUATION_TAIL, rel=1e-6)
+    assert np.all(tails <= problem.EVALUATION_TAIL * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("L", [9, 16, 36])
+def test_hydrogen2d_evaluation_grid_integrates_every_state(L):
+    # The benchmark's grid (300 nodes per polar axis) sees each state's whole norm and the
+    # states' orthogonality; the old radius (62 for 16 states) lost 2.3% of the n = 3 norms.
+    problem = Hydrogen(2)
+    with jax.enable_x64(True):
+        pts, w = problem.quadrature_grid(L, 300)
+        psi = np.asarray(jax.jit(jax.vmap(lambda x: problem.eigenfunctions(x, L)))(jnp.asarray(pts)))
+    assert np.linalg.norm(pts, axis=1).max() <= problem.evaluation_radius(L)
+    np.testing.assert_allclose(psi.T @ (w[:, None] * psi), np.eye(L), rtol=0, atol=1e-9)
 
 
 def test_hydrogen2d_matches_method_md_formula():
