@@ -26,6 +26,8 @@ def test_benchmark_writes_results_and_figures(tmp_path, method):
     assert len(m["exact"]) == len(m["rayleigh"]) == len(m["angle_distance"]) == 4
     assert results["summary"]["mean_rel_error"]["mean"] >= 0
     assert results["per_seed"][0]["steps_per_s"] > 0
+    window = results["per_seed"][0]["metrics_paper_window"]
+    assert set(window) == set(results["summary_paper_window"]) and window["mean_rel_error"] >= 0
     assert results["environment"]["jax"]
     history = json.loads((out / "seed0" / "history.json").read_text())
     assert history["history"][-1]["step"] == 200
@@ -52,3 +54,26 @@ def test_default_batch_grows_with_the_number_of_states():
     args = build_parser().parse_args(["--data-parallel"])
     assert args.data_parallel == -1  # all devices
     assert build_parser().parse_args(["--data-parallel", "2"]).data_parallel == 2
+
+
+def test_paper_window_grid_integrates_the_box():
+    import jax
+    import jax.numpy as jnp
+
+    from nestedlora_jax.hydrogen_benchmark import PAPER_WINDOW, paper_window_grid
+    from nestedlora_jax.problems import Hydrogen
+
+    pts, w = paper_window_grid(300)
+    assert np.abs(pts).max() <= PAPER_WINDOW and w.sum() == pytest.approx((2 * PAPER_WINDOW) ** 2, rel=1e-12)
+    # The n <= 1 states lie inside the box (tail below 1e-10 beyond r = 49): orthonormal on it.
+    with jax.enable_x64(True):
+        psi = np.asarray(jax.vmap(lambda x: Hydrogen(2).eigenfunctions(x, 4))(jnp.asarray(pts)))
+    np.testing.assert_allclose(psi.T @ (w[:, None] * psi), np.eye(4), rtol=0, atol=1e-6)
+
+
+def test_states_beyond_the_old_cap_are_accepted():
+    from nestedlora_jax.hydrogen_benchmark import build_parser, check_args
+
+    args = build_parser().parse_args(["--states", "36"])
+    args.batch = 512
+    check_args(args)  # 36 states (n <= 5): no cap; the grid covers them (test_problems)
