@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The largest table whose grid and eigenfunctions the tests check (n <= 5, tests/test_problems.py).
+MAX_STATES = 36
+
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("method", "states", "steps", "batch", "lr", "hidden", "no_collapse_remedy")
 
@@ -115,6 +118,10 @@ RESULT_KEYS = ("method", "states", "steps", "batch", "lr", "hidden", "no_collaps
 def check_args(args) -> None:
     """Combinations argparse cannot check (ValueError with the option's name)."""
     check_training_args(args, dim=2)
+    if args.states > MAX_STATES:
+        raise ValueError(f"--states {args.states}: this benchmark's evaluation is verified up to "
+                         f"{MAX_STATES} states (n <= 5: 1, 4, 9, 16, 25, 36 fill the levels); "
+                         f"use at most {MAX_STATES}.")
     if args.grid < 8:
         raise ValueError(f"--grid {args.grid} is too coarse for quadrature: use at least 8 nodes per axis.")
     # A grid too large for memory is refused by solve, before training.

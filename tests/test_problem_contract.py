@@ -189,23 +189,27 @@ def test_the_default_grid_radius_follows_the_sampler():
 
 def test_hydrogen_and_oscillator_grids_are_unchanged():
     """The numbers the grid gave before it moved into the problems (evaluation.quadrature_grid
-    with its own hydrogen branch, commit 70c50eb)."""
+    with its own hydrogen branch, commit 70c50eb), on the radius it had then
+    (``12 (n_max + 1/2) / Z + 20``): the hydrogen grid has only changed its radius since
+    (points scale with R, weights with R^2)."""
     points, weights = quadrature_grid(Hydrogen(2), 4, 3)
-    np.testing.assert_allclose(points, [
+    k = Hydrogen(2).evaluation_radius(4) / 38.0
+    np.testing.assert_allclose(points, k * np.array([
         [4.282663284411815, 0.0], [-2.1413316422059068, 3.7088952001555326],
         [-2.1413316422059094, -3.7088952001555313], [19.0, 0.0],
         [-9.499999999999996, 16.454482671904337], [-9.500000000000009, -16.45448267190433],
         [33.71733671558818, 0.0], [-16.858668357794084, 29.200070143653136],
-        [-16.858668357794105, -29.200070143653125]], rtol=1e-15, atol=1e-13)
-    np.testing.assert_allclose(weights, [94.67899508519668] * 3 + [672.0681173012831] * 3
-                               + [745.4061515414074] * 3, rtol=1e-15)
+        [-16.858668357794105, -29.200070143653125]]), rtol=1e-14, atol=1e-13)
+    np.testing.assert_allclose(weights, k**2 * np.array([94.67899508519668] * 3 + [672.0681173012831] * 3
+                               + [745.4061515414074] * 3), rtol=1e-14)
     points, weights = quadrature_grid(Hydrogen(2, Z=2.0), 9, 2)
-    np.testing.assert_allclose(points, [
+    k = Hydrogen(2, Z=2.0).evaluation_radius(9) / 35.0
+    np.testing.assert_allclose(points, k * np.array([
         [7.39637028918155, 0.0], [-7.39637028918155, 9.057941199954768e-16],
-        [27.60362971081845, 0.0], [-27.60362971081845, 3.3804696770202593e-15]],
-        rtol=1e-15, atol=1e-13)
-    np.testing.assert_allclose(weights, [406.636694865145] * 2 + [1517.5888054586032] * 2,
-                               rtol=1e-15)
+        [27.60362971081845, 0.0], [-27.60362971081845, 3.3804696770202593e-15]]),
+        rtol=1e-14, atol=1e-13)
+    np.testing.assert_allclose(weights, k**2 * np.array([406.636694865145] * 2 + [1517.5888054586032] * 2),
+                               rtol=1e-14)
     points, weights = quadrature_grid(HarmonicOscillator(2), 3, 2)
     c = 4.618802153517006
     np.testing.assert_allclose(points, [[-c, -c], [-c, c], [c, -c], [c, c]], rtol=1e-15)
