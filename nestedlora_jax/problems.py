@@ -567,16 +567,17 @@ class CoupledOscillator(Problem):
 # ---------------------------------------------------------------------------------------------
 
 
-def _laguerre_vector(alpha: Array, degree: np.ndarray, x: Array) -> Array:
+def _laguerre_vector(alpha: Array, degree: np.ndarray, x: Array, xp=jnp) -> Array:
     """Generalised Laguerre polynomials ``L_{degree_i}^{alpha_i}(x_i)`` for vectors ``alpha``,
-    ``x`` (jnp) and ``degree`` (static ints), by the three-term recurrence
+    ``x`` and ``degree`` (static ints), by the three-term recurrence
     ``(k+1) L_{k+1} = (2k + 1 + alpha - x) L_k - (k + alpha) L_{k-1}`` run once to
-    ``max(degree)``, each entry read off at its own degree."""
-    prev, cur = jnp.ones_like(x), 1.0 + alpha - x
-    out = jnp.where(jnp.asarray(degree == 0), prev, cur)
-    for k in range(1, int(degree.max())):
+    ``max(degree)``, each entry read off at its own degree. ``xp`` is ``jnp`` (traced, the
+    eigenfunctions) or ``np`` (float64 host arithmetic, ``hydrogen_tail_radius``)."""
+    prev, cur = xp.ones_like(x), 1.0 + alpha - x
+    out = xp.where(xp.asarray(degree == 0), prev, cur)
+    for k in range(1, int(np.max(degree))):
         prev, cur = cur, ((2 * k + 1 + alpha - x) * cur - (k + alpha) * prev) / (k + 1)
-        out = jnp.where(jnp.asarray(degree == k + 1), cur, out)
+        out = xp.where(xp.asarray(degree == k + 1), cur, out)
     return out
 
 
@@ -634,11 +635,7 @@ def hydrogen_tail_radius(dim: int, n: int, l: int, Z: float = 1.0, tail: float =
     t, w = np.polynomial.laguerre.laggauss(64)
 
     def log_g(x):
-        prev, cur = np.ones_like(x), 1.0 + alpha - x
-        lag = prev if k == 0 else cur
-        for j in range(1, k):
-            prev, cur = cur, ((2 * j + 1 + alpha - x) * cur - (j + alpha) * prev) / (j + 1)
-            lag = cur
+        lag = _laguerre_vector(float(alpha), np.asarray(k), x, xp=np)
         return (2 * l + dim - 1) * np.log(x) + 2 * np.log(np.abs(lag) + 1e-300)
 
     def log_integral(a):  # log int_a^inf g e^{-rho}, shifted by its largest term (no overflow)
@@ -811,7 +808,7 @@ class Hydrogen(Problem):
         rule of thumb ``12 (n_max + 1/2) + 20`` used before left 2.3% of the n = 3 states'
         norm outside (62 for 16 states) and 69% of the n = 5 states' (86 for 36)."""
         return max(hydrogen_tail_radius(self.dim, n, l, self.Z, self.EVALUATION_TAIL)
-                   for n, l, *_ in self.states(L))
+                   for n, l in {s[:2] for s in self.states(L)})
 
     def quadrature_grid(self, L: int, num: int = 200, *, sampler=None):
         """2-D: a polar grid, Gauss-Legendre in ``r`` on ``[0, R]`` (``R = evaluation_radius(L)``)
