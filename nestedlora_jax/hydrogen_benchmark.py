@@ -42,8 +42,7 @@ from nestedlora_jax.config import (
     TrainingConfig,
 )
 from nestedlora_jax.hooks import TrainingInterrupted
-from nestedlora_jax.evaluation import evaluate
-from nestedlora_jax.solver import _readout, restore, solve
+from nestedlora_jax.solver import evaluate_result, restore, solve
 
 # The paper's figures (NeuralSVD, ICML 2024, its 2-D hydrogen experiment), read off its bar
 # chart (about +-10%), 16 states.
@@ -153,7 +152,7 @@ def run(args) -> dict:
         per_seed[-1]["metrics_paper_window"] = paper_window_metrics(problem, result, args.grid)
         last = result
     summary = summarize(per_seed, SUMMARY_KEYS)
-    summary_window = {k: _mean_std([s["metrics_paper_window"][k] for s in per_seed]) for k in SUMMARY_KEYS}
+    summary_window = summarize(per_seed, SUMMARY_KEYS, field="metrics_paper_window")
     out = {
         "config": vars(args) | {"seeds": seeds},
         "problem": "2-D hydrogen, H = -Lap - 1/r, E_n = -1/(4 (n + 1/2)^2)",
@@ -188,11 +187,8 @@ def paper_window_metrics(problem, result, num: int = 300) -> dict:
     """The ``SUMMARY_KEYS`` metrics of a solve result restricted to the reference code's
     evaluation box (:func:`paper_window_grid`): for comparison with the paper's figures only;
     the whole-plane metrics are ``result.metrics``."""
-    points, weights = paper_window_grid(num)
-    ev = evaluate(result.apply, result.fit.ema_params, problem, result.operator,
-                  points=points, weights=weights,
-                  readout=_readout(result.objective, result.fit.state.objective_state))
-    d = ev.to_dict()
+    d = evaluate_result(problem, result.operator, result.apply, result.fit, result.objective,
+                        len(result.energies), grid=paper_window_grid(num)).to_dict()
     return {k: d[k] for k in SUMMARY_KEYS}
 
 
@@ -244,9 +240,10 @@ def seed_record(seed: int, result, wall: float) -> dict:
     }
 
 
-def summarize(per_seed: list[dict], keys) -> dict:
-    """Mean, std and values over seeds of each metric in ``keys`` (None where absent)."""
-    return {k: _mean_std([s["metrics"][k] for s in per_seed if k in s["metrics"]]) for k in keys}
+def summarize(per_seed: list[dict], keys, field: str = "metrics") -> dict:
+    """Mean, std and values over seeds of each metric in ``keys`` of ``seed[field]`` (None
+    where absent)."""
+    return {k: _mean_std([s[field][k] for s in per_seed if k in s[field]]) for k in keys}
 
 
 def multiple_of(every: int, log_every: int) -> int:

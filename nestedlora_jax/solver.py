@@ -507,12 +507,13 @@ def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_
 
 
 def evaluate_result(problem, operator, apply, result: FitResult, objective: Objective, L,
-                    evaluation: EvaluationConfig = EvaluationConfig(), *, params=None):
-    """Evaluate a :class:`FitResult` (EMA parameters by default) on a grid or fresh samples."""
-    use_grid = _check_evaluation(problem, L, evaluation.mode, evaluation.grid_size,
-                                 evaluation.num_samples)
+                    evaluation: EvaluationConfig = EvaluationConfig(), *, params=None, grid=None):
+    """Evaluate a :class:`FitResult` (EMA parameters by default) on a grid or fresh samples;
+    ``grid=(points, weights)`` replaces the one ``evaluation`` would choose."""
     points = weights = None
-    if use_grid:
+    if grid is not None:
+        points, weights = grid
+    elif _check_evaluation(problem, L, evaluation.mode, evaluation.grid_size, evaluation.num_samples):
         points, weights = quadrature_grid(problem, L, evaluation.grid_size, sampler=operator.sampler)
     return evaluate(
         apply,
