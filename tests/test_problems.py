@@ -18,6 +18,7 @@ import scipy.special
 from nestedlora_jax.laplacians import laplacian
 from nestedlora_jax.operators import eigenvalues_from_energies
 from nestedlora_jax.problems import CosinePotential, HarmonicOscillator, Hydrogen, InfiniteWell
+from quadrature_rules import angular_rule
 
 CASES = {
     "oscillator1d": (HarmonicOscillator(1), 8),
@@ -129,21 +130,10 @@ def _radial_rule(r_max):
 
 
 def _angular_rule(d):
-    """Directions (K, d) and weights (K,) on the unit circle / sphere."""
-    if d == 2:
-        # Trapezoid in the angle: exact for trigonometric polynomials of degree < 24 (here <= 10).
-        phi = 2 * np.pi * np.arange(24) / 24
-        u, wu = np.stack([np.cos(phi), np.sin(phi)], -1), np.full(24, 2 * np.pi / 24)
-    else:
-        # Gauss-Legendre in cos(theta) x trapezoid in phi: exact for spherical polynomials of
-        # degree <= 9 (products of two l <= 3 harmonics have degree <= 6).
-        ct, wct = np.polynomial.legendre.leggauss(6)
-        phi = 2 * np.pi * np.arange(12) / 12
-        CT, PHI = np.meshgrid(ct, phi, indexing="ij")
-        ST = np.sqrt(1 - CT**2)
-        u = np.stack([ST * np.cos(PHI), ST * np.sin(PHI), CT], -1).reshape(-1, 3)
-        wu = np.outer(wct, np.full(12, 2 * np.pi / 12)).ravel()
-    return u, wu
+    # 2-D: trapezoid, exact for trigonometric polynomials of degree < 24 (here <= 10).
+    # 3-D: exact for spherical polynomials of degree <= 9 (products of two l <= 3 harmonics
+    # have degree <= 6).
+    return angular_rule(2, 24) if d == 2 else angular_rule(3, 12, 6)
 
 
 def _quadrature(problem):

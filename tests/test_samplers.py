@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from quadrature_rules import angular_rule
 
 from nestedlora_jax.samplers import (
     GaussianSampler,
@@ -47,17 +48,7 @@ def _quadrature(sampler):
         # Geometric panels resolve both the small and the large scales; the integrand
         # r^{d-1} p(r) ~ r^{shape-1} e^{-r/a} is smooth on [0, inf).
         r, wr = _gl_panels(np.concatenate([[0.0], np.geomspace(a_min / 4, 80 * a_max, 14)]))
-        if sampler.dim == 2:
-            phi = 2 * np.pi * np.arange(32) / 32
-            u = np.stack([np.cos(phi), np.sin(phi)], -1)
-            wu = np.full(32, 2 * np.pi / 32)
-        else:
-            ct, wct = np.polynomial.legendre.leggauss(12)
-            phi = 2 * np.pi * np.arange(24) / 24
-            ct, phi = np.meshgrid(ct, phi, indexing="ij")
-            st = np.sqrt(1 - ct**2)
-            u = np.stack([st * np.cos(phi), st * np.sin(phi), ct], -1).reshape(-1, 3)
-            wu = (wct[:, None] * np.full(24, 2 * np.pi / 24)[None, :]).ravel()
+        u, wu = angular_rule(2, 32) if sampler.dim == 2 else angular_rule(3, 24, 12)
         pts = (r[:, None, None] * u[None]).reshape(-1, sampler.dim)
         w = (wr[:, None] * r[:, None] ** (sampler.dim - 1) * wu[None]).ravel()
         return pts, w
