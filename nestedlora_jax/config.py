@@ -43,7 +43,20 @@ __all__ = [
 ]
 
 # Version 1: the first configuration written beside checkpoints.
-CONFIG_VERSION = 1
+# Version 2: NetworkConfig.gaussian_envelope (default on). A version-1 configuration is read
+# with it off, since its network had no such factor: the run is rebuilt as it was trained.
+CONFIG_VERSION = 2
+READABLE_CONFIG_VERSIONS = (1, 2)
+
+
+def upgrade_config_dict(data: dict) -> dict:
+    """A saved :class:`SolveConfig` dictionary of a readable older version, as the current
+    version reads it (the same run): version 1 had no Gaussian envelope."""
+    if data.get("version") == 1:
+        network = dict(data.get("network") or {})
+        network.setdefault("gaussian_envelope", False)
+        data = {**data, "network": network, "version": CONFIG_VERSION}
+    return data
 
 MAX_SEED = 2**31 - 16  # seeds are 32-bit; fit and solve derive seed + 1 and seed + 7
 METHODS = ("neuralsvd-seq", "neuralsvd-joint", "neuralef", "spin", "spin-batch-jacobian",
@@ -130,6 +143,9 @@ class NetworkConfig(_Config):
       envelope_decay: its length ``a``.
       standardize_input: apply the problem's input standardization (``(x - center) / scale``,
         :meth:`~nestedlora_jax.problems.Problem.input_standardization`) when it has one.
+      gaussian_envelope: multiply the output by the problem's Gaussian envelope
+        (:meth:`~nestedlora_jax.problems.Problem.gaussian_envelope`, harmonically confined
+        problems) when it has one.
     """
 
     architecture: str | None = None
@@ -141,6 +157,7 @@ class NetworkConfig(_Config):
     envelope: str | None = None
     envelope_decay: float = 1.0
     standardize_input: bool = True
+    gaussian_envelope: bool = True
 
     def __post_init__(self):
         if self.architecture is not None:
@@ -164,9 +181,10 @@ class NetworkConfig(_Config):
         check_input_options(periodic=self.periodic, radial_input=self.radial_input,
                             envelope=self.envelope)
         check_positive_float("NetworkConfig.envelope_decay", self.envelope_decay)
-        if not isinstance(self.standardize_input, bool):
-            raise ValueError(f"NetworkConfig.standardize_input must be True or False, got "
-                             f"{self.standardize_input!r}.")
+        for name in ("standardize_input", "gaussian_envelope"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"NetworkConfig.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -366,12 +384,13 @@ class SolveConfig(_Config):
         if not isinstance(data, dict):
             raise ValueError(f"SolveConfig.from_dict needs a dict, got {type(data).__name__}.")
         version = data.get("version")
-        if version != CONFIG_VERSION:
+        if version not in READABLE_CONFIG_VERSIONS:
             raise ConfigVersionError(
                 f"this configuration has version {version!r}, but this nestedlora_jax reads "
-                f"version {CONFIG_VERSION}: it was written by an incompatible version; rerun, or "
-                "load it with the version that wrote it."
+                f"versions {READABLE_CONFIG_VERSIONS}: it was written by an incompatible version; "
+                "rerun, or load it with the version that wrote it."
             )
+        data = upgrade_config_dict(data)
         return super().from_dict({k: v for k, v in data.items() if k != "version"})
 
 

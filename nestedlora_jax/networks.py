@@ -58,6 +58,8 @@ __all__ = [
     "InputFeatures",
     "MLP",
     "StackedLinear",
+    "GaussianEnvelope",
+    "gaussian_envelope_for_network",
     "ParallelMLPs",
     "Envelope",
     "EigenfunctionNetwork",
@@ -421,6 +423,84 @@ class Envelope(nnx.Module):
         return jnp.exp(-r * self.rates())
 
 
+class GaussianEnvelope(nnx.Module):
+    """``e(x) = exp(-x^T M x / 2 + b^T x)``, shared by every output: (..., d) -> (..., 1).
+
+    Fixed (``M`` and ``b`` are :class:`Frozen`): the Gaussian decay of harmonically confined
+    states, which a softplus MLP represents poorly, so that the MLPs learn only the polynomial
+    factors. Build ``(M, b)`` with :func:`gaussian_envelope_for_network`.
+    """
+
+    def __init__(self, quadratic: Any, linear: Any, *, param_dtype: Any = jnp.float32):
+        m = np.asarray(quadratic, np.float64)
+        b = np.asarray(linear, np.float64)
+        if m.ndim != 2 or m.shape[0] != m.shape[1] or b.shape != (m.shape[0],) \
+                or not (np.all(np.isfinite(m)) and np.all(np.isfinite(b))):
+            raise ValueError(f"GaussianEnvelope needs a finite (d, d) matrix and a finite (d,) "
+                             f"vector; got shapes {m.shape} and {b.shape}.")
+        self.quadratic = Frozen(jnp.asarray((m + m.T) / 2, param_dtype))
+        self.linear = Frozen(jnp.asarray(b, param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        m, b = self.quadratic[...], self.linear[...]
+        exponent = -0.5 * jnp.einsum("...i,ij,...j->...", x, m, x) + x @ b
+        return jnp.exp(exponent)[..., None]
+
+
+def gaussian_envelope_for_network(center: Any, precision: Any, sampler: Any = None
+                                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, b)`` of the :class:`GaussianEnvelope` of a network whose states decay like
+    ``exp(-(x - c)^T A (x - c) / 2)`` (``center`` c, ``precision`` A, e.g. from
+    :meth:`~nestedlora_jax.problems.Problem.gaussian_envelope`).
+
+    Without ``sampler`` the network represents ``psi`` itself: ``M = A``, ``b = A c``. With the
+    Gaussian ``sampler`` ``p = N(mu, P^{-1})`` of an importance-weighted operator the network
+    represents ``psi / sqrt(p)``, whose factor is ``exp(-(x - c)^T A (x - c) / 2 + (x - mu)^T P
+    (x - mu) / 4)``: ``M = A - P / 2``, ``b = A c - P mu / 2`` (constants dropped: the envelope
+    is 1 at the origin).
+
+    Raises:
+      ValueError: shapes that do not match, an ``A`` that is not symmetric positive definite, a
+        sampler that is not Gaussian, or one narrower than ``psi^2`` along some direction
+        (``M`` not positive semidefinite: ``psi / sqrt(p)`` would grow without bound and every
+        Monte Carlo estimate would have infinite variance).
+    """
+    from nestedlora_jax.samplers import gaussian_mean_precision
+
+    c = np.asarray(center, np.float64)
+    a = np.asarray(precision, np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or c.shape != (a.shape[0],):
+        raise ValueError(f"a Gaussian envelope needs center (d,) and precision (d, d); got "
+                         f"shapes {c.shape} and {a.shape}.")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(c)) and np.allclose(a, a.T)
+            and np.linalg.eigvalsh((a + a.T) / 2).min() > 0):
+        raise ValueError("a Gaussian envelope's precision must be finite, symmetric and "
+                         "positive definite.")
+    a = (a + a.T) / 2
+    if sampler is None:
+        return a, a @ c
+    moments = gaussian_mean_precision(sampler)
+    if moments is None:
+        raise ValueError(
+            f"the problem's Gaussian envelope is written for a Gaussian sampler, but the network "
+            f"represents psi / sqrt(p) for a {type(sampler).__name__}: use a GaussianSampler or "
+            "CorrelatedGaussianSampler, or turn the envelope off "
+            "(NetworkConfig(gaussian_envelope=False)).")
+    mu, p = moments
+    if mu.shape != c.shape:
+        raise ValueError(f"the sampler is {mu.shape[0]}-dimensional but the envelope "
+                         f"{c.shape[0]}-dimensional.")
+    m = a - p / 2
+    lowest = np.linalg.eigvalsh(m).min()
+    if lowest < -1e-9 * np.abs(a).max():
+        raise ValueError(
+            "the sampler is narrower than psi^2 along some direction (its precision exceeds "
+            "twice the states' Gaussian precision there): psi / sqrt(p) would grow without bound "
+            "and Monte Carlo estimates would have infinite variance. Widen the sampler (a "
+            "covariance of at least (2 A)^{-1}, A the envelope's precision).")
+    return m, a @ c - p @ mu / 2
+
+
 def dirichlet_box_mask(lower: float | Sequence[float], upper: float | Sequence[float]):
     """Callable ``x -> prod_i (x_i - lo_i)(hi_i - x_i) / ((hi_i - lo_i) / 2)^2``: (d,) -> ().
 
@@ -455,6 +535,7 @@ class EigenfunctionNetwork(nnx.Module):
       body: a module (..., F) -> (..., L), e.g. :class:`MLP` or :class:`ParallelMLPs`.
       features: optional module (..., d) -> (..., F) (:class:`InputFeatures`); identity if None.
       envelope: optional module (..., d) -> (..., L) (:class:`Envelope`).
+      gaussian_envelope: optional module (..., d) -> (..., 1) (:class:`GaussianEnvelope`).
       boundary_mask: optional callable ``x (d,) -> scalar`` multiplying every output (a Dirichlet
         box: :func:`dirichlet_box_mask`). It is static (part of the graph, not of the params).
     """
@@ -465,6 +546,7 @@ class EigenfunctionNetwork(nnx.Module):
         *,
         features: nnx.Module | None = None,
         envelope: nnx.Module | None = None,
+        gaussian_envelope: nnx.Module | None = None,
         boundary_mask: Callable[[Array], Array] | None = None,
     ):
         if boundary_mask is not None and not callable(boundary_mask):
@@ -474,12 +556,15 @@ class EigenfunctionNetwork(nnx.Module):
         self.body = body
         self.features = features
         self.envelope = envelope
+        self.gaussian_envelope = gaussian_envelope
         self.boundary_mask = boundary_mask
 
     def __call__(self, x: Array) -> Array:
         out = self.body(x if self.features is None else self.features(x))
         if self.envelope is not None:
             out = out * self.envelope(x)
+        if self.gaussian_envelope is not None:
+            out = out * self.gaussian_envelope(x)
         if self.boundary_mask is not None:
             # The mask is written per point; vectorize lets a (B, d) input work too.
             mask = jnp.vectorize(self.boundary_mask, signature="(d)->()")(x)
@@ -499,6 +584,7 @@ def eigenfunction_network(
     periodic: bool | float | Sequence[float] = False,
     envelope: str | None = None,
     envelope_decay: float | Sequence[float] = 1.0,
+    gaussian_envelope: tuple[Any, Any] | None = None,
     boundary_mask: Callable[[Array], Array] | None = None,
     input_center: float | Sequence[float] | None = None,
     input_scale: float | Sequence[float] | None = None,
@@ -519,6 +605,8 @@ def eigenfunction_network(
       periodic: ``True`` (period 2 pi), a period, or per-axis periods: embed x as (cos, sin).
       envelope: ``None``, ``"fixed"`` or ``"learnable"``: multiply output i by ``exp(-|x|/a_i)``.
       envelope_decay: the length(s) ``a_i`` (scalar or (L,)); initial value if learnable.
+      gaussian_envelope: ``None`` or ``(M, b)``: multiply every output by
+        ``exp(-x^T M x / 2 + b^T x)`` (:func:`gaussian_envelope_for_network`).
       boundary_mask: callable ``x -> scalar`` multiplying all outputs (Dirichlet problems).
       input_center, input_scale: the MLP sees ``(x - input_center) / input_scale``.
       param_dtype: dtype of parameters and frozen features (float64 needs ``jax.enable_x64``).
@@ -546,6 +634,11 @@ def eigenfunction_network(
         raise ValueError(
             f"boundary_mask must be None or a callable x -> scalar, got {boundary_mask!r}"
         )
+    if gaussian_envelope is not None and (
+            len(gaussian_envelope) != 2 or np.shape(gaussian_envelope[0]) != (dim, dim)
+            or np.shape(gaussian_envelope[1]) != (dim,)):
+        raise ValueError(f"gaussian_envelope must be (M (d, d), b (d,)) with d = {dim}; got "
+                         f"shapes {[np.shape(v) for v in gaussian_envelope]}.")
     features = InputFeatures(
         dim,
         periodic=periodic,
@@ -582,7 +675,11 @@ def eigenfunction_network(
             learnable=envelope == "learnable",
             param_dtype=param_dtype,
         )
-    return EigenfunctionNetwork(body, features=features, envelope=env, boundary_mask=boundary_mask)
+    gaussian = None
+    if gaussian_envelope is not None:
+        gaussian = GaussianEnvelope(*gaussian_envelope, param_dtype=param_dtype)
+    return EigenfunctionNetwork(body, features=features, envelope=env, gaussian_envelope=gaussian,
+                                boundary_mask=boundary_mask)
 
 
 # --------------------------------------------------------------------------- pure-function bridge

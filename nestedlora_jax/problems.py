@@ -19,7 +19,10 @@ Every problem is a frozen dataclass deriving from ``Problem``; its Hamiltonian i
 - ``periodic``: whether the domain is a periodic box (then the network must be periodic);
   ``box``: ``(low, high)`` of the box ``[low, high]^d`` (well, cosine) or ``None`` on ``R^d``;
 - ``network_hints()``: what the default network needs to know (:class:`NetworkHints`: radial
-  input, periodic inputs, the boundary mask, the input standardization);
+  input, periodic inputs, the boundary mask, the input standardization, the Gaussian envelope);
+- ``gaussian_envelope()``: ``None``, or ``(center, precision)`` when every wanted state decays
+  like ``exp(-(x - center)^T precision (x - center) / 2)`` times a polynomial (harmonic
+  confinement): the default network then carries that factor and learns only the rest;
 - ``quadrature_grid(L, num, sampler=None)`` (d <= 2) and ``evaluation_radius(L)``: the grid
   evaluation integrates on;
 - ``grid_radius(L)``, ``slice_plane(L)``, ``describe()``: the finite-difference box, the plotted
@@ -213,12 +216,18 @@ class NetworkHints:
         network output is multiplied by (Dirichlet problems).
       input_standardization: ``None``, or ``(center, scale)``, each ``(d,)``: the network sees
         ``(x - center) / scale``.
+      gaussian_envelope: ``None``, or ``(center (d,), precision (d, d))``: the states decay
+        like ``exp(-(x - center)^T precision (x - center) / 2)`` times a polynomial, and the
+        network's output is multiplied by that factor
+        (:func:`~nestedlora_jax.networks.gaussian_envelope_for_network` turns it into the factor
+        of ``psi / sqrt(p)`` for an importance-weighted network).
     """
 
     radial_input: bool = False
     periodic: bool = False
     boundary_mask: Callable[[Array], Array] | None = None
     input_standardization: tuple[np.ndarray, np.ndarray] | None = None
+    gaussian_envelope: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def check_problem(problem: Any, where: str = "this function") -> None:
@@ -312,13 +321,23 @@ class Problem:
         ``[-1, 1]^d`` around the origin says so here."""
         return None
 
+    def gaussian_envelope(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(center (d,), precision (d, d))`` when every eigenfunction is
+        ``exp(-(x - center)^T precision (x - center) / 2)`` times a polynomial, as under a
+        harmonic confinement ``V ~ x^T K x`` (``precision = K^{1/2}``); ``None`` (the
+        default) otherwise. The default network multiplies its output by this factor (the
+        decay an MLP represents poorly; it is the ground state itself for a purely harmonic
+        potential), so that the MLPs learn only the polynomial factors."""
+        return None
+
     def network_hints(self) -> NetworkHints:
         """What the default network must know about this problem: ``periodic``,
-        ``boundary_mask`` and ``input_standardization()``; no radial input (``Hydrogen``
-        asks for it)."""
+        ``boundary_mask``, ``input_standardization()`` and ``gaussian_envelope()``; no radial
+        input (``Hydrogen`` asks for it)."""
         return NetworkHints(radial_input=False, periodic=bool(self.periodic),
                             boundary_mask=self.boundary_mask,
-                            input_standardization=self.input_standardization())
+                            input_standardization=self.input_standardization(),
+                            gaussian_envelope=self.gaussian_envelope())
 
     def operator_scaling(self, L: int) -> tuple[float, float]:
         """``(scale, shift)`` so that ``T = scale * (-H) + shift`` has the ``L`` lowest states as
@@ -543,6 +562,13 @@ class CoupledOscillator(Problem):
         check_num_states(L)
         q, w = np.asarray(self.rotation), np.asarray(self.frequencies)
         return CorrelatedGaussianSampler(self.dim, (q * (0.75 / w)) @ q.T)
+
+    def gaussian_envelope(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every eigenfunction is ``exp(-y^T diag(w) y / 2)``, ``y = Q^T x``, times a product of
+        Hermite polynomials: centre 0, precision ``K^{1/2} = Q diag(w) Q^T``."""
+        q, w = np.asarray(self.rotation), np.asarray(self.frequencies)
+        precision = (q * w) @ q.T
+        return np.zeros(self.dim), (precision + precision.T) / 2
 
     def grid_radius(self, L: int) -> float:
         """``6 / sqrt(w_min)``: along the softest axis ``psi ~ exp(-w y^2 / 2) * poly``."""

@@ -34,6 +34,7 @@ __all__ = [
     "RadialExponentialMixture",
     "check_sampler_dim",
     "length_scale",
+    "gaussian_mean_precision",
 ]
 
 
@@ -126,6 +127,21 @@ def length_scale(sampler: Any) -> float:
     if isinstance(sampler, (GaussianSampler, LaplaceSampler)):
         return float(np.max(sampler.scale))
     return 1.0
+
+
+def gaussian_mean_precision(sampler: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mean (d,), precision (d, d))`` of a Gaussian sampler (:class:`GaussianSampler`,
+    :class:`CorrelatedGaussianSampler`), so that ``log p(x) = -(x - mean)^T precision
+    (x - mean) / 2 + const``; ``None`` for every other sampler."""
+    if isinstance(sampler, GaussianSampler):
+        mean = np.broadcast_to(np.asarray(sampler.mean, np.float64), (sampler.dim,))
+        return mean.copy(), np.eye(sampler.dim) / sampler.scale**2
+    if isinstance(sampler, CorrelatedGaussianSampler):
+        mean = np.broadcast_to(np.asarray(sampler.mean, np.float64), (sampler.dim,))
+        inverse_chol = np.asarray(sampler._inverse_cholesky, np.float64)
+        precision = inverse_chol.T @ inverse_chol
+        return mean.copy(), (precision + precision.T) / 2
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

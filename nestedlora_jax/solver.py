@@ -31,6 +31,7 @@ from nestedlora_jax._checks import check_positive_int
 from nestedlora_jax._io import write_json_atomic
 from nestedlora_jax.config import (
     CONFIG_VERSION,
+    READABLE_CONFIG_VERSIONS,
     ConfigVersionError,
     EvaluationConfig,
     NetworkConfig,
@@ -89,14 +90,29 @@ def make_objective(method: str, **kwargs) -> Objective:
 
 
 def default_network(problem, L: int, network: NetworkConfig = NetworkConfig(), *,
-                    architecture: str = "parallel", seed: int = 0):
+                    architecture: str = "parallel", seed: int = 0, sampler=None,
+                    importance_weighted: bool = True):
     """The eigenfunction network for ``problem``: ``network``'s choices, with the problem's
     :meth:`~nestedlora_jax.problems.Problem.network_hints` where ``network`` leaves them open
     (``None``): radial input (Coulomb problems), periodic inputs (periodic boxes); the
-    problem's boundary mask always (Dirichlet boxes), and its input standardization unless
-    ``network.standardize_input`` is off."""
+    problem's boundary mask always (Dirichlet boxes), its input standardization unless
+    ``network.standardize_input`` is off, and its Gaussian envelope (harmonic confinement)
+    unless ``network.gaussian_envelope`` is off.
+
+    The envelope depends on what the network represents: ``psi / sqrt(p)`` with
+    ``importance_weighted`` (as :func:`~nestedlora_jax.operators.problem_operator` by
+    default), ``p`` the training ``sampler`` (``None``: the problem's default sampler for
+    ``L``), else ``psi``; build the operator with the same two choices."""
     check_problem(problem, "default_network")
     hints = problem.network_hints()
+    envelope = None
+    if hints.gaussian_envelope is not None and network.gaussian_envelope:
+        from nestedlora_jax.networks import gaussian_envelope_for_network
+
+        if importance_weighted and sampler is None:
+            sampler = problem.default_sampler(L)
+        envelope = gaussian_envelope_for_network(*hints.gaussian_envelope,
+                                                 sampler if importance_weighted else None)
     radial = network.radial_input if network.radial_input is not None else hints.radial_input
     periodic = network.periodic if network.periodic is not None else hints.periodic
     standardization = hints.input_standardization if network.standardize_input else None
@@ -106,7 +122,7 @@ def default_network(problem, L: int, network: NetworkConfig = NetworkConfig(), *
         activation=ACTIVATION_FUNCTIONS[network.activation],
         fourier_features=network.fourier_features, radial_input=radial, periodic=periodic,
         envelope=network.envelope, envelope_decay=network.envelope_decay,
-        boundary_mask=hints.boundary_mask, input_center=center,
+        gaussian_envelope=envelope, boundary_mask=hints.boundary_mask, input_center=center,
         input_scale=scale, rngs=nnx.Rngs(params=seed),
     )
 
@@ -234,7 +250,7 @@ def solve(
         # Fresh trainable parameters only: `apply` keeps the frozen features of the network.
         seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
         return to_apply(default_network(problem, L, config.network, architecture=architecture,
-                                        seed=seed))[1]
+                                        seed=seed, sampler=sampler))[1]
 
     all_hooks = []
     if ev.every is not None:
@@ -378,11 +394,11 @@ def read_run_record(run_dir: str) -> dict:
         )
     with open(path) as fh:
         saved = json.load(fh)
-    if not isinstance(saved, dict) or saved.get("version") != CONFIG_VERSION:
+    if not isinstance(saved, dict) or saved.get("version") not in READABLE_CONFIG_VERSIONS:
         raise ConfigVersionError(
             f"{path} has version {saved.get('version') if isinstance(saved, dict) else None!r}; "
-            f"this nestedlora_jax reads version {CONFIG_VERSION}: the run was written by an "
-            "incompatible version."
+            f"this nestedlora_jax reads versions {READABLE_CONFIG_VERSIONS}: the run was written "
+            "by an incompatible version."
         )
     return saved
 
@@ -449,7 +465,7 @@ def _build(problem, L, config: SolveConfig, sampler, network=None, objective=Non
     seed = config.training.seed
     if network is None:
         network = default_network(problem, L, config.network, architecture=config.architecture,
-                                  seed=seed)
+                                  seed=seed, sampler=sampler)
     elif not isinstance(network, nnx.Module):
         raise ValueError(f"network must be a Flax NNX module (one point (d,) -> (L,)), got "
                          f"{type(network).__name__}; with a pure apply(params, x) use fit.")

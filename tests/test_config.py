@@ -48,7 +48,7 @@ def test_a_configuration_survives_json_unchanged():
 
 def test_a_configuration_of_another_version_or_with_unknown_fields_is_refused():
     data = SolveConfig().to_dict()
-    with pytest.raises(ConfigVersionError, match="version 0, but this nestedlora_jax reads version"):
+    with pytest.raises(ConfigVersionError, match="version 0, but this nestedlora_jax reads versions"):
         SolveConfig.from_dict(data | {"version": 0})
     with pytest.raises(ConfigVersionError, match=r"unknown field\(s\) \['width'\]"):
         SolveConfig.from_dict(data | {"network": data["network"] | {"width": 3}})
@@ -107,7 +107,7 @@ def test_restore_refuses_folders_without_a_run_or_from_another_version(tmp_path)
     with pytest.raises(FileNotFoundError, match="holds no run: there is no solve_config.json"):
         restore(tmp_path)
     (tmp_path / "solve_config.json").write_text(json.dumps({"version": 99}))
-    with pytest.raises(ConfigVersionError, match="version 99; this nestedlora_jax reads version"):
+    with pytest.raises(ConfigVersionError, match="version 99; this nestedlora_jax reads versions"):
         restore(tmp_path)
 
 

@@ -14,18 +14,19 @@ from nestedlora_jax.problems import CoupledOscillator
 
 
 def test_coupled_oscillator_in_five_dimensions_trains_with_the_defaults():
-    """d = 5, a non-separable K, 4 non-degenerate states, solve's defaults but for the length
-    of the run: mean relative energy error <= 5e-3 (measured 1.6e-3), resolved by the Monte
-    Carlo evaluation (error >> its standard error), every state near its own level."""
+    """d = 5, a non-separable K, 4 non-degenerate states, solve's defaults (with the problem's
+    Gaussian envelope) but for the length of the run: mean relative energy error <= 5e-4
+    (measured 4.3e-5; 1.6e-3 without the envelope), with a Monte Carlo standard error small
+    enough to judge that bound, every state near its own level."""
     problem = CoupledOscillator(dim=5)
     config = SolveConfig(training=TrainingConfig(steps=3000, batch_size=256, log_every=500),
                          evaluation=EvaluationConfig(mode="mc", num_samples=2**14))
     result = solve(problem, 4, config=config, progress=False)
     m = result.metrics
     print(result.table)
-    assert m.mean_rel_error <= 5e-3
-    assert m.max_rel_error <= 1e-2
-    assert m.mean_rel_error > 3 * m.se("mean_rel_error")
+    assert m.mean_rel_error <= 5e-4
+    assert m.max_rel_error <= 2e-3
+    assert m.se("mean_rel_error") < 1e-4
     # Each state is closer to its own exact energy than to any other of the four.
     exact = problem.energies(4)
     nearest = np.argmin(np.abs(m.rayleigh[:, None] - exact[None, :]), axis=1)
@@ -90,3 +91,18 @@ def test_the_box_in_five_dimensions_learns_with_standardised_inputs():
                          evaluation=EvaluationConfig(mode="mc", num_samples=2**16))
     result = solve(InfiniteWell(dim=5), 6, config=config, progress=False)
     assert result.metrics.mean_rel_error <= 6e-3
+
+
+@pytest.mark.slow
+def test_the_gaussian_envelope_is_what_makes_the_coupled_oscillator_accurate_in_d10():
+    """d = 10, 11 states (ground state and the one-quantum level), 4000 steps, batch 512: with
+    the problem's Gaussian envelope (the default) the mean relative error is <= 3e-4 (measured
+    1.0e-4); without it, the same run is at least 10x worse (measured 2.9e-3)."""
+    problem = CoupledOscillator(dim=10)
+    base = SolveConfig(training=TrainingConfig(steps=4000, log_every=500),
+                       evaluation=EvaluationConfig(mode="mc", num_samples=2**16))
+    with_envelope = solve(problem, 11, config=base, progress=False).metrics
+    without = solve(problem, 11, config=base.replace(network={"gaussian_envelope": False}),
+                    progress=False).metrics
+    assert with_envelope.mean_rel_error <= 3e-4
+    assert without.mean_rel_error >= 10 * with_envelope.mean_rel_error
