@@ -43,19 +43,22 @@ __all__ = [
 ]
 
 # Version 1: the first configuration written beside checkpoints.
-# Version 2: NetworkConfig.gaussian_envelope (default on). A version-1 configuration is read
-# with it off, since its network had no such factor: the run is rebuilt as it was trained.
+# Version 2: NetworkConfig.gaussian_envelope and CollapseConfig.reorder (both on by default).
+# A version-1 configuration is read with both off, as it was trained.
 CONFIG_VERSION = 2
 READABLE_CONFIG_VERSIONS = (1, 2)
 
 
 def upgrade_config_dict(data: dict) -> dict:
     """A saved :class:`SolveConfig` dictionary of a readable older version, as the current
-    version reads it (the same run): version 1 had no Gaussian envelope."""
+    version reads it (the same run): version 1 had no Gaussian envelope and no reordering."""
     if data.get("version") == 1:
         network = dict(data.get("network") or {})
         network.setdefault("gaussian_envelope", False)
-        data = {**data, "network": network, "version": CONFIG_VERSION}
+        training = dict(data.get("training") or {})
+        if isinstance(training.get("collapse"), dict):
+            training["collapse"] = {"reorder": False, **training["collapse"]}
+        data = {**data, "network": network, "training": training, "version": CONFIG_VERSION}
     return data
 
 MAX_SEED = 2**31 - 16  # seeds are 32-bit; fit and solve derive seed + 1 and seed + 7

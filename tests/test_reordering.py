@@ -1,0 +1,150 @@
+"""Functions learned in the wrong order are put back in order (``CollapseConfig.reorder``).
+
+What is proved:
+
+- ``rayleigh_order`` sorts by Rayleigh quotient, largest first, and leaves near-ties alone;
+- ``reorder_functions`` moves every per-function quantity with its function (parameters, EMA,
+  the optimiser's moments, running statistics, collapse counters) and nothing else, and
+  refuses objectives that keep state of their own;
+- the mathematics it serves: on a finite symmetric matrix whose two top eigenvalues are close,
+  sequential NestedLoRA started at the swapped pair (f_1 on the second eigenvector, f_2 on
+  the first, a saddle of the nested objective) is still swapped after the run without the
+  reordering, and recovers ``numpy.linalg.eigh`` to tight tolerance with it.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from nestedlora_jax import problems
+from nestedlora_jax.config import TrainingConfig
+from nestedlora_jax.hooks import CollapseConfig, rayleigh_order, reorder_functions, reorderings
+from nestedlora_jax.networks import eigenfunction_network, to_apply
+from nestedlora_jax.objectives import nested_lora_objective
+from nestedlora_jax.operators import problem_operator
+from nestedlora_jax.training import default_optimizer, fit, init_train_state
+
+
+def test_rayleigh_order_sorts_largest_first_and_keeps_near_ties():
+    np.testing.assert_array_equal(rayleigh_order([1.0, 0.8, 0.9, 0.5]), [0, 2, 1, 3])
+    np.testing.assert_array_equal(rayleigh_order([0.1, 0.2, 0.3]), [2, 1, 0])
+    # Within 1e-3 of the largest: a near-tie, left as it is.
+    np.testing.assert_array_equal(rayleigh_order([1.0, 0.8, 0.8005, 0.5]), [0, 1, 2, 3])
+    np.testing.assert_array_equal(rayleigh_order([1.0, 0.8, 0.8005, 0.5], margin=0.0), [0, 2, 1, 3])
+    np.testing.assert_array_equal(rayleigh_order([0.7]), [0])
+
+
+def test_reorder_moves_every_per_function_quantity_with_its_function():
+    L = 3
+    net = eigenfunction_network(2, L, architecture="parallel", hidden=(8,), rngs=nnx.Rngs(params=0))
+    apply, params = to_apply(net)
+    opt = default_optimizer(10, 1e-2)
+    operator = problem_operator(problems.HarmonicOscillator(dim=2), L)
+    res = fit(apply, params, operator.op, operator.sampler,
+              config=TrainingConfig(steps=10, batch_size=32, log_every=10, collapse=None),
+              optimizer=opt, progress=False)
+    state = res.state._replace(collapse_flags=jnp.asarray([0, 1, 2], jnp.int32))
+    order = np.array([2, 0, 1])
+    new = reorder_functions(state, opt, order)
+    x = jnp.asarray([[0.3, -0.2], [1.0, 0.5]])
+    before = jax.vmap(lambda p: apply(state.params, p))(x)
+    after = jax.vmap(lambda p: apply(new.params, p))(x)
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before)[:, order])
+    ema_before = jax.vmap(lambda p: apply(state.ema_params, p))(x)
+    ema_after = jax.vmap(lambda p: apply(new.ema_params, p))(x)
+    np.testing.assert_array_equal(np.asarray(ema_after), np.asarray(ema_before)[:, order])
+    for name in ("norms", "rayleigh", "collapse_flags"):
+        np.testing.assert_array_equal(np.asarray(getattr(new, name)),
+                                      np.asarray(getattr(state, name))[order])
+    moved = 0
+    for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(state.opt_state)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.ndim >= 1 and a.shape[0] == L:  # Adam's moments
+            np.testing.assert_array_equal(a, b[order])
+            moved += 1
+        else:  # step counts
+            np.testing.assert_array_equal(a, b)
+    assert moved == 2 * len(jax.tree.leaves(params))
+    assert int(new.step) == int(state.step) and float(new.loss) == float(state.loss)
+    with pytest.raises(ValueError, match="keeps state of its own"):
+        reorder_functions(state._replace(objective_state=(jnp.zeros(3),)), opt, order)
+
+
+# ------------------------------------------------------------- the swapped saddle, on a matrix
+
+N = 6
+EIGENVALUES = np.array([1.0, 0.99, 0.6, 0.5, 0.3, 0.2])  # the top two 1% apart
+
+
+def _matrix():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((N, N)))
+    return (q * EIGENVALUES) @ q.T, q
+
+
+@dataclasses.dataclass(frozen=True)
+class _AllIndices:
+    """Every index 0..N-1, repeated to the batch size (twice: each batch half the objective
+    may use holds all of them): a deterministic 'sampler' under which
+    batch means are exactly (1/N) sums, so that with SGD the run is plain gradient descent
+    (Adam would rescale the near-zero gradient at the saddle to full-size steps)."""
+
+    dim: int = 1
+
+    def sample(self, key, n):
+        return jnp.tile(jnp.arange(N, dtype=jnp.float32), n // N)[:, None]
+
+    def log_prob(self, x):
+        return jnp.zeros(())
+
+
+def _table_apply(params, x):
+    return params["table"][:, x[0].astype(jnp.int32)]  # (L,)
+
+
+def _matrix_operator(A):
+    a = jnp.asarray(A, jnp.float32)
+    idx = jnp.arange(N, dtype=jnp.float32)[:, None]
+
+    def op(fn, x):
+        values = jax.vmap(fn)(idx)  # (N, L): the function at every index
+        return fn(x), a[x[0].astype(jnp.int32)] @ values
+
+    return op
+
+
+def _swapped_run(reorder: bool):
+    A, q = _matrix()
+    L = 2
+    # <f, g> = mean over indices, so the optimum is f_i = sqrt(N t_i) q_i. Start swapped.
+    table = np.stack([np.sqrt(N * EIGENVALUES[1]) * q[:, 1], np.sqrt(N * EIGENVALUES[0]) * q[:, 0]])
+    table += 1e-6 * np.random.default_rng(1).standard_normal(table.shape)
+    params = {"table": jnp.asarray(table, jnp.float32)}
+    config = TrainingConfig(steps=3000, batch_size=2 * N, log_every=100,
+                            ema_decay=0.0,
+                            collapse=CollapseConfig(check_every=500, start_fraction=0.1,
+                                                    reorder=reorder))
+    init_params = lambda key: {"table": jax.random.normal(key, (L, N)) * 0.1}
+    result = fit(_table_apply, params, _matrix_operator(A), _AllIndices(), config=config,
+                 objective=nested_lora_objective("sequential"), init_params=init_params,
+                 optimizer=optax.sgd(0.05), progress=False)
+    F = np.asarray(result.state.params["table"], np.float64) / np.sqrt(N)
+    return F, q, result
+
+
+def test_a_swapped_pair_is_stuck_without_reordering_and_recovers_eigh_with_it():
+    F, q, result = _swapped_run(reorder=False)
+    overlap = np.abs(F @ q[:, :2]) / np.linalg.norm(F, axis=1)[:, None]
+    assert overlap[0, 1] > 0.99 and overlap[1, 0] > 0.99  # still swapped: f_1 ~ q_2, f_2 ~ q_1
+    assert reorderings(result.history) == []
+
+    F, q, result = _swapped_run(reorder=True)
+    assert reorderings(result.history)[0][1] == [1, 0]
+    t = np.sum(F * F, axis=1)  # ||f_i||^2 = t_i at the optimum
+    np.testing.assert_allclose(t, EIGENVALUES[:2], rtol=1e-4)
+    for i in range(2):
+        assert abs(abs(F[i] @ q[:, i]) / np.linalg.norm(F[i]) - 1) < 1e-6
