@@ -2,7 +2,9 @@
 
 What is proved:
 
-- ``rayleigh_order`` sorts by Rayleigh quotient, largest first, and leaves near-ties alone;
+- ``rayleigh_order`` sorts by Rayleigh quotient, largest first, and leaves alone what the
+  standard errors cannot resolve (``rayleigh_statistics`` estimates them from the values
+  logged since the last check);
 - ``reorder_functions`` moves every per-function quantity with its function (parameters, EMA,
   the optimiser's moments, running statistics, collapse counters) and nothing else, and
   refuses objectives that keep state of their own;
@@ -22,20 +24,35 @@ from flax import nnx
 
 from nestedlora_jax import problems
 from nestedlora_jax.config import TrainingConfig
-from nestedlora_jax.hooks import CollapseConfig, rayleigh_order, reorder_functions, reorderings
+from nestedlora_jax.hooks import (
+    CollapseConfig,
+    rayleigh_order,
+    rayleigh_statistics,
+    reorder_functions,
+    reorderings,
+)
 from nestedlora_jax.networks import eigenfunction_network, to_apply
 from nestedlora_jax.objectives import nested_lora_objective
 from nestedlora_jax.operators import problem_operator
 from nestedlora_jax.training import default_optimizer, fit, init_train_state
 
 
-def test_rayleigh_order_sorts_largest_first_and_keeps_near_ties():
+def test_rayleigh_order_sorts_largest_first_where_the_standard_errors_resolve_it():
     np.testing.assert_array_equal(rayleigh_order([1.0, 0.8, 0.9, 0.5]), [0, 2, 1, 3])
     np.testing.assert_array_equal(rayleigh_order([0.1, 0.2, 0.3]), [2, 1, 0])
-    # Within 1e-3 of the largest: a near-tie, left as it is.
-    np.testing.assert_array_equal(rayleigh_order([1.0, 0.8, 0.8005, 0.5]), [0, 1, 2, 3])
-    np.testing.assert_array_equal(rayleigh_order([1.0, 0.8, 0.8005, 0.5], margin=0.0), [0, 2, 1, 3])
+    # 0.8005 > 0.8 by 0.0005: resolved with standard errors 1e-5, a tie with 1e-3 (4 sigma).
+    np.testing.assert_array_equal(rayleigh_order([1.0, 0.8, 0.8005, 0.5], np.full(4, 1e-5)), [0, 2, 1, 3])
+    np.testing.assert_array_equal(rayleigh_order([1.0, 0.8, 0.8005, 0.5], np.full(4, 1e-3)), [0, 1, 2, 3])
+    np.testing.assert_array_equal(rayleigh_order([0.5, 0.5, 0.5]), [0, 1, 2])  # exact ties stay
     np.testing.assert_array_equal(rayleigh_order([0.7]), [0])
+
+
+def test_rayleigh_statistics_use_the_values_logged_since_the_last_check():
+    history = [{"step": s, "rayleigh": [1.0 + 0.01 * k, 0.5]} for k, s in enumerate([100, 200, 300, 400])]
+    mean, se, n = rayleigh_statistics(history, 200, [1.05, 0.5])  # steps 300, 400 and now
+    assert n == 3
+    np.testing.assert_allclose(mean, [np.mean([1.02, 1.03, 1.05]), 0.5])
+    np.testing.assert_allclose(se, [np.std([1.02, 1.03, 1.05], ddof=1) / np.sqrt(3), 0.0])
 
 
 def test_reorder_moves_every_per_function_quantity_with_its_function():
