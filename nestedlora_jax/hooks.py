@@ -302,9 +302,10 @@ class CollapseConfig:
     With ``reorder`` (the default), a check that flags no function also puts the functions
     in the order of their Rayleigh quotients, largest eigenvalue first, where the order is
     resolved: the mean of the running values logged since the last check, swapped only when
-    out of order by more than 4 standard errors (:func:`rayleigh_statistics`,
-    :func:`rayleigh_order`, :func:`reorder_functions`; it needs 3 logged values per check
-    interval, e.g. ``log_every <= check_every / 3``). Two functions that have learned two
+    out of order by more than 4 standard errors in this check interval and in the one before
+    (:func:`rayleigh_statistics`, :func:`rayleigh_order`, :func:`reorder_functions`; it needs
+    3 logged values per check interval, e.g. ``log_every <= check_every / 3``, and starts at
+    the second check). Two functions that have learned two
     eigenfunctions in the wrong order sit at a saddle of the nested objective, which training
     leaves at a rate proportional to their eigenvalue gap, so with close levels it stays
     there (coupled oscillator, d = 10, 32 states: half of the two-quanta functions ended
@@ -387,30 +388,41 @@ def reinitialize_functions(state, optimizer: optax.GradientTransformation, fresh
 
 # Adjacent functions are swapped only when the later one's mean Rayleigh quotient over the
 # last check interval exceeds the earlier one's by this many standard errors (estimated from the
-# spread of the logged running values): within a degenerate level the order is noise, and
-# shuffling it costs accuracy (2-D hydrogen, 9 states: a fixed margin of 1e-3 swapped
-# degenerate functions at most checks and ended at 5.6e-4 instead of 3.7e-4).
+# spread of the logged running values), in that interval and in the one before: within a
+# degenerate level the order is noise, and shuffling it costs accuracy (2-D hydrogen, 9 states:
+# a fixed margin of 1e-3 swapped degenerate functions at most checks and ended at 5.6e-4
+# instead of 3.7e-4; one interval at 4 sigma still swapped a degenerate level once in 16
+# checks, as the t-distribution of 4 logged values predicts).
 REORDER_Z = 4.0
 # Fewer logged values than this in a check interval give no usable spread: no reordering.
 REORDER_MIN_SAMPLES = 3
 
 
-def rayleigh_order(mean, standard_error=None, z: float = REORDER_Z) -> np.ndarray:
+def rayleigh_order(mean, standard_error=None, z: float = REORDER_Z, *, confirm=None) -> np.ndarray:
     """The permutation ``order`` (``new[i] = old[order[i]]``) that puts the Rayleigh quotients
     ``mean`` in non-increasing order up to ties that ``standard_error`` cannot resolve:
     adjacent entries are swapped (bubble sort) only while the later exceeds the earlier by
     more than ``z * sqrt(se_i^2 + se_j^2)`` (and by more than ``1e-6 * max |mean|``, so that
-    exact ties stay put). The identity when nothing is out of order by more than that."""
-    r = np.asarray(mean, np.float64)
-    se = np.zeros_like(r) if standard_error is None else np.asarray(standard_error, np.float64)
-    floor = 1e-6 * float(np.max(np.abs(r))) if r.size else 0.0
-    order = np.arange(r.size)
+    exact ties stay put). With ``confirm = (mean2, se2)``, an independent estimate, a swap
+    also needs the same resolved inversion there. The identity when nothing qualifies."""
+    estimates = [(mean, standard_error)] + ([confirm] if confirm is not None else [])
+    checks = []
+    for m, se in estimates:
+        m = np.asarray(m, np.float64)
+        se = np.zeros_like(m) if se is None else np.asarray(se, np.float64)
+        floor = 1e-6 * float(np.max(np.abs(m))) if m.size else 0.0
+        checks.append((m, se, floor))
+
+    def inverted(a, b):
+        return all(m[b] - m[a] > max(z * np.hypot(se[a], se[b]), floor) for m, se, floor in checks)
+
+    order = np.arange(checks[0][0].size)
     swapped = True
     while swapped:
         swapped = False
-        for i in range(r.size - 1):
+        for i in range(order.size - 1):
             a, b = order[i], order[i + 1]
-            if r[b] - r[a] > max(z * np.hypot(se[a], se[b]), floor):
+            if inverted(a, b):
                 order[i], order[i + 1] = b, a
                 swapped = True
     return order
@@ -503,14 +515,35 @@ class CollapseRemedy(Hook):
             entry["reinitialized"] = due.tolist()
         if (c.reorder and not dead.size and self.init_params is not None
                 and not jax.tree_util.tree_leaves(state.objective_state)):
-            mean, se, n = rayleigh_statistics(loop.history, step - c.check_every, state.rayleigh)
-            order = rayleigh_order(mean, se) if n >= REORDER_MIN_SAMPLES else np.arange(mean.size)
+            order = self._resolved_order(loop, state)
             if np.any(order != np.arange(order.size)):
                 state = reorder_functions(state, self.optimizer, order)
                 flags = flags[order]
                 entry["reordered"] = order.tolist()
         loop.state = loop.place(
             state._replace(collapse_flags=jnp.asarray(flags, state.collapse_flags.dtype)))
+
+    def _resolved_order(self, loop: Loop, state) -> np.ndarray:
+        """The reordering of this check: inversions resolved both in this check interval and
+        in the one before (in this interval's labels, undoing a reordering made in between),
+        so that a 4-sigma fluctuation inside a degenerate level, which a run meets now and
+        then over many checks, does not shuffle it. Derived from the history alone, so a
+        resumed run decides as an uninterrupted one."""
+        c, step = self.config, loop.step
+        L = int(np.asarray(state.rayleigh).shape[0])
+        now = rayleigh_statistics(loop.history, step - c.check_every, state.rayleigh)
+        earlier = [h for h in loop.history if h["step"] <= step - c.check_every]
+        if not earlier or now[2] < REORDER_MIN_SAMPLES:
+            return np.arange(L)
+        before = rayleigh_statistics(earlier[:-1], step - 2 * c.check_every, earlier[-1]["rayleigh"])
+        if before[2] < REORDER_MIN_SAMPLES:
+            return np.arange(L)
+        mean, se = before[0], before[1]
+        if earlier[-1].get("reordered"):
+            # Made after that interval's values were logged: put them in today's labels.
+            moved = np.asarray(earlier[-1]["reordered"])
+            mean, se = mean[moved], se[moved]
+        return rayleigh_order(now[0], now[1], confirm=(mean, se))
 
 
 # ----------------------------------------------------------------- callbacks, progress, files
