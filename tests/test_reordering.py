@@ -26,6 +26,7 @@ from nestedlora_jax import problems
 from nestedlora_jax.config import TrainingConfig
 from nestedlora_jax.hooks import (
     CollapseConfig,
+    CollapseRemedy,
     rayleigh_order,
     rayleigh_statistics,
     reorder_functions,
@@ -165,3 +166,45 @@ def test_a_swapped_pair_is_stuck_without_reordering_and_recovers_eigh_with_it():
     np.testing.assert_allclose(t, EIGENVALUES[:2], rtol=1e-4)
     for i in range(2):
         assert abs(abs(F[i] @ q[:, i]) / np.linalg.norm(F[i]) - 1) < 1e-6
+
+
+class _Loop:
+    def __init__(self, history, step):
+        self.history, self.step = history, step
+
+
+class _State:
+    def __init__(self, rayleigh):
+        self.rayleigh = np.asarray(rayleigh)
+
+
+def _interval(start, values, jitter=1e-4, seed=0):
+    """History entries at start+100 .. start+400, scattered by ``jitter``."""
+    rng = np.random.default_rng(seed)
+    return [{"step": start + 100 * (k + 1),
+             "rayleigh": (np.asarray(values) + jitter * rng.standard_normal(len(values))).tolist()}
+            for k in range(4)]
+
+
+def test_a_reordering_needs_the_inversion_in_two_consecutive_check_intervals():
+    hook = CollapseRemedy(CollapseConfig(check_every=400), None)
+    swapped, ordered = [0.9, 1.0, 0.5], [1.0, 0.9, 0.5]
+    # Inverted in both intervals: swapped.
+    history = _interval(0, swapped) + _interval(400, swapped, seed=1)
+    order = hook._resolved_order(_Loop(history[:-1], 800), _State(history[-1]["rayleigh"]))
+    np.testing.assert_array_equal(order, [1, 0, 2])
+    # A fluctuation in one interval only: left alone.
+    history = _interval(0, ordered) + _interval(400, swapped, seed=1)
+    order = hook._resolved_order(_Loop(history[:-1], 800), _State(history[-1]["rayleigh"]))
+    np.testing.assert_array_equal(order, [0, 1, 2])
+    # A reordering at the previous check relabels the earlier interval: functions 0 and 1 were
+    # swapped there, so values in order under the old labels are inverted under today's, and
+    # confirm today's inversion.
+    history = _interval(0, ordered) + _interval(400, swapped, seed=1)
+    history[3]["reordered"] = [1, 0, 2]
+    order = hook._resolved_order(_Loop(history[:-1], 800), _State(history[-1]["rayleigh"]))
+    np.testing.assert_array_equal(order, [1, 0, 2])
+    # At the first check there is no earlier interval: nothing is reordered yet.
+    history = _interval(0, swapped)
+    order = hook._resolved_order(_Loop(history[:-1], 400), _State(history[-1]["rayleigh"]))
+    np.testing.assert_array_equal(order, [0, 1, 2])
