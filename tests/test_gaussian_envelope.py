@@ -158,12 +158,16 @@ def test_bad_envelopes_and_samplers_are_refused_with_what_to_change():
     assert net.gaussian_envelope is None
 
 
-def test_a_version_one_configuration_is_read_without_the_envelope():
+def test_a_version_one_configuration_is_read_without_the_envelope_and_the_reordering():
     data = SolveConfig().to_dict()
+    collapse = {k: v for k, v in data["training"]["collapse"].items() if k != "reorder"}
     old = {**data, "version": 1,
-           "network": {k: v for k, v in data["network"].items() if k != "gaussian_envelope"}}
+           "network": {k: v for k, v in data["network"].items() if k != "gaussian_envelope"},
+           "training": {**data["training"], "collapse": collapse}}
     config = SolveConfig.from_dict(old)
     assert config.network.gaussian_envelope is False
+    assert config.training.collapse.reorder is False
     assert SolveConfig.from_dict(data).network.gaussian_envelope is True
+    assert SolveConfig.from_dict(data).training.collapse.reorder is True
     with pytest.raises(ValueError, match="gaussian_envelope must be True or False"):
         NetworkConfig(gaussian_envelope=1)
