@@ -344,6 +344,14 @@ def dead_functions(norms, rayleigh, threshold: float) -> np.ndarray:
     return np.flatnonzero((rayleigh <= 0) | (norms < threshold * rayleigh))
 
 
+def _param_shaped_parts(optimizer: optax.GradientTransformation, opt_state) -> PyTree:
+    """True on the leaves of the parts of ``opt_state`` shaped like the parameters (Adam's
+    moments, a momentum trace), False elsewhere (step counts, schedules): any Optax optimiser."""
+    return optax.tree_utils.tree_map_params(
+        optimizer, lambda part: jax.tree_util.tree_map(lambda _: True, part), opt_state,
+        transform_non_params=lambda _: False)
+
+
 def reinitialize_functions(state, optimizer: optax.GradientTransformation, fresh_params: PyTree,
                            dead) -> Any:
     """Give the functions ``dead`` (indices into the leading axis L of every parameter leaf)
@@ -370,10 +378,7 @@ def reinitialize_functions(state, optimizer: optax.GradientTransformation, fresh
 
     params = jax.tree_util.tree_map(take_fresh, state.params, fresh_params)
     ema = jax.tree_util.tree_map(take_fresh, state.ema_params, fresh_params)
-    # True on the leaves of the parts of the optimiser state shaped like the parameters.
-    is_param_part = optax.tree_utils.tree_map_params(
-        optimizer, lambda part: jax.tree_util.tree_map(lambda _: True, part), state.opt_state,
-        transform_non_params=lambda _: False)
+    is_param_part = _param_shaped_parts(optimizer, state.opt_state)
     if alive.size:
         live = jnp.asarray(alive)
         fill = lambda v: v.at[idx].set(jnp.mean(v[live], axis=0).astype(v.dtype))
@@ -454,9 +459,7 @@ def reorder_functions(state, optimizer: optax.GradientTransformation, order) -> 
                          "of the functions would not follow.")
     idx = jnp.asarray(np.asarray(order, dtype=int))
     take = lambda v: v[idx]
-    is_param_part = optax.tree_utils.tree_map_params(
-        optimizer, lambda part: jax.tree_util.tree_map(lambda _: True, part), state.opt_state,
-        transform_non_params=lambda _: False)
+    is_param_part = _param_shaped_parts(optimizer, state.opt_state)
     opt_state = jax.tree_util.tree_map(lambda v, p: take(v) if p else v, state.opt_state,
                                        is_param_part)
     return state._replace(

@@ -465,18 +465,16 @@ def gaussian_envelope_for_network(center: Any, precision: Any, sampler: Any = No
         (``M`` not positive semidefinite: ``psi / sqrt(p)`` would grow without bound and every
         Monte Carlo estimate would have infinite variance).
     """
-    from nestedlora_jax.samplers import gaussian_mean_precision
+    from nestedlora_jax.samplers import _symmetric_positive_definite, gaussian_mean_precision
 
     c = np.asarray(center, np.float64)
     a = np.asarray(precision, np.float64)
     if a.ndim != 2 or a.shape[0] != a.shape[1] or c.shape != (a.shape[0],):
         raise ValueError(f"a Gaussian envelope needs center (d,) and precision (d, d); got "
                          f"shapes {c.shape} and {a.shape}.")
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(c)) and np.allclose(a, a.T)
-            and np.linalg.eigvalsh((a + a.T) / 2).min() > 0):
-        raise ValueError("a Gaussian envelope's precision must be finite, symmetric and "
-                         "positive definite.")
-    a = (a + a.T) / 2
+    if not np.all(np.isfinite(c)):
+        raise ValueError("gaussian_envelope: center has non-finite entries.")
+    a = _symmetric_positive_definite(a, c.shape[0], "precision", "gaussian_envelope")
     if sampler is None:
         return a, a @ c
     moments = gaussian_mean_precision(sampler)
@@ -497,7 +495,8 @@ def gaussian_envelope_for_network(center: Any, precision: Any, sampler: Any = No
             "the sampler is narrower than psi^2 along some direction (its precision exceeds "
             "twice the states' Gaussian precision there): psi / sqrt(p) would grow without bound "
             "and Monte Carlo estimates would have infinite variance. Widen the sampler (a "
-            "covariance of at least (2 A)^{-1}, A the envelope's precision).")
+            "covariance of at least (2 A)^{-1}, A the envelope's precision), or turn the envelope off "
+            "(NetworkConfig(gaussian_envelope=False)).")
     return m, a @ c - p @ mu / 2
 
 
