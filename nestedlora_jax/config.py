@@ -44,9 +44,10 @@ __all__ = [
 
 # Version 1: the first configuration written beside checkpoints.
 # Version 2: NetworkConfig.gaussian_envelope and CollapseConfig.reorder (both on by default).
+# Version 3: SolveConfig.guard_functions (0 by default, as versions 1 and 2 trained).
 # A version-1 configuration is read with both off, as it was trained.
-CONFIG_VERSION = 2
-READABLE_CONFIG_VERSIONS = (1, 2)
+CONFIG_VERSION = 3
+READABLE_CONFIG_VERSIONS = (1, 2, 3)
 
 
 def upgrade_config_dict(data: dict) -> dict:
@@ -341,6 +342,15 @@ class SolveConfig(_Config):
         ``"spin-batch-jacobian"`` (the current batch's Jacobian instead); the orbital
         minimisation objectives ``"omm-seq"``, ``"omm-joint"``, ``"omm-sanger"``).
       network, operator, training, evaluation: the parts.
+      guard_functions: train ``L + guard_functions`` functions and report the first ``L``
+        (the guard vectors of block eigensolvers). The nested objectives give the first
+        ``L`` the same optimum either way; the extra functions matter where the cut at ``L``
+        falls inside a dense part of the spectrum. There a function can settle on a level
+        beyond ``L`` and leave a level of the window held by none. A guard function is
+        drawn to the highest level the others leave free, and the reordering at the
+        collapse checks (``CollapseConfig.reorder``) moves it into the window. The network,
+        the operator's scaling and the training see ``L + guard_functions`` states; the
+        evaluation, the metrics and the table see ``L``.
     """
 
     method: str = "neuralsvd-seq"
@@ -348,9 +358,11 @@ class SolveConfig(_Config):
     operator: OperatorConfig = OperatorConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    guard_functions: int = 0
 
     def __post_init__(self):
         _check_choice("SolveConfig.method", self.method, METHODS)
+        check_positive_int("SolveConfig.guard_functions", self.guard_functions, allow_zero=True)
         for name, cls in (("network", NetworkConfig), ("operator", OperatorConfig),
                           ("training", TrainingConfig), ("evaluation", EvaluationConfig)):
             if not isinstance(getattr(self, name), cls):

@@ -248,9 +248,10 @@ def evaluate(
         the sampler's ``log_prob``). Read from ``operator.importance_weighted`` (the choice
         made in :func:`~nestedlora_jax.operators.problem_operator`); ``None``, the default,
         takes it from there, and an explicit value that contradicts it is refused.
-      readout: maps raw outputs ``(n, L)`` to eigenfunction estimates (a baseline's
-        ``objective.readout`` with its state bound; applied chunk by chunk, so it must act
-        on each point alone); identity by default.
+      readout: maps raw outputs ``(n, M)`` to eigenfunction estimates ``(n, L)``, ``L <= M``
+        (a baseline's ``objective.readout`` with its state bound, and / or the first ``L``
+        of ``M`` functions trained with guard functions; applied chunk by chunk, so it must
+        act on each point alone); identity by default.
       chunk: points per compiled network call.
       groups: jackknife groups for the standard errors (Monte Carlo only; >= 2).
 
@@ -281,6 +282,9 @@ def evaluate(
         raise ValueError(f"groups (jackknife groups) must be an int >= 2; got {groups!r}.")
     L = int(np.shape(jax.eval_shape(lambda x: apply(params, x),
                                     jax.ShapeDtypeStruct((problem.dim,), jnp.float32)))[0])
+    if readout is not None:
+        # The readout may report fewer functions than the network has (guard functions).
+        L = int(np.shape(readout(np.zeros((1, L), np.float32)))[-1])
     n_points = len(points) if points is not None else int(num_samples)
     minimum = min_monte_carlo_samples(L, groups)
     if not on_grid and n_points < minimum:

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problem", choices=PROBLEMS, default="coupled-oscillator")
     p.add_argument("--dim", type=positive_int, default=10)
     p.add_argument("--states", type=positive_int, default=16, help="number of states L")
+    p.add_argument("--guard-functions", type=non_negative_int, default=0,
+                   help="train L + this many functions, report the first L (SolveConfig.guard_functions)")
     p.add_argument("--method", choices=METHODS, default="neuralsvd-seq")
     p.add_argument("--steps", type=non_negative_int, default=20000)
     p.add_argument("--batch", type=positive_int, default=512)
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Options whose change would make a resumed run a different run.
-RESULT_KEYS = ("problem", "dim", "states", "method", "steps", "batch", "lr", "hidden")
+RESULT_KEYS = ("problem", "dim", "states", "guard_functions", "method", "steps", "batch", "lr",
+               "hidden")
 
 
 def check_args(args) -> None:
@@ -166,6 +169,7 @@ def solve_config(args, seed: int) -> SolveConfig:
         training=training_config(args, seed, CollapseConfig()),
         evaluation=EvaluationConfig(mode="mc", num_samples=args.eval_samples,
                                     every=eval_every or None),
+        guard_functions=args.guard_functions,
     )
 
 

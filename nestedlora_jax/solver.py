@@ -131,7 +131,9 @@ def default_network(problem, L: int, network: NetworkConfig = NetworkConfig(), *
 class SolveResult:
     """What :func:`solve` and :func:`restore` return: the training result, the operator it
     used, the pure network, the objective, the evaluation metrics and their printable table,
-    and the configuration and run folder."""
+    and the configuration and run folder. With ``config.guard_functions`` the network
+    (``apply``) and ``fit`` have ``L + guard_functions`` functions, of which the first ``L``
+    are the reported states (``metrics``, ``table``, ``energies``)."""
 
     fit: FitResult
     operator: ProblemOperator
@@ -152,20 +154,22 @@ class PeriodicEvaluation(Hook):
     """Every ``every`` steps, evaluate the EMA parameters on fixed ``points`` and record
     ``mean_rel_error`` (with its standard error), ``max_rel_error`` and
     ``subspace_distance_mean`` in the history (the same points each time, so successive
-    values are comparable)."""
+    values are comparable); of the first ``reported`` functions (``None``: all)."""
 
     KEYS = ("mean_rel_error", "mean_rel_error_se", "max_rel_error", "subspace_distance_mean")
 
-    def __init__(self, every: int, problem, operator, apply, objective, points):
+    def __init__(self, every: int, problem, operator, apply, objective, points,
+                 reported: int | None = None):
         self.every, self.problem, self.operator = every, problem, operator
         self.apply, self.objective, self.points = apply, objective, points
+        self.reported = reported
 
     def after_chunk(self, loop, entry: dict) -> None:
         if loop.step % self.every:
             return
         state = loop.state
         m = evaluate(self.apply, state.ema_params, self.problem, self.operator, points=self.points,
-                     readout=_readout(self.objective, state.objective_state))
+                     readout=_readout(self.objective, state.objective_state, self.reported))
         flat = m.to_dict()
         entry.update({k: flat[k] for k in self.KEYS if k in flat})
 
@@ -242,22 +246,26 @@ def solve(
         mesh = data_parallel_mesh(None if data_parallel is True else int(data_parallel))
     record = run_record(problem, L, config, sampler=sampler, optimizer=optimizer,
                         network=network, objective=objective)
-    objective, operator, apply, params = _build(problem, L, config, sampler, network, objective)
+    # The network, the operator's scaling and training see the guard functions too.
+    trained = L + config.guard_functions
+    objective, operator, apply, params = _build(problem, trained, config, sampler, network,
+                                                objective, reported=L)
     architecture = config.architecture
     reinitializable = network is None and architecture == "parallel"
 
     def init_params(key):
         # Fresh trainable parameters only: `apply` keeps the frozen features of the network.
         seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-        return to_apply(default_network(problem, L, config.network, architecture=architecture,
-                                        seed=seed, sampler=sampler))[1]
+        return to_apply(default_network(problem, trained, config.network,
+                                        architecture=architecture, seed=seed, sampler=sampler))[1]
 
     all_hooks = []
     if ev.every is not None:
         seed = config.training.seed
         points = np.asarray(operator.sampler.sample(jax.random.PRNGKey(seed + 7), ev.num_periodic_samples))
-        all_hooks.append(PeriodicEvaluation(ev.every, problem, _evaluation_operator(problem, L, config, operator),
-                                            apply, objective, points))
+        all_hooks.append(PeriodicEvaluation(ev.every, problem,
+                                            _evaluation_operator(problem, trained, config, operator),
+                                            apply, objective, points, L))
     all_hooks.extend(hooks)
     checkpoint_dir = None
     if run_dir is not None:
@@ -318,10 +326,12 @@ def restore(run_dir: str | os.PathLike, *, problem=None, network=None, objective
         if saved.get(name) == "custom" and given is None:
             raise ValueError(f"the run in {run_dir} was trained with a custom {name}: pass it "
                              f"(restore(run_dir, {name}=...)) to rebuild the run.")
-    objective, operator, apply, params = _build(problem, L, config, sampler, network, objective)
+    trained = L + config.guard_functions
+    objective, operator, apply, params = _build(problem, trained, config, sampler, network,
+                                                objective, reported=L)
     if optimizer is None:
         optimizer = default_optimizer(config.training.steps, config.training.peak_learning_rate)
-    like = init_train_state(params, optimizer, L, objective)
+    like = init_train_state(params, optimizer, trained, objective)
     manager = ckpt.CheckpointManager(os.path.join(run_dir, CHECKPOINTS))
     try:
         restored = manager.restore_latest(like)
@@ -441,14 +451,16 @@ def _jsonable(value):
 def _evaluated(problem, L, config: SolveConfig, operator, apply, objective, result: FitResult,
                evaluation: EvaluationConfig, run_dir=None):
     """``solve``'s and ``restore``'s answer: the result evaluated, with its printable table."""
-    operator = _evaluation_operator(problem, L, config, operator)
+    operator = _evaluation_operator(problem, L + config.guard_functions, config, operator)
     metrics = evaluate_result(problem, operator, apply, result, objective, L, evaluation)
     table = metrics.table(title=f"{type(problem).__name__}, L = {L}, {config.method}")
     return SolveResult(result, operator, apply, objective, metrics, table, config, run_dir)
 
 
-def _build(problem, L, config: SolveConfig, sampler, network=None, objective=None):
-    """Objective, operator and initial network of a ``solve`` call (shared with ``restore``).
+def _build(problem, L, config: SolveConfig, sampler, network=None, objective=None, *,
+           reported=None):
+    """Objective, operator and initial network of a ``solve`` call (shared with ``restore``),
+    for ``L`` trained functions (``reported`` of them reported; only for the error message).
 
     A problem without a known spectrum and no scale / shift given is scaled from the
     Rayleigh-Ritz energies of the initial network (:func:`~nestedlora_jax.operators.ritz_energies`,
@@ -472,8 +484,10 @@ def _build(problem, L, config: SolveConfig, sampler, network=None, objective=Non
     apply, params = to_apply(network)
     outputs = network_output_count(apply, params, problem.dim)
     if outputs != L:
-        raise ValueError(f"the network maps a point to shape ({outputs},), but L = {L} states "
-                         f"were asked for: build it with {L} outputs.")
+        asked = (f"L = {L} states were asked for" if reported in (None, L) else
+                 f"L = {reported} states and {L - reported} guard functions were asked for")
+        raise ValueError(f"the network maps a point to shape ({outputs},), but {asked}: build "
+                         f"it with {L} outputs.")
     scale, shift = config.operator.scale, config.operator.shift
     if (scale is None or shift is None) and known_energies(problem, L) is None:
         unscaled = problem_operator(problem, L, sampler, scale=1.0, shift=0.0)
@@ -524,7 +538,8 @@ def _check_evaluation(problem, L, evaluation, grid_size, num_samples, name="num_
 
 def evaluate_result(problem, operator, apply, result: FitResult, objective: Objective, L,
                     evaluation: EvaluationConfig = EvaluationConfig(), *, params=None, grid=None):
-    """Evaluate a :class:`FitResult` (EMA parameters by default) on a grid or fresh samples;
+    """Evaluate the first ``L`` functions of a :class:`FitResult` (EMA parameters by default;
+    the network may have more outputs, guard functions) on a grid or fresh samples;
     ``grid=(points, weights)`` replaces the one ``evaluation`` would choose."""
     points = weights = None
     if grid is not None:
@@ -539,10 +554,12 @@ def evaluate_result(problem, operator, apply, result: FitResult, objective: Obje
         points=points,
         weights=weights,
         num_samples=evaluation.num_samples,
-        readout=_readout(objective, result.state.objective_state),
+        readout=_readout(objective, result.state.objective_state, L),
     )
 
 
-def _readout(objective: Objective, state):
-    """Raw outputs -> the objective's eigenfunction estimates (identity for NestedLoRA)."""
-    return lambda f: np.asarray(objective.readout(jax.numpy.asarray(f), state))
+def _readout(objective: Objective, state, reported: int | None = None):
+    """Raw outputs -> the objective's eigenfunction estimates (identity for NestedLoRA),
+    the first ``reported`` of them (``None``: all; fewer than the network's outputs with
+    guard functions)."""
+    return lambda f: np.asarray(objective.readout(jax.numpy.asarray(f), state))[..., :reported]
