@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("problem", "dim", "states", "guard_functions", "method", "steps", "batch", "lr",
                "hidden")
+# Result keys added later, with the value runs recorded before them had.
+ADDED_OPTIONS = {"guard_functions": 0}
 
 
 def check_args(args) -> None:
@@ -188,7 +190,8 @@ def run(args) -> dict:
                                  "or choose another --out.")
     else:
         prepare_run_folder(out_dir, vars(args) | {"seeds": seeds, "out": out_dir}, resume=args.resume,
-                           overwrite=getattr(args, "overwrite", False), result_keys=RESULT_KEYS)
+                           overwrite=getattr(args, "overwrite", False), result_keys=RESULT_KEYS,
+                           added_options=ADDED_OPTIONS)
     if args.grid_only:
         grid = run_grid_baseline(problem, args)
         out = {"config": vars(args) | {"out": out_dir}, "problem": describe(problem),

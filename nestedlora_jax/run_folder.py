@@ -170,7 +170,7 @@ def check_training_args(args, dim: int) -> None:
 
 
 def prepare_run_folder(out_dir: str, config: dict, *, resume: bool, overwrite: bool,
-                       result_keys: tuple[str, ...]) -> None:
+                       result_keys: tuple[str, ...], added_options: dict | None = None) -> None:
     """Make ``out_dir`` ready for a run with ``config`` (a JSON-able dict), or refuse.
 
     Args:
@@ -180,6 +180,8 @@ def prepare_run_folder(out_dir: str, config: dict, *, resume: bool, overwrite: b
         with ``config`` on every key in ``result_keys``.
       overwrite: replace the run in ``out_dir`` (its files only; other files are kept).
       result_keys: the options that shape the result (a resume must not change them).
+      added_options: result keys added after runs were first recorded, with the value every
+        run had before: a saved configuration without such a key is read with that value.
 
     Raises:
       RunFolderError: ``out_dir`` is a file; it holds a run and neither ``resume`` nor
@@ -203,6 +205,7 @@ def prepare_run_folder(out_dir: str, config: dict, *, resume: bool, overwrite: b
     if resume and os.path.exists(saved_path):
         with open(saved_path) as fh:
             saved = json.load(fh)
+        saved = (added_options or {}) | saved
         differ = [k for k in result_keys if _jsonable(saved.get(k)) != _jsonable(config.get(k))]
         if differ:
             details = ", ".join(f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, now {config.get(k)!r}"

@@ -547,3 +547,18 @@ def test_a_command_stopped_by_a_bad_option_leaves_no_run_behind(tmp_path, capsys
     (out / "seed0" / "history.json").write_text("{}")
     with pytest.raises(ValueError, match="already holds a run"):
         prepare_run_folder(str(out), {"states": 1}, resume=False, overwrite=False, result_keys=("states",))
+
+
+def test_a_run_recorded_before_an_option_existed_resumes_with_its_old_value(tmp_path):
+    """A folder written before --guard-functions existed has no such key: it resumes with 0,
+    the value it was trained with, and any other value is refused."""
+    from nestedlora_jax.run_folder import prepare_run_folder
+
+    out = tmp_path / "run"
+    keys, added = ("states", "guard_functions"), {"guard_functions": 0}
+    prepare_run_folder(str(out), {"states": 4}, resume=False, overwrite=False, result_keys=("states",))
+    prepare_run_folder(str(out), {"states": 4, "guard_functions": 0}, resume=True, overwrite=False,
+                       result_keys=keys, added_options=added)
+    with pytest.raises(ValueError, match="--guard-functions: saved 0, now 2"):
+        prepare_run_folder(str(out), {"states": 4, "guard_functions": 2}, resume=True,
+                           overwrite=False, result_keys=keys, added_options=added)
