@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=METHODS, default="neuralsvd-seq")
     p.add_argument("--states", type=positive_int, default=9, help="number of states L (9 = n <= 2, 16 = n <= 3, 25 = n <= 4, 36 = n <= 5)")
+    p.add_argument("--guard-functions", type=non_negative_int, default=0,
+                   help="train L + this many functions, report the first L (SolveConfig.guard_functions)")
     p.add_argument("--steps", type=non_negative_int, default=40000)
     p.add_argument("--batch", type=positive_int, default=None,
                    help="samples per step (default: 256 up to 9 states, 512 beyond: the noise of "
@@ -111,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 MAX_STATES = 36
 
 # Options whose change would make a resumed run a different run.
-RESULT_KEYS = ("method", "states", "steps", "batch", "lr", "hidden", "no_collapse_remedy")
+RESULT_KEYS = ("method", "states", "guard_functions", "steps", "batch", "lr", "hidden",
+               "no_collapse_remedy")
+# Options added after runs were recorded, with the value those runs had (so they resume).
+ADDED_OPTIONS = {"guard_functions": 0}
 
 
 def check_args(args) -> None:
@@ -133,7 +138,8 @@ def run(args) -> dict:
     check_args(args)
     problem = Hydrogen(dim=2)
     prepare_run_folder(args.out, vars(args) | {"seeds": seeds}, resume=args.resume,
-                       overwrite=getattr(args, "overwrite", False), result_keys=RESULT_KEYS)
+                       overwrite=getattr(args, "overwrite", False), result_keys=RESULT_KEYS,
+                       added_options=ADDED_OPTIONS)
     per_seed = []
     last = None
     for seed in seeds:
@@ -199,6 +205,7 @@ def solve_config(args, seed: int) -> SolveConfig:
         network=NetworkConfig(hidden=tuple(args.hidden or _default_hidden(args.method))),
         training=training_config(args, seed, CollapseConfig(reinitialize=not args.no_collapse_remedy)),
         evaluation=EvaluationConfig(grid_size=args.grid),
+        guard_functions=args.guard_functions,
     )
 
 
@@ -381,7 +388,8 @@ def make_figures(problem, result, out_dir, L):
     hist = result.fit.history
     if hist:
         steps = np.array([h["step"] for h in hist])
-        est = np.array([h["energies"] for h in hist])
+        # The first L: the training log also holds the guard functions' estimates.
+        est = np.array([h["energies"][:L] for h in hist])
         err = np.abs(est - metrics.exact[None, :]) / np.abs(metrics.exact[None, :])
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.semilogy(steps, np.mean(err, axis=1), "k-", lw=2, label="mean")

@@ -46,6 +46,21 @@ def test_benchmark_writes_results_and_figures(tmp_path, method):
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
+def test_guard_functions_are_trained_and_only_the_asked_states_reported(tmp_path):
+    out = tmp_path / "g"
+    args = ["--states", "4", "--guard-functions", "1", "--steps", "100", "--batch", "64",
+            "--hidden", "16", "16", "--grid", "60", "--log-every", "50", "--quiet", "--out", str(out)]
+    assert main(args) == 0  # with figures: the convergence plot reads the first L of the log
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["guard_functions"] == 1
+    assert len(results["per_seed"][0]["metrics"]["exact"]) == 4
+    saved = json.loads((out / "seed0" / "solve_config.json").read_text())
+    assert saved["L"] == 4 and saved["config"]["guard_functions"] == 1
+    history = json.loads((out / "seed0" / "history.json").read_text())
+    assert len(history["history"][-1]["energies"]) == 5  # the guard is trained
+    assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_default_batch_grows_with_the_number_of_states():
     from nestedlora_jax.hydrogen_benchmark import build_parser, default_batch
 
