@@ -45,20 +45,28 @@ __all__ = [
 # Version 1: the first configuration written beside checkpoints.
 # Version 2: NetworkConfig.gaussian_envelope and CollapseConfig.reorder (both on by default).
 # Version 3: SolveConfig.guard_functions (0 by default, as versions 1 and 2 trained).
+# Version 4: CollapseConfig.formed_ratio (0.5: only formed functions are reordered; versions
+# 2 and 3 reordered every function, and read as 0).
 # A version-1 configuration is read with both off, as it was trained.
-CONFIG_VERSION = 3
-READABLE_CONFIG_VERSIONS = (1, 2, 3)
+CONFIG_VERSION = 4
+READABLE_CONFIG_VERSIONS = (1, 2, 3, 4)
 
 
 def upgrade_config_dict(data: dict) -> dict:
     """A saved :class:`SolveConfig` dictionary of a readable older version, as the current
-    version reads it (the same run): version 1 had no Gaussian envelope and no reordering."""
-    if data.get("version") == 1:
+    version reads it (the same run): version 1 had no Gaussian envelope and no reordering;
+    versions before 4 reordered functions still forming too (``formed_ratio`` 0)."""
+    version = data.get("version")
+    if version in (1, 2, 3):
         network = dict(data.get("network") or {})
-        network.setdefault("gaussian_envelope", False)
         training = dict(data.get("training") or {})
-        if isinstance(training.get("collapse"), dict):
-            training["collapse"] = {"reorder": False, **training["collapse"]}
+        collapse = training.get("collapse")
+        if version == 1:
+            network.setdefault("gaussian_envelope", False)
+            if isinstance(collapse, dict):
+                collapse = {"reorder": False, **collapse}
+        if isinstance(collapse, dict):
+            training["collapse"] = {"formed_ratio": 0.0, **collapse}
         data = {**data, "network": network, "training": training, "version": CONFIG_VERSION}
     return data
 

@@ -4,7 +4,7 @@ What is proved:
 
 - ``rayleigh_order`` sorts by Rayleigh quotient, largest first, and leaves alone what the
   standard errors cannot resolve (``rayleigh_statistics`` estimates them from the values
-  logged since the last check);
+  logged since the last check) and the functions not yet formed (``formed_functions``);
 - ``reorder_functions`` moves every per-function quantity with its function (parameters, EMA,
   the optimiser's moments, running statistics, collapse counters) and nothing else, and
   refuses objectives that keep state of their own;
@@ -27,6 +27,7 @@ from nestedlora_jax.config import TrainingConfig
 from nestedlora_jax.hooks import (
     CollapseConfig,
     CollapseRemedy,
+    formed_functions,
     rayleigh_order,
     rayleigh_statistics,
     reorder_functions,
@@ -46,6 +47,27 @@ def test_rayleigh_order_sorts_largest_first_where_the_standard_errors_resolve_it
     np.testing.assert_array_equal(rayleigh_order([1.0, 0.8, 0.8005, 0.5], np.full(4, 1e-3)), [0, 1, 2, 3])
     np.testing.assert_array_equal(rayleigh_order([0.5, 0.5, 0.5]), [0, 1, 2])  # exact ties stay
     np.testing.assert_array_equal(rayleigh_order([0.7]), [0])
+
+
+def test_only_formed_functions_are_reordered():
+    """A function still forming (norm far below its Rayleigh quotient, which the components
+    held by earlier functions inflate) keeps its slot; the formed ones are sorted around it."""
+    norms = np.array([1.0, 0.5, 0.004, 0.6])
+    rayleigh = np.array([1.0, 0.5, 0.9, 0.6])
+    formed = formed_functions(norms, rayleigh)
+    np.testing.assert_array_equal(formed, [True, True, False, True])
+    np.testing.assert_array_equal(formed_functions([0.3, 0.2, 0.1], [0.5, -0.1, 0.1]),
+                                  [True, False, True])  # a quotient <= 0 is never formed
+    np.testing.assert_array_equal(rayleigh_order(rayleigh), [0, 2, 3, 1])  # unrestricted
+    np.testing.assert_array_equal(rayleigh_order(rayleigh, movable=formed), [0, 3, 2, 1])
+    se = np.full(4, 1e-3)
+    np.testing.assert_array_equal(
+        rayleigh_order(rayleigh, se, confirm=(rayleigh, se), movable=formed), [0, 3, 2, 1])
+    # An unconfirmed inversion stays, restricted or not.
+    np.testing.assert_array_equal(
+        rayleigh_order(rayleigh, se, confirm=(np.array([1.0, 0.7, 0.9, 0.6]), se), movable=formed),
+        [0, 1, 2, 3])
+    np.testing.assert_array_equal(rayleigh_order(rayleigh, movable=np.zeros(4, bool)), [0, 1, 2, 3])
 
 
 def test_rayleigh_statistics_use_the_values_logged_since_the_last_check():
@@ -209,8 +231,9 @@ class _Loop:
 
 
 class _State:
-    def __init__(self, rayleigh):
+    def __init__(self, rayleigh, norms=None):
         self.rayleigh = np.asarray(rayleigh)
+        self.norms = self.rayleigh if norms is None else np.asarray(norms)  # formed by default
 
 
 def _interval(start, values, jitter=1e-4, seed=0):
@@ -239,7 +262,32 @@ def test_a_reordering_needs_the_inversion_in_two_consecutive_check_intervals():
     history[3]["reordered"] = [1, 0, 2]
     order = hook._resolved_order(_Loop(history[:-1], 800), _State(history[-1]["rayleigh"]))
     np.testing.assert_array_equal(order, [1, 0, 2])
+    # Inverted in both intervals, but the second function is still forming: left alone.
+    history = _interval(0, swapped) + _interval(400, swapped, seed=1)
+    order = hook._resolved_order(_Loop(history[:-1], 800),
+                                 _State(history[-1]["rayleigh"], norms=[0.9, 0.05, 0.5]))
+    np.testing.assert_array_equal(order, [0, 1, 2])
     # At the first check there is no earlier interval: nothing is reordered yet.
     history = _interval(0, swapped)
     order = hook._resolved_order(_Loop(history[:-1], 400), _State(history[-1]["rayleigh"]))
     np.testing.assert_array_equal(order, [0, 1, 2])
+
+
+def test_a_version_three_configuration_reorders_every_function_as_it_trained():
+    from nestedlora_jax.config import CONFIG_VERSION, SolveConfig
+
+    data = SolveConfig().to_dict()
+    assert data["version"] == CONFIG_VERSION and data["training"]["collapse"]["formed_ratio"] == 0.5
+    collapse = {k: v for k, v in data["training"]["collapse"].items() if k != "formed_ratio"}
+    old = {**data, "version": 3, "training": {**data["training"], "collapse": collapse}}
+    assert SolveConfig.from_dict(old).training.collapse.formed_ratio == 0.0
+    assert SolveConfig.from_dict(data).training.collapse.formed_ratio == 0.5
+    # With 0 every function takes part, as before version 4.
+    hook = CollapseRemedy(CollapseConfig(check_every=400, formed_ratio=0.0), None)
+    history = _interval(0, [0.9, 1.0, 0.5]) + _interval(400, [0.9, 1.0, 0.5], seed=1)
+    order = hook._resolved_order(_Loop(history[:-1], 800),
+                                 _State(history[-1]["rayleigh"], norms=[0.9, 0.05, 0.5]))
+    np.testing.assert_array_equal(order, [1, 0, 2])
+    for bad in (-0.1, 1.0, "0.5", None):
+        with pytest.raises(ValueError, match="CollapseConfig.formed_ratio must be a number in"):
+            CollapseConfig(formed_ratio=bad)
