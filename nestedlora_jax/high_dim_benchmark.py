@@ -34,7 +34,9 @@ import numpy as np
 from nestedlora_jax._io import write_json_atomic
 from nestedlora_jax.evaluation import min_monte_carlo_samples
 from nestedlora_jax.hydrogen_benchmark import (
+    ADDED_OPTIONS,
     _environment,
+    add_guard_functions_option,
     run_cli,
     seed_record,
     summarize,
@@ -103,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problem", choices=PROBLEMS, default="coupled-oscillator")
     p.add_argument("--dim", type=positive_int, default=10)
     p.add_argument("--states", type=positive_int, default=16, help="number of states L")
-    p.add_argument("--guard-functions", type=non_negative_int, default=0,
-                   help="train L + this many functions, report the first L (SolveConfig.guard_functions)")
+    add_guard_functions_option(p)
     p.add_argument("--method", choices=METHODS, default="neuralsvd-seq")
     p.add_argument("--steps", type=non_negative_int, default=20000)
     p.add_argument("--batch", type=positive_int, default=512)
@@ -138,8 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("problem", "dim", "states", "guard_functions", "method", "steps", "batch", "lr",
                "hidden")
-# Result keys added later, with the value runs recorded before them had.
-ADDED_OPTIONS = {"guard_functions": 0}
 
 
 def check_args(args) -> None:

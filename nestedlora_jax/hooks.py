@@ -340,7 +340,9 @@ class CollapseConfig:
     def __post_init__(self):
         if not (isinstance(self.formed_ratio, (int, float)) and 0 <= self.formed_ratio < 1):
             raise ValueError(f"CollapseConfig.formed_ratio must be a number in [0, 1), got "
-                             f"{self.formed_ratio!r}.")
+                             f"{self.formed_ratio!r}: the fraction of its Rayleigh quotient a "
+                             "function's norm must reach before it is reordered (0: every "
+                             "function is).")
         if not 0 < self.threshold < 1:
             raise ValueError(f"CollapseConfig.threshold must be in (0, 1), got {self.threshold}.")
         if int(self.check_every) != self.check_every or self.check_every < 1:

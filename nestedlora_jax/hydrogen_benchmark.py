@@ -77,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=METHODS, default="neuralsvd-seq")
     p.add_argument("--states", type=positive_int, default=9, help="number of states L (9 = n <= 2, 16 = n <= 3, 25 = n <= 4, 36 = n <= 5)")
-    p.add_argument("--guard-functions", type=non_negative_int, default=0,
-                   help="train L + this many functions, report the first L (SolveConfig.guard_functions)")
+    add_guard_functions_option(p)
     p.add_argument("--steps", type=non_negative_int, default=40000)
     p.add_argument("--batch", type=positive_int, default=None,
                    help="samples per step (default: 256 up to 9 states, 512 beyond: the noise of "
@@ -109,13 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_guard_functions_option(p: argparse.ArgumentParser) -> None:
+    """``--guard-functions``, shared by both benchmark commands (see ``ADDED_OPTIONS``)."""
+    p.add_argument("--guard-functions", type=non_negative_int, default=0,
+                   help="train L + this many functions, report the first L (SolveConfig.guard_functions)")
+
+
 # The largest table whose grid and eigenfunctions the tests check (n <= 5, tests/test_problems.py).
 MAX_STATES = 36
 
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("method", "states", "guard_functions", "steps", "batch", "lr", "hidden",
                "no_collapse_remedy")
-# Options added after runs were recorded, with the value those runs had (so they resume).
+# Options added after runs were recorded, with the value those runs had (so they resume);
+# the same for both benchmark commands.
 ADDED_OPTIONS = {"guard_functions": 0}
 
 
