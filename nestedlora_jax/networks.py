@@ -185,15 +185,16 @@ class InputFeatures(nnx.Module):
         z = (x - input_center) / input_scale    (identity by default)
         z = PeriodicEmbedding(z)            if periodic          (2d)
         z = RandomFourierFeatures(z)        if fourier_features  (2 num)
-        z = concat(z, stable_radius(x))     if radial_input      (+1)
+        z = concat(z, stable_radius(z))     if radial_input      (+1, of the standardised z)
 
     Args:
       in_features: d.
       periodic: ``False``/``None``, ``True`` (period 2 pi), or a period (scalar or (d,)).
       fourier_features: ``None`` or ``(num_features, scale)``.
-      radial_input: append ``sqrt(|x|^2 + radial_eps)`` (of ``x`` itself): lets the network
-        represent a Coulomb cusp (a smooth MLP of ``x`` alone cannot). Not allowed together with
-        ``periodic``.
+      radial_input: append ``sqrt(|z|^2 + radial_eps)`` of the standardised input ``z`` (the
+        radius about ``input_center`` in units of ``input_scale``; ``|x|`` without
+        standardisation): lets the network represent a Coulomb cusp (a smooth MLP of ``x`` alone
+        cannot). Not allowed together with ``periodic``.
       input_center, input_scale: standardise the input first (scalars or ``(d,)``; e.g. a
         problem's :meth:`~nestedlora_jax.problems.Problem.input_standardization`), so that the
         MLP sees coordinates of order one around zero whatever the domain.
@@ -251,12 +252,15 @@ class InputFeatures(nnx.Module):
         z = x
         if any(self.input_center) or any(v != 1.0 for v in self.input_scale):
             z = (z - jnp.asarray(self.input_center, x.dtype)) / jnp.asarray(self.input_scale, x.dtype)
+        # Of the standardised coordinates: the radius must be on the same scale as the
+        # coordinates it joins (hydrogen's n = 5 states reach r ~ 150).
+        radius = stable_radius(z, self.radial_eps)[..., None] if self.radial else None
         if self.periodic is not None:
             z = self.periodic(z)
         if self.fourier is not None:
             z = self.fourier(z)
-        if self.radial:
-            z = jnp.concatenate([z, stable_radius(x, self.radial_eps)[..., None]], axis=-1)
+        if radius is not None:
+            z = jnp.concatenate([z, radius], axis=-1)
         return z
 
 
@@ -600,7 +604,8 @@ def eigenfunction_network(
       hidden: hidden layer widths.
       fourier_features: ``None`` or ``(num, scale)``: frozen ``[sin(Bx), cos(Bx)]``,
         ``B ~ N(0, scale^2)`` of shape (num, d).
-      radial_input: append ``|x|`` (stable at 0) to the features (Coulomb cusp).
+      radial_input: append the radius (stable at 0) to the features (Coulomb cusp); of the
+        standardised input when ``input_scale``/``input_center`` are given.
       periodic: ``True`` (period 2 pi), a period, or per-axis periods: embed x as (cos, sin).
       envelope: ``None``, ``"fixed"`` or ``"learnable"``: multiply output i by ``exp(-|x|/a_i)``.
       envelope_decay: the length(s) ``a_i`` (scalar or (L,)); initial value if learnable.

@@ -821,6 +821,21 @@ class Hydrogen(Problem):
         """Radial input: the cusp of every state at the nucleus is a function of ``|x|``."""
         return dataclasses.replace(super().network_hints(), radial_input=True)
 
+    # The network's unit of length, in Bohr radii at Z = 1.
+    NETWORK_LENGTH: ClassVar[float] = 10.0
+
+    def input_standardization(self) -> tuple[np.ndarray, np.ndarray]:
+        """Centre 0 (the nucleus) and scale ``NETWORK_LENGTH / Z`` (10 / Z) on every axis: the
+        network sees ``x Z / 10`` and the radius of that. The states spread over radii from
+        ``1 / Z`` (ground state) to ``~100 / Z`` (2-D n = 5); on raw coordinates a freshly
+        initialised softplus MLP is nearly piecewise linear over the outer states, which it
+        then fits poorly. Measured (supervised fit of ``psi / sqrt(p)`` under the 36-state
+        sampler, 5000 Adam steps, relative L2 error of the 32-32-32 network): the n = 5
+        states 0.42 mean, 0.91 worst on raw coordinates, against 0.17 and 0.23 at scale 10;
+        n = 3 5.2e-2 against 1.6e-2; the ground state 1.1e-2 against 5.1e-3 (scale 30 gave
+        0.17 / 0.23 for n = 5 too)."""
+        return np.zeros(self.dim), np.full(self.dim, self.NETWORK_LENGTH / self.Z)
+
     def _max_level(self, L: int) -> int:
         return max(s[0] for s in self.states(L))
 
