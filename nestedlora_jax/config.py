@@ -48,17 +48,16 @@ __all__ = [
 # Version 4: CollapseConfig.formed_ratio (0.5: only formed functions are reordered; versions
 # 2 and 3 reordered every function, and read as 0).
 # A version-1 configuration is read with both off, as it was trained.
-CONFIG_VERSION = 5
-READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5)
+CONFIG_VERSION = 4
+READABLE_CONFIG_VERSIONS = (1, 2, 3, 4)
 
 
 def upgrade_config_dict(data: dict) -> dict:
     """A saved :class:`SolveConfig` dictionary of a readable older version, as the current
     version reads it (the same run): version 1 had no Gaussian envelope and no reordering;
-    versions before 4 reordered functions still forming too (``formed_ratio`` 0); versions
-    before 5 fed networks with a radial input raw coordinates (``standardize_radial`` off)."""
+    versions before 4 reordered functions still forming too (``formed_ratio`` 0)."""
     version = data.get("version")
-    if version in (1, 2, 3, 4):
+    if version in (1, 2, 3):
         network = dict(data.get("network") or {})
         training = dict(data.get("training") or {})
         collapse = training.get("collapse")
@@ -66,9 +65,8 @@ def upgrade_config_dict(data: dict) -> dict:
             network.setdefault("gaussian_envelope", False)
             if isinstance(collapse, dict):
                 collapse = {"reorder": False, **collapse}
-        if version < 4 and isinstance(collapse, dict):
+        if isinstance(collapse, dict):
             training["collapse"] = {"formed_ratio": 0.0, **collapse}
-        network.setdefault("standardize_radial", False)
         data = {**data, "network": network, "training": training, "version": CONFIG_VERSION}
     return data
 
@@ -157,8 +155,6 @@ class NetworkConfig(_Config):
       envelope_decay: its length ``a``.
       standardize_input: apply the problem's input standardization (``(x - center) / scale``,
         :meth:`~nestedlora_jax.problems.Problem.input_standardization`) when it has one.
-      standardize_radial: apply it to networks with a radial input too (hydrogen); configuration
-        versions before 5 read ``False``, the raw coordinates those networks saw.
       gaussian_envelope: multiply the output by the problem's Gaussian envelope
         (:meth:`~nestedlora_jax.problems.Problem.gaussian_envelope`, harmonically confined
         problems) when it has one.
@@ -173,7 +169,6 @@ class NetworkConfig(_Config):
     envelope: str | None = None
     envelope_decay: float = 1.0
     standardize_input: bool = True
-    standardize_radial: bool = True
     gaussian_envelope: bool = True
 
     def __post_init__(self):
@@ -198,7 +193,7 @@ class NetworkConfig(_Config):
         check_input_options(periodic=self.periodic, radial_input=self.radial_input,
                             envelope=self.envelope)
         check_positive_float("NetworkConfig.envelope_decay", self.envelope_decay)
-        for name in ("standardize_input", "standardize_radial", "gaussian_envelope"):
+        for name in ("standardize_input", "gaussian_envelope"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"NetworkConfig.{name} must be True or False, got "
                                  f"{getattr(self, name)!r}.")

@@ -705,6 +705,20 @@ class Hydrogen(Problem):
     and their derivatives are finite at every point, the origin included; the potential is
     exact (``-inf`` at the nucleus, see ``potential``).
 
+    ``network_length`` (``None``: raw coordinates): the default network sees ``x Z / a`` and its
+    radius (:meth:`input_standardization`). The states spread over radii from ``1 / Z`` to
+    ``~100 / Z`` (2-D n = 5), and on raw coordinates a freshly initialised softplus MLP is
+    nearly piecewise linear over the outer ones. Measured with ``a = 10``: a supervised fit of
+    ``psi / sqrt(p)`` under the 36-state sampler (5000 Adam steps, the 32-32-32 network) gives
+    relative L2 errors for the n = 5 states of 0.17 mean, 0.23 worst, against 0.42 and 0.91 on
+    raw coordinates (n = 3: 1.6e-2 against 5.2e-2; ground state 5.1e-3 against 1.1e-2). In
+    36-state training (seed 0) 40k steps bring the n = 3 and 4 levels to 1.9e-3 and 3.4e-2,
+    near what raw coordinates reach in 100k (5.8e-4 and 2.0e-2). But on 16 states
+    (seed 0, 100k steps) two functions ended mixed between an n = 2 and an n = 3 state (mean
+    error 1.4e-2 against 4.4e-4 on raw coordinates), and on 9 states (40k steps) it made no
+    difference beyond the spread between seeds (5.2e-4 against 4.2e-4). So it is not the
+    default.
+
     Default sampler (``L`` states, levels up to ``n_max``): ``RadialExponentialMixture`` with
     ``shape = dim`` (density finite, with a cusp, at the nucleus), one component per level with
     ``a_n = c / kappa_n`` and uniform weights; ``c = 1.5`` in 2-D, ``1`` in 3-D. Then ``p``
@@ -722,6 +736,7 @@ class Hydrogen(Problem):
 
     dim: int = 2
     Z: float = 1.0
+    network_length: float | None = None
 
     _MAX_EIGENFUNCTION_LEVEL_3D: ClassVar[int] = 4
 
@@ -730,6 +745,13 @@ class Hydrogen(Problem):
         if not (np.isfinite(self.Z) and self.Z > 0):
             raise ValueError(f"Hydrogen: Z must be a finite number > 0; got {self.Z!r}.")
         object.__setattr__(self, "Z", float(self.Z))
+        if self.network_length is not None:
+            if (isinstance(self.network_length, bool)
+                    or not isinstance(self.network_length, (int, float))
+                    or not (np.isfinite(self.network_length) and self.network_length > 0)):
+                raise ValueError(f"Hydrogen: network_length must be None or a finite length > 0 "
+                                 f"(in Bohr radii at Z = 1); got {self.network_length!r}.")
+            object.__setattr__(self, "network_length", float(self.network_length))
 
     def potential(self, x: Array) -> Array:
         """``V(x) = -Z / |x|``, exactly: ``-inf`` at the nucleus, NaN for a NaN input.
@@ -821,20 +843,13 @@ class Hydrogen(Problem):
         """Radial input: the cusp of every state at the nucleus is a function of ``|x|``."""
         return dataclasses.replace(super().network_hints(), radial_input=True)
 
-    # The network's unit of length, in Bohr radii at Z = 1.
-    NETWORK_LENGTH: ClassVar[float] = 10.0
-
-    def input_standardization(self) -> tuple[np.ndarray, np.ndarray]:
-        """Centre 0 (the nucleus) and scale ``NETWORK_LENGTH / Z`` (10 / Z) on every axis: the
-        network sees ``x Z / 10`` and the radius of that. The states spread over radii from
-        ``1 / Z`` (ground state) to ``~100 / Z`` (2-D n = 5); on raw coordinates a freshly
-        initialised softplus MLP is nearly piecewise linear over the outer states, which it
-        then fits poorly. Measured (supervised fit of ``psi / sqrt(p)`` under the 36-state
-        sampler, 5000 Adam steps, relative L2 error of the 32-32-32 network): the n = 5
-        states 0.42 mean, 0.91 worst on raw coordinates, against 0.17 and 0.23 at scale 10;
-        n = 3 5.2e-2 against 1.6e-2; the ground state 1.1e-2 against 5.1e-3 (scale 30 gave
-        0.17 / 0.23 for n = 5 too)."""
-        return np.zeros(self.dim), np.full(self.dim, self.NETWORK_LENGTH / self.Z)
+    def input_standardization(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``None`` (raw coordinates) by default; with ``network_length`` ``a``: centre 0 (the
+        nucleus) and scale ``a / Z`` on every axis, so the network sees ``x Z / a`` and the
+        radius of that (see the class docstring for what it changes)."""
+        if self.network_length is None:
+            return None
+        return np.zeros(self.dim), np.full(self.dim, self.network_length / self.Z)
 
     def _max_level(self, L: int) -> int:
         return max(s[0] for s in self.states(L))

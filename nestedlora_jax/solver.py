@@ -96,7 +96,7 @@ def default_network(problem, L: int, network: NetworkConfig = NetworkConfig(), *
     :meth:`~nestedlora_jax.problems.Problem.network_hints` where ``network`` leaves them open
     (``None``): radial input (Coulomb problems), periodic inputs (periodic boxes); the
     problem's boundary mask always (Dirichlet boxes), its input standardization unless
-    ``network.standardize_input`` is off (or ``standardize_radial``, for a radial input), and its Gaussian envelope (harmonic confinement)
+    ``network.standardize_input`` is off, and its Gaussian envelope (harmonic confinement)
     unless ``network.gaussian_envelope`` is off.
 
     The envelope depends on what the network represents: ``psi / sqrt(p)`` with
@@ -115,8 +115,7 @@ def default_network(problem, L: int, network: NetworkConfig = NetworkConfig(), *
                                                  sampler if importance_weighted else None)
     radial = network.radial_input if network.radial_input is not None else hints.radial_input
     periodic = network.periodic if network.periodic is not None else hints.periodic
-    standardize = network.standardize_input and (network.standardize_radial or not radial)
-    standardization = hints.input_standardization if standardize else None
+    standardization = hints.input_standardization if network.standardize_input else None
     center, scale = standardization if standardization is not None else (None, None)
     return eigenfunction_network(
         problem.dim, L, architecture=architecture, hidden=network.hidden,

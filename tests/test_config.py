@@ -214,16 +214,19 @@ def test_a_problem_that_asks_for_standardised_inputs_gets_them_unless_turned_off
     assert oscillator.features.input_center == (0.0, 0.0)
 
 
-def test_hydrogen_networks_see_coordinates_and_radius_in_units_of_ten_bohr_radii():
-    """The radial feature is the radius of the standardised input: the default hydrogen
-    network at x is a raw-coordinate network (same parameters) at x / 10, radius included."""
+def test_a_hydrogen_network_length_scales_coordinates_and_radius_and_is_recorded(tmp_path):
+    """With network_length a the network at x is a raw-coordinate network (same parameters)
+    at x Z / a, radius included; without it the coordinates are raw. The length is a field of
+    the problem, so a run folder rebuilds the same network."""
     import jax
     from flax import nnx
 
     from nestedlora_jax.networks import eigenfunction_network, to_apply
     from nestedlora_jax.solver import default_network
 
-    problem = nl.Hydrogen(dim=2, Z=2.0)
+    assert nl.Hydrogen(dim=2).input_standardization() is None
+    assert default_network(nl.Hydrogen(dim=2), 3).features.input_scale == (1.0, 1.0)
+    problem = nl.Hydrogen(dim=2, Z=2.0, network_length=10)
     net = default_network(problem, 3, NetworkConfig(hidden=(8,)), seed=4)
     np.testing.assert_allclose(net.features.input_scale, [5.0, 5.0])
     raw = eigenfunction_network(2, 3, hidden=(8,), radial_input=True, rngs=nnx.Rngs(params=4))
@@ -231,24 +234,10 @@ def test_hydrogen_networks_see_coordinates_and_radius_in_units_of_ten_bohr_radii
     xs = 30.0 * jax.random.normal(jax.random.PRNGKey(0), (6, 2))
     np.testing.assert_allclose(jax.vmap(lambda x: f(p, x))(xs), jax.vmap(lambda x: g(q, x / 5.0))(xs),
                                rtol=2e-5, atol=1e-6)
-
-
-def test_a_version_four_record_rebuilds_the_raw_coordinate_hydrogen_network_it_trained():
-    from nestedlora_jax.solver import default_network
-
-    data = SolveConfig().to_dict()
-    assert data["version"] == CONFIG_VERSION and data["network"]["standardize_radial"] is True
-    network = {k: v for k, v in data["network"].items() if k != "standardize_radial"}
-    old = SolveConfig.from_dict({**data, "version": 4, "network": network})
-    assert old.network.standardize_radial is False
-    assert old.training.collapse.formed_ratio == 0.5  # version 4 already had the formed-only rule
-    hydrogen = default_network(nl.Hydrogen(dim=2), 4, old.network)
-    assert hydrogen.features.input_scale == (1.0, 1.0)
-    # Problems without a radial input keep their standardization.
-    box = default_network(nl.InfiniteWell(dim=2, length=2.0), 2, old.network)
-    assert box.features.input_center == (1.0, 1.0)
-    with pytest.raises(ValueError, match="standardize_radial must be True or False"):
-        NetworkConfig(standardize_radial="yes")
+    assert problem_from_record(problem_record(problem)) == problem
+    for bad in (0.0, -1.0, float("nan"), True, "10"):
+        with pytest.raises(ValueError, match="network_length must be None or a finite length > 0"):
+            nl.Hydrogen(dim=2, network_length=bad)
 
 
 def test_a_hook_can_end_the_run_early_and_the_final_state_is_saved(tmp_path):

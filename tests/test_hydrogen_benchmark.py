@@ -61,6 +61,28 @@ def test_guard_functions_are_trained_and_only_the_asked_states_reported(tmp_path
     assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_network_length_reaches_the_problem_and_a_resume_keeps_it(tmp_path):
+    from nestedlora_jax.hydrogen_benchmark import load_run
+
+    out = tmp_path / "a"
+    args = ["--states", "1", "--steps", "20", "--batch", "32", "--hidden", "8", "--grid", "40",
+            "--log-every", "10", "--no-figures", "--quiet", "--out", str(out)]
+    assert main(args + ["--network-length", "10"]) == 0
+    saved = json.loads((out / "seed0" / "solve_config.json").read_text())
+    assert saved["problem"]["fields"]["network_length"] == 10.0
+    # The folder rebuilds the scaled network: its evaluation is the run's.
+    reported = json.loads((out / "results.json").read_text())["per_seed"][0]["metrics"]
+    assert load_run(out).metrics.mean_rel_error == pytest.approx(reported["mean_rel_error"], rel=1e-5)
+    with pytest.raises(SystemExit):  # resuming with raw coordinates would mix two runs
+        main(args + ["--resume"])
+    # A run recorded before the option existed read as raw coordinates: it resumes.
+    config = json.loads((out / "run_config.json").read_text())
+    del config["network_length"]
+    (out / "run_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        main(args + ["--resume", "--network-length", "10"])
+
+
 def test_default_batch_grows_with_the_number_of_states():
     from nestedlora_jax.hydrogen_benchmark import build_parser, default_batch
 
