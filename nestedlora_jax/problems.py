@@ -714,8 +714,9 @@ class Hydrogen(Problem):
     raw coordinates (n = 3: 1.6e-2 against 5.2e-2; ground state 5.1e-3 against 1.1e-2). In
     36-state training (seed 0) 40k steps bring the n = 3 and 4 levels to 1.9e-3 and 3.4e-2,
     near what raw coordinates reach in 100k (5.8e-4 and 2.0e-2). On 16 states (100k steps)
-    seed 1 ended at 1.6e-4 mean (3.7e-4 on raw coordinates), but seed 0 at 1.4e-2 (4.4e-4):
-    two of its functions stayed mixed between an n = 2 and an n = 3 state. On 9 states (40k
+    seed 1 ended at 1.6e-4 mean (3.7e-4 on raw coordinates), but seed 2 at 9.6e-4 (2.4e-4)
+    and seed 0 at 1.4e-2 (4.4e-4): two of its functions stayed mixed between an n = 2 and
+    an n = 3 state. On 9 states (40k
     steps) it made no difference beyond the spread between seeds (5.2e-4 against 4.2e-4).
     So it is not the default.
 
