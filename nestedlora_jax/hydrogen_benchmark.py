@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "number of parameters at L = 16)")
     p.add_argument("--network-length", type=positive_float, default=None, metavar="A",
                    help="the network sees x / A and its radius (Hydrogen.network_length; default: "
-                        "raw coordinates). A = 10 speeds up 36 states but left two 16-state "
-                        "functions mixed (README)")
+                        "raw coordinates). A = 10 speeds up the lower levels of 36 states; on 16 "
+                        "states one seed of three did better, two worse (README)")
     p.add_argument("--grid", type=positive_int, default=300, help="quadrature nodes per polar axis for evaluation")
     p.add_argument("--log-every", type=positive_int, default=500)
     p.add_argument("--checkpoint-every", type=positive_int, default=5000)
@@ -125,7 +125,7 @@ MAX_STATES = 36
 RESULT_KEYS = ("method", "states", "guard_functions", "steps", "batch", "lr", "hidden",
                "no_collapse_remedy", "network_length")
 # Options added after runs were recorded, with the value those runs had (so they resume);
-# the same for both benchmark commands.
+# shared with the high-dimensional command, which reads the keys it has.
 ADDED_OPTIONS = {"guard_functions": 0, "network_length": None}
 
 

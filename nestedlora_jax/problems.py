@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nestedlora_jax._checks import check_num_states
+from nestedlora_jax._checks import check_num_states, check_positive_float
 from nestedlora_jax.samplers import (
     CorrelatedGaussianSampler,
     GaussianSampler,
@@ -716,9 +716,8 @@ class Hydrogen(Problem):
     near what raw coordinates reach in 100k (5.8e-4 and 2.0e-2). On 16 states (100k steps)
     seed 1 ended at 1.6e-4 mean (3.7e-4 on raw coordinates), but seed 2 at 9.6e-4 (2.4e-4)
     and seed 0 at 1.4e-2 (4.4e-4): two of its functions stayed mixed between an n = 2 and
-    an n = 3 state. On 9 states (40k
-    steps) it made no difference beyond the spread between seeds (5.2e-4 against 4.2e-4).
-    So it is not the default.
+    an n = 3 state. On 9 states (40k steps) it made no difference beyond the spread between
+    seeds (5.2e-4 against 4.2e-4). So it is not the default.
 
     Default sampler (``L`` states, levels up to ``n_max``): ``RadialExponentialMixture`` with
     ``shape = dim`` (density finite, with a cusp, at the nucleus), one component per level with
@@ -747,12 +746,9 @@ class Hydrogen(Problem):
             raise ValueError(f"Hydrogen: Z must be a finite number > 0; got {self.Z!r}.")
         object.__setattr__(self, "Z", float(self.Z))
         if self.network_length is not None:
-            if (isinstance(self.network_length, bool)
-                    or not isinstance(self.network_length, (int, float))
-                    or not (np.isfinite(self.network_length) and self.network_length > 0)):
-                raise ValueError(f"Hydrogen: network_length must be None or a finite length > 0 "
-                                 f"(in Bohr radii at Z = 1); got {self.network_length!r}.")
-            object.__setattr__(self, "network_length", float(self.network_length))
+            object.__setattr__(self, "network_length", check_positive_float(
+                "Hydrogen.network_length (None, or a length in Bohr radii at Z = 1)",
+                self.network_length))
 
     def potential(self, x: Array) -> Array:
         """``V(x) = -Z / |x|``, exactly: ``-inf`` at the nucleus, NaN for a NaN input.

@@ -236,7 +236,8 @@ def test_a_hydrogen_network_length_scales_coordinates_and_radius_and_is_recorded
                                rtol=2e-5, atol=1e-6)
     assert problem_from_record(problem_record(problem)) == problem
     for bad in (0.0, -1.0, float("nan"), True, "10"):
-        with pytest.raises(ValueError, match="network_length must be None or a finite length > 0"):
+        with pytest.raises(ValueError, match=r"network_length \(None, or a length in Bohr radii "
+                                             r"at Z = 1\) must be a finite number > 0"):
             nl.Hydrogen(dim=2, network_length=bad)
 
 

@@ -75,7 +75,8 @@ def test_network_length_reaches_the_problem_and_a_resume_keeps_it(tmp_path):
     assert load_run(out).metrics.mean_rel_error == pytest.approx(reported["mean_rel_error"], rel=1e-5)
     with pytest.raises(SystemExit):  # resuming with raw coordinates would mix two runs
         main(args + ["--resume"])
-    # A run recorded before the option existed read as raw coordinates: it resumes.
+    # A run recorded before the option existed reads as raw coordinates: resuming it with a
+    # network length is refused.
     config = json.loads((out / "run_config.json").read_text())
     del config["network_length"]
     (out / "run_config.json").write_text(json.dumps(config))

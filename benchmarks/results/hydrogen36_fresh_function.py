@@ -33,8 +33,8 @@ C = F.T @ g / n                       # <f_j, g>, (25, K)
 resid = gTg - (C ** 2).sum(0)         # the residual quadratic form seen by a function after 25 others
 share5 = ((phi[:, 25:36].T @ g / n) ** 2).sum(0) / norm
 share_low = ((phi[:, :25].T @ g / n) ** 2).sum(0) / norm
-lam = np.asarray(op.eigenvalues[:37]) if op.eigenvalues is not None else None
-print('operator eigenvalues (T units) n=0, n=4, n=5:', lam[[0, 16, 25]] if lam is not None else None)
+lam = np.asarray(op.eigenvalues)  # hydrogen's spectrum is known
+print('operator eigenvalues (T units) n=0, n=4, n=5:', lam[[0, 16, 25]])
 print('learned ||f_j||^2 - lambda_j for j < 25 (max, min):', ((F * F).mean(0) - lam[:25]).max(), ((F * F).mean(0) - lam[:25]).min())
 print('fresh functions: share in the exact n <= 4 span  median %.3f, in the n = 5 eigenspace median %.2e' % (np.median(share_low), np.median(share5)))
 print('Rayleigh <g,Tg>/||g||^2 median %.3f; residual form / ||g||^2 median %.2e, min %.2e, max %.2e; fraction negative %.2f'

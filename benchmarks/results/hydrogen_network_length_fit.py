@@ -2,26 +2,24 @@
 (part of the record hydrogen_network_length.json).
 
 python hydrogen_network_length_fit.py L LEVEL STEPS [A]: fit the states of level n = LEVEL among
-the L lowest (one parallel 32-32-32 softplus MLP per state, radial input) to ``psi / sqrt(p)``
-under the problem's L-state sampler ``p``, by Adam (3e-3, cosine to 1%) on batches of 512, and
-print the relative L2 error per state on 65 536 fresh samples. ``A``: the network sees
+the L lowest (the problem's default network, ``default_network``: one parallel 32-32-32
+softplus MLP per state, radial input) to ``psi / sqrt(p)`` under the problem's L-state sampler
+``p``, by Adam (3e-3, cosine to 1%) on batches of 512, and print the relative L2 error per
+state on 65 536 fresh samples. ``A``: the network sees
 ``x / A`` and its radius (``Hydrogen(network_length=A)``); without it, raw coordinates.
 """
 import sys, time
 import numpy as np, jax, jax.numpy as jnp, optax
 from flax import nnx
 from nestedlora_jax.problems import Hydrogen
-from nestedlora_jax.networks import eigenfunction_network
+from nestedlora_jax.solver import default_network
 
 L, level, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 length = float(sys.argv[4]) if len(sys.argv) > 4 else None
 problem = Hydrogen(dim=2, network_length=length)
 sampler = problem.default_sampler(L)
 idx = jnp.array([i for i, s in enumerate(problem.states(L)) if s[0] == level])
-scaling = problem.input_standardization()
-net = eigenfunction_network(2, len(idx), architecture="parallel", radial_input=True,
-                            input_scale=None if scaling is None else scaling[1], rngs=nnx.Rngs(0))
-graphdef, params = nnx.split(net)
+graphdef, params = nnx.split(default_network(problem, len(idx), seed=0))
 
 def target(x):
     psi = jax.vmap(lambda p: problem.eigenfunctions(p, L))(x)[..., idx]
