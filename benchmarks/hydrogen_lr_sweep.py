@@ -41,6 +41,7 @@ def sweep_row(method: str, lr: float, args) -> dict:
         out = run(build_parser().parse_args(argv))
     seed = out["per_seed"][0]
     return {"method": method, "lr": lr, **{k: seed["metrics"][k] for k in KEYS},
+            "rel_error": seed["metrics"]["rel_error"],
             "reinitialized": seed["reinitialized"], "bad_steps": seed["bad_steps"],
             "train_time_s": seed["train_time_s"]}
 

@@ -23,7 +23,7 @@ TINY = ["--states", "4", "--batch", "64", "--steps", "10", "--grid", "40"]
 
 def test_a_row_runs_the_benchmark_with_the_swept_rate_and_the_tables_settings(sweep, monkeypatch):
     seen = {}
-    metrics = {k: 0.1 for k in sweep.KEYS}
+    metrics = {k: 0.1 for k in sweep.KEYS} | {"rel_error": [0.1, 0.2]}
 
     def fake_run(args):
         seen.update(vars(args))
@@ -50,7 +50,8 @@ def test_a_real_row_carries_the_benchmarks_metrics(sweep, tmp_path):
     record = json.loads(out.read_text())
     (row,) = record["rows"]
     assert row["method"] == "neuralsvd-seq" and row["lr"] == 1e-3
-    assert 0 < row["mean_rel_error"] <= row["max_rel_error"]
+    assert 0 < row["mean_rel_error"] <= row["max_rel_error"] == max(row["rel_error"])
+    assert len(row["rel_error"]) == 4
     assert 0 <= row["subspace_distance_mean"] <= 1
     assert record["setting"] == {"states": 4, "batch": 64, "steps": 10, "seed": 0, "grid": 40}
     assert record["best_rate"] == {"neuralsvd-seq": 1e-3}
