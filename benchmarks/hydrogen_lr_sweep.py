@@ -23,7 +23,9 @@ import tempfile
 import jax
 
 from nestedlora_jax._io import write_json_atomic
+from nestedlora_jax.config import METHODS
 from nestedlora_jax.hydrogen_benchmark import build_parser, run
+from nestedlora_jax.run_folder import positive_float, positive_int
 
 TABLE_METHODS = ("neuralsvd-seq", "neuralsvd-joint", "neuralef", "omm-seq", "spin")
 RATES = (3e-3, 1e-3, 3e-4, 1e-4)
@@ -56,13 +58,13 @@ def best_rates(rows) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=list(TABLE_METHODS))
-    p.add_argument("--rates", nargs="+", type=float, default=list(RATES))
-    p.add_argument("--states", type=int, default=9)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(TABLE_METHODS))
+    p.add_argument("--rates", nargs="+", type=positive_float, default=list(RATES))
+    p.add_argument("--states", type=positive_int, default=9)
+    p.add_argument("--batch", type=positive_int, default=512)
+    p.add_argument("--steps", type=positive_int, default=20000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", type=int, default=300, help="quadrature nodes per polar axis")
+    p.add_argument("--grid", type=positive_int, default=300, help="quadrature nodes per polar axis")
     p.add_argument("--out", default="benchmarks/results/hydrogen_lr_sweep.json")
     p.add_argument("--overwrite", action="store_true", help="discard the rows already in --out")
     args = p.parse_args(argv)

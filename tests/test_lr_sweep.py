@@ -58,7 +58,8 @@ def test_a_real_row_carries_the_benchmarks_metrics(sweep, tmp_path):
 
 
 def test_the_pick_is_the_lowest_error_and_a_rerun_skips_written_rows(sweep, tmp_path, monkeypatch):
-    errors = {("a", 1e-3): 0.5, ("a", 1e-4): 0.2, ("b", 1e-3): 0.1, ("b", 1e-4): 0.3}
+    a, b = "neuralsvd-seq", "neuralef"
+    errors = {(a, 1e-3): 0.5, (a, 1e-4): 0.2, (b, 1e-3): 0.1, (b, 1e-4): 0.3}
     calls = []
 
     def fake_row(method, lr, args):
@@ -68,15 +69,19 @@ def test_the_pick_is_the_lowest_error_and_a_rerun_skips_written_rows(sweep, tmp_
 
     monkeypatch.setattr(sweep, "sweep_row", fake_row)
     out = str(tmp_path / "sweep.json")
-    argv = TINY + ["--methods", "a", "b", "--out", out, "--rates"]
+    argv = TINY + ["--methods", a, b, "--out", out, "--rates"]
     sweep.main(argv + ["1e-3"])
-    assert calls == [("a", 1e-3), ("b", 1e-3)]
+    assert calls == [(a, 1e-3), (b, 1e-3)]
     sweep.main(argv + ["1e-3", "1e-4"])  # only the new rate runs
-    assert calls[2:] == [("a", 1e-4), ("b", 1e-4)]
-    assert json.loads(pathlib.Path(out).read_text())["best_rate"] == {"a": 1e-4, "b": 1e-3}
+    assert calls[2:] == [(a, 1e-4), (b, 1e-4)]
+    assert json.loads(pathlib.Path(out).read_text())["best_rate"] == {a: 1e-4, b: 1e-3}
     with pytest.raises(SystemExit) as exc:  # a different setting does not mix into the file
         sweep.main(["--steps", "20"] + argv[2:] + ["1e-3"])
     assert exc.value.code == 2
     sweep.main(argv + ["1e-3", "--overwrite"])
-    assert calls[4:] == [("a", 1e-3), ("b", 1e-3)]
+    assert calls[4:] == [(a, 1e-3), (b, 1e-3)]
     assert len(json.loads(pathlib.Path(out).read_text())["rows"]) == 2
+    with pytest.raises(SystemExit):  # an unknown method or a rate <= 0 is a usage error
+        sweep.main(["--methods", "nope", "--out", out])
+    with pytest.raises(SystemExit):
+        sweep.main(["--rates", "0", "--out", out])
