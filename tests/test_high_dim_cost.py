@@ -3,23 +3,17 @@ positive rates and memory, reports written, a child past its time limit recorded
 
 No timing threshold is asserted: the numbers depend on the machine and its load.
 """
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "high_dim_cost.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # benchmarks/ is not a package: load the script as a module.
-    spec = importlib.util.spec_from_file_location("high_dim_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("high_dim_cost")
 
 
 def test_tiny_sweep_writes_one_row_per_configuration(bench, tmp_path):

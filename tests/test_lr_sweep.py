@@ -1,21 +1,16 @@
 """``benchmarks/hydrogen_lr_sweep.py``: one real row at a tiny size, the pick per method, and
 the resume contract (rows already written are not re-run; another setting is refused)."""
-import importlib.util
 import json
 import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "hydrogen_lr_sweep.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    # benchmarks/ is not a package: load the script as a module.
-    spec = importlib.util.spec_from_file_location("hydrogen_lr_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("hydrogen_lr_sweep")
 
 
 TINY = ["--states", "4", "--batch", "64", "--steps", "10", "--grid", "40"]
