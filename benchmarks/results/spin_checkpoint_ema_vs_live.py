@@ -11,20 +11,20 @@ import sys
 
 import numpy as np
 
-from nestedlora_jax.problems import Hydrogen
-from nestedlora_jax.solver import evaluate_result, restore
+from nestedlora_jax.solver import evaluate_result, problem_from_record, read_run_record, restore
 
 KEYS = ("mean_rel_error", "max_rel_error", "subspace_distance_mean", "orthogonality_max")
 
 
 def main(run_dir: str, out_path: str) -> None:
-    run = restore(run_dir)
-    L = len(run.metrics.exact)
+    run = restore(run_dir)  # evaluates the EMA parameters, as the benchmark did
     print("step", int(run.fit.state.step))
+    problem = problem_from_record(read_run_record(run_dir)["problem"])
+    live = evaluate_result(problem, run.operator, run.apply, run.fit, run.objective,
+                           len(run.metrics.exact), run.config.evaluation, params=run.fit.params)
     out = {}
-    for name, params in (("ema", None), ("live", run.fit.params)):
-        metrics = evaluate_result(Hydrogen(dim=2), run.operator, run.apply, run.fit, run.objective,
-                                  L, run.config.evaluation, params=params).to_dict()
+    for name, evaluation in (("ema", run.metrics), ("live", live)):
+        metrics = evaluation.to_dict()
         row = {k: metrics[k] for k in KEYS}
         # NaN where the Rayleigh-Ritz step dropped directions of a nearly singular Gram matrix.
         ritz = float(np.mean(metrics["ritz_rel_error"]))
