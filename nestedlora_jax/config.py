@@ -243,6 +243,11 @@ class TrainingConfig(_Config):
     Attributes:
       steps: optimisation steps (``0``: the initial state).
       batch_size: samples per step (even for the objectives that split the batch in halves).
+      moment_batch_size: ``None``, or moment samples per step: points drawn besides the batch
+        where the networks are only evaluated (no operator, no backward pass), on which
+        NestedLoRA estimates the second moments ``<f_i, f_j>`` its gradient multiplies (see
+        :func:`~nestedlora_jax.objectives.nested_lora_loss`); ``None`` estimates them from the
+        two halves of the batch.
       learning_rate: peak rate of the default optimiser (Adam, cosine-decayed to 1%);
         ``None`` means 3e-3, which trained every measured problem (from the 2-D oscillator and
         hydrogen to the coupled oscillator in d = 5) faster than 1e-3. Must stay ``None``
@@ -261,6 +266,7 @@ class TrainingConfig(_Config):
 
     steps: int = 20000
     batch_size: int = 512
+    moment_batch_size: int | None = None
     learning_rate: float | None = None
     ema_decay: float = 0.999
     seed: int = 0
@@ -277,6 +283,8 @@ class TrainingConfig(_Config):
     def __post_init__(self):
         check_positive_int("TrainingConfig.steps", self.steps, allow_zero=True)
         check_positive_int("TrainingConfig.batch_size", self.batch_size)
+        if self.moment_batch_size is not None:
+            check_positive_int("TrainingConfig.moment_batch_size", self.moment_batch_size)
         if self.learning_rate is not None:
             check_positive_float("TrainingConfig.learning_rate", self.learning_rate)
         if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \

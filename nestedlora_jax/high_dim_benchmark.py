@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("problem", "dim", "states", "guard_functions", "method", "steps", "batch", "lr",
-               "hidden")
+               "hidden", "moment_batch")
 
 
 def check_args(args) -> None:

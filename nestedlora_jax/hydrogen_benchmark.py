@@ -113,9 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_guard_functions_option(p: argparse.ArgumentParser) -> None:
-    """``--guard-functions``, shared by both benchmark commands (see ``ADDED_OPTIONS``)."""
+    """``--guard-functions`` and ``--moment-batch``, shared by both benchmark commands (see
+    ``ADDED_OPTIONS``)."""
     p.add_argument("--guard-functions", type=non_negative_int, default=0,
                    help="train L + this many functions, report the first L (SolveConfig.guard_functions)")
+    p.add_argument("--moment-batch", type=positive_int, default=None, metavar="N",
+                   help="neuralsvd methods: estimate the second moments <f_i, f_j> on N extra "
+                        "samples per step, forward passes only (TrainingConfig.moment_batch_size; "
+                        "default: from the batch halves)")
 
 
 # The largest table whose grid and eigenfunctions the tests check (n <= 5, tests/test_problems.py).
@@ -123,10 +128,10 @@ MAX_STATES = 36
 
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("method", "states", "guard_functions", "steps", "batch", "lr", "hidden",
-               "no_collapse_remedy", "network_length")
+               "no_collapse_remedy", "network_length", "moment_batch")
 # Options added after runs were recorded, with the value those runs had (so they resume);
 # shared with the high-dimensional command, which reads the keys it has.
-ADDED_OPTIONS = {"guard_functions": 0, "network_length": None}
+ADDED_OPTIONS = {"guard_functions": 0, "network_length": None, "moment_batch": None}
 
 
 def check_args(args) -> None:
@@ -224,7 +229,7 @@ def training_config(args, seed: int, collapse: CollapseConfig) -> TrainingConfig
     ``--log-every``, ``--checkpoint-every``) for one seed."""
     return TrainingConfig(
         steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=seed,
-        log_every=args.log_every, checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
+        moment_batch_size=args.moment_batch, log_every=args.log_every, checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
         collapse=collapse,
     )
 

@@ -22,7 +22,12 @@ thin wrapper around it.
 Inner products are expectations under the sampling density, estimated by batch means:
 ``<f_i, f_j> ~ mean_b f_bi f_bj``. The quadratic term is a product of two such
 estimates; with ``split_batch=True`` they come from the two halves of the batch, so
-the estimate (and its gradient) is unbiased.
+the estimate (and its gradient) is unbiased. Alternatively the second moment that
+multiplies each sample's gradient can come from *moment samples*: the functions at an
+independent, larger batch (``f_moment``), which needs no operator and no backward pass.
+Near the optimum the per-sample residual ``-T f + f Lambda`` vanishes except for the
+error of the ``Lambda`` estimate, so that error is the gradient noise there, and a larger
+moment batch shrinks it at the cost of forward passes only.
 
 No gradient ever flows into ``T g`` or ``T* f``: by self-adjointness (EVD) or by
 supplying both ``T g`` and ``T* f`` (SVD), the gradient of the linear term is known in
@@ -160,14 +165,18 @@ def _halves(f):
     return f[:h], f[h:]
 
 
-def _quadratic_factors(f, g, split_batch: bool):
+def _quadratic_factors(f, g, split_batch: bool, moments=None):
     """Second moments used by the quadratic term, and which one pairs with which.
 
     Returns ``(Lf_a, Lf_b, Lg_a, Lg_b)`` such that the quadratic term is
     ``sum_ij M_ij (Lf_a Lg_b + Lf_b Lg_a)_ij / 2``. Without splitting all four are
     the full-batch moments; with splitting ``a``/``b`` are the two batch halves, so
-    each product multiplies two independent estimates.
+    each product multiplies two independent estimates. With ``moments = (Lf_m, Lg_m)``
+    (from independent moment samples) ``a`` is the whole batch and ``b`` the moments.
     """
+    if moments is not None:
+        Lf_m, Lg_m = moments
+        return _second_moment(f), Lf_m, _second_moment(g), Lg_m
     if not split_batch:
         Lf, Lg = _second_moment(f), _second_moment(g)
         return Lf, Lf, Lg, Lg
@@ -176,11 +185,11 @@ def _quadratic_factors(f, g, split_batch: bool):
     return _second_moment(fa), _second_moment(fb), _second_moment(ga), _second_moment(gb)
 
 
-def _objective_value(f, Tg, g, Tadj_f, m, M, split_batch):
+def _objective_value(f, Tg, g, Tadj_f, m, M, split_batch, moments=None):
     # <f_i, T g_i> is estimated twice, from the left batch (f . Tg) and from the
     # right batch (T*f . g); averaging uses both halves of the information.
     linear = 0.5 * (jnp.mean(f * Tg, axis=0) + jnp.mean(Tadj_f * g, axis=0))
-    Lf_a, Lf_b, Lg_a, Lg_b = _quadratic_factors(f, g, split_batch)
+    Lf_a, Lf_b, Lg_a, Lg_b = _quadratic_factors(f, g, split_batch, moments)
     quadratic = 0.5 * jnp.sum(M * (Lf_a * Lg_b + Lf_b * Lg_a))
     return -2.0 * jnp.sum(m * linear) + quadratic
 
@@ -192,7 +201,7 @@ def _masked_gradient(f, Tg, m, M, Lg_for_a, Lg_for_b, split_batch):
     sample in half ``a`` the ``Lambda^g`` is estimated from the *other* half ``b``.
     """
     B = f.shape[0]
-    if split_batch:
+    if split_batch:  # (with moment samples the caller passes split_batch=False)
         fa, fb = _halves(f)
         quad = jnp.concatenate([fa @ (M * Lg_for_a), fb @ (M * Lg_for_b)], axis=0)
     else:
@@ -201,30 +210,34 @@ def _masked_gradient(f, Tg, m, M, Lg_for_a, Lg_for_b, split_batch):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _masked_lora(f, Tg, g, Tadj_f, m, M, value_m, value_M, split_batch):
+def _masked_lora(f, Tg, g, Tadj_f, m, M, value_m, value_M, split_batch, moments=None):
     """Objective with masks ``(value_m, value_M)``, gradient masked by ``(m, M)``.
 
     The two pairs coincide for joint nesting; sequential nesting has no scalar
-    objective, so its value is reported with uniform joint masks.
+    objective, so its value is reported with uniform joint masks. ``moments``:
+    ``None`` or the moment samples' ``(Lambda^f, Lambda^g)``, constants.
     """
-    return _objective_value(f, Tg, g, Tadj_f, value_m, value_M, split_batch)
+    return _objective_value(f, Tg, g, Tadj_f, value_m, value_M, split_batch, moments)
 
 
-def _masked_lora_fwd(f, Tg, g, Tadj_f, m, M, value_m, value_M, split_batch):
-    value = _objective_value(f, Tg, g, Tadj_f, value_m, value_M, split_batch)
-    return value, (f, Tg, g, Tadj_f, m, M, value_m, value_M)
+def _masked_lora_fwd(f, Tg, g, Tadj_f, m, M, value_m, value_M, split_batch, moments=None):
+    value = _objective_value(f, Tg, g, Tadj_f, value_m, value_M, split_batch, moments)
+    return value, (f, Tg, g, Tadj_f, m, M, value_m, value_M, moments)
 
 
 def _masked_lora_bwd(split_batch, residuals, ct):
-    f, Tg, g, Tadj_f, m, M, value_m, value_M = residuals
-    Lf_a, Lf_b, Lg_a, Lg_b = _quadratic_factors(f, g, split_batch)
-    # A sample in half a pairs with the moment of half b and vice versa.
-    grad_f = _masked_gradient(f, Tg, m, M, Lg_b, Lg_a, split_batch)
-    grad_g = _masked_gradient(g, Tadj_f, m, M, Lf_b, Lf_a, split_batch)
+    f, Tg, g, Tadj_f, m, M, value_m, value_M, moments = residuals
+    Lf_a, Lf_b, Lg_a, Lg_b = _quadratic_factors(f, g, split_batch, moments)
+    # A sample in half a pairs with the moment of half b and vice versa; with moment
+    # samples every sample pairs with their moment.
+    split = split_batch and moments is None
+    grad_f = _masked_gradient(f, Tg, m, M, Lg_b, Lg_a, split)
+    grad_g = _masked_gradient(g, Tadj_f, m, M, Lf_b, Lf_a, split)
     zeros = jnp.zeros_like
     return (
         ct * grad_f, zeros(Tg), ct * grad_g, zeros(Tadj_f),
         zeros(m), zeros(M), zeros(value_m), zeros(value_M),
+        None if moments is None else jax.tree_util.tree_map(zeros, moments),
     )
 
 
@@ -243,6 +256,8 @@ def nested_lora_svd_loss(
     nesting: Nesting = "sequential",
     weights=None,
     split_batch: bool = True,
+    f_moment=None,
+    g_moment=None,
 ):
     """Nested LoRA objective for operator SVD (two function families).
 
@@ -262,9 +277,9 @@ def nested_lora_svd_loss(
         dL/df_b = (2/B_x) [ -m * (Tg)_b + f_b @ (M * Lambda^g) ]
         dL/dg_b = (2/B_y) [ -m * (T*f)_b + g_b @ (M * Lambda^f) ]
 
-    with ``Lambda`` from the other half of the batch when ``split_batch``. No gradient
-    flows into ``Tg`` or ``Tadj_f`` (they are wrapped in ``stop_gradient``): the
-    operator is never differentiated.
+    with ``Lambda`` from the other half of the batch when ``split_batch``, or from the
+    moment samples when they are given. No gradient flows into ``Tg`` or ``Tadj_f`` (they
+    are wrapped in ``stop_gradient``): the operator is never differentiated.
 
     Args:
       f: ``(B_x, L)`` left functions at left samples ``x_b``.
@@ -277,16 +292,26 @@ def nested_lora_svd_loss(
         (unbiased; needs even batch sizes). ``False`` uses the whole batch for both
         factors (for full-population or deterministic problems). When x and y are
         drawn as pairs, halves are taken at the same indices on both sides.
+      f_moment: optional ``(B_m, L)`` left functions at *moment samples*: points drawn
+        independently of the batch (from the same density), where no operator is applied.
+        Both together or neither. Then ``Lambda^f = f_moment^T f_moment / B_m`` (and
+        ``Lambda^g`` from ``g_moment``) is the moment every sample's gradient uses, the
+        quadratic term's value is ``sum_ij M_ij (Lf Lg_m + Lf_m Lg)_ij / 2`` (unbiased: the
+        factors are independent), and ``split_batch`` has no effect. No gradient flows
+        into the moment samples (only forward passes are needed there).
+      g_moment: optional ``(B_m', L)`` right functions at moment samples.
 
     Returns:
       Scalar objective estimate, in the dtype of ``f``.
     """
-    f, Tg, g, Tadj_f = _check_svd_inputs(f, Tg, g, Tadj_f, split_batch)
+    f, Tg, g, Tadj_f = _check_svd_inputs(f, Tg, g, Tadj_f, split_batch and f_moment is None)
     L = f.shape[1]
+    moments = _moment_pair(f_moment, g_moment, L, f.dtype)
     m, M = _masks_as(f.dtype, L, nesting, weights)
     value_m, value_M = (m, M) if nesting == "joint" else _masks_as(f.dtype, L, "joint", None)
     Tg, Tadj_f = jax.lax.stop_gradient(Tg), jax.lax.stop_gradient(Tadj_f)
-    return _masked_lora(f, Tg, g, Tadj_f, m, M, value_m, value_M, bool(split_batch))
+    split = bool(split_batch) and moments is None
+    return _masked_lora(f, Tg, g, Tadj_f, m, M, value_m, value_M, split, moments)
 
 
 def nested_lora_loss(
@@ -296,6 +321,7 @@ def nested_lora_loss(
     nesting: Nesting = "sequential",
     weights=None,
     split_batch: bool = True,
+    f_moment=None,
 ):
     """Nested LoRA objective for the eigendecomposition of a self-adjoint operator.
 
@@ -311,7 +337,8 @@ def nested_lora_loss(
         dL/df_b = (4/B) [ -m * (Tf)_b + f_b @ (M * Lambda) ]
 
     where ``Lambda = f^T f / B`` (with ``split_batch``, estimated on the half of the
-    batch that does not contain sample b). **No gradient flows into ``Tf``**: for a
+    batch that does not contain sample b; with ``f_moment``, on the moment samples).
+    **No gradient flows into ``Tf``**: for a
     self-adjoint ``T``, ``d<f, T f> = 2 <df, T f>``, so the linear term's gradient is
     known without differentiating the operator. This is only right if ``T`` is
     self-adjoint in the inner product the batch mean estimates (for importance
@@ -325,14 +352,20 @@ def nested_lora_loss(
       weights: joint-nesting weights ``(L,)`` on ``k`` (normalised; default uniform).
       split_batch: unbiased two-halves estimate of the quadratic term (B must be
         even); ``False`` for full-population / deterministic problems.
+      f_moment: optional ``(B_m, L)`` values of the functions at moment samples, drawn
+        independently of the batch from the same density: ``Lambda`` is estimated there
+        (forward passes only, no operator, no gradient), and ``split_batch`` has no effect.
+        Near the optimum the error of ``Lambda`` is the gradient's noise, so a moment batch
+        several times larger than the batch lowers it (see the module docstring).
 
     Returns:
       Scalar objective estimate, in the dtype of ``f``.
     """
     f, Tf = _check_pair(f, Tf, "f", "Tf")
-    _check_even(f.shape[0], "f", split_batch)
+    _check_even(f.shape[0], "f", split_batch and f_moment is None)
     return nested_lora_svd_loss(
-        f, Tf, f, Tf, nesting=nesting, weights=weights, split_batch=split_batch
+        f, Tf, f, Tf, nesting=nesting, weights=weights, split_batch=split_batch,
+        f_moment=f_moment, g_moment=f_moment,
     )
 
 
@@ -379,6 +412,29 @@ def _check_pair(a, b, name_a, name_b):
     return a, b
 
 
+def _moment_pair(f_moment, g_moment, L, dtype):
+    """``(Lambda^f, Lambda^g)`` of the moment samples (constants), or ``None``."""
+    if f_moment is None and g_moment is None:
+        return None
+    if f_moment is None or g_moment is None:
+        raise ValueError(
+            "give moment samples for both families (f_moment and g_moment) or for neither; "
+            f"got only {'f_moment' if g_moment is None else 'g_moment'}."
+        )
+    moments = []
+    for name, a in (("f_moment", f_moment), ("g_moment", g_moment)):
+        a = jnp.asarray(a)
+        if a.ndim != 2 or a.shape[1] != L or a.shape[0] < 1:
+            raise ValueError(
+                f"{name} must have shape (B_m, L) with L = {L} (the functions at the moment "
+                f"samples), got shape {a.shape}."
+            )
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype}.")
+        moments.append(_second_moment(jax.lax.stop_gradient(a).astype(dtype)))
+    return tuple(moments)
+
+
 def _check_even(B, name, split_batch):
     if split_batch:
         check_even_batch(B, f"the batch size of {name}")
@@ -422,12 +478,24 @@ class OperatorOutput(NamedTuple):
     linear term ``<f, T g>`` is bilinear, so its gradient is known in closed form): an
     estimate here must make ``mean_b f_b . Tg_b`` an unbiased estimate of ``<f, T g>`` whose
     derivative in ``f_b`` is ``Tg_b / B``, and likewise on the right.
+
+    Optionally, *moment samples*: the functions at points drawn independently of the batch
+    from the same density, where no operator is applied (forward passes only; the training
+    loop adds them when ``TrainingConfig.moment_batch_size`` is set)::
+
+        f_moment (B_m, L)   f(x'_b)
+        g_moment (B_m', L)  g(y'_b)    (None for one family: g_moment = f_moment)
+
+    An objective that takes them (:attr:`Objective.takes_moment_samples`) estimates its second
+    moments ``<f_i, f_j>`` there.
     """
 
     f: Any
     Tg: Any
     g: Any = None
     Tadj_f: Any = None
+    f_moment: Any = None
+    g_moment: Any = None
 
     @property
     def is_self_adjoint(self) -> bool:
@@ -449,6 +517,11 @@ def require_self_adjoint(out: OperatorOutput, method: str) -> tuple[Any, Any]:
         raise ValueError(
             f"{method} learns the eigenfunctions of a self-adjoint operator (one family); this "
             "operator gives two families (g, T* f): use nested_lora_objective() for an SVD."
+        )
+    if out.f_moment is not None:
+        raise ValueError(
+            f"{method} does not use moment samples (OperatorOutput.f_moment); only NestedLoRA "
+            "does. Leave TrainingConfig.moment_batch_size None for this objective."
         )
     return out.f, out.Tg
 
@@ -479,6 +552,8 @@ class Objective(NamedTuple):
         method's extra update. Such an objective takes ``init(L, dtype, params)`` (its state
         may hold parameter-shaped averages) and needs one network and a per-point operator,
         so that ``out.f = vmap(apply(params, .))(xs)``.
+      takes_moment_samples: ``True`` if ``loss`` estimates its second moments on the moment
+        samples of :class:`OperatorOutput` when present (NestedLoRA).
     """
 
     name: str
@@ -488,6 +563,7 @@ class Objective(NamedTuple):
     needs_even_batch: bool
     norms_are_eigenvalues: bool = False
     parameter_term: Callable[..., tuple[Any, Any]] | None = None
+    takes_moment_samples: bool = False
 
     def init_state(self, L: int, dtype, params):
         """The objective's state for a network with parameters ``params`` (passed to
@@ -513,8 +589,9 @@ def nested_lora_objective(
                 f"{type(out).__name__}."
             )
         if out.is_self_adjoint:
-            return nested_lora_loss(out.f, out.Tg, **kw), state
-        return nested_lora_svd_loss(out.f, out.Tg, out.g, out.Tadj_f, **kw), state
+            return nested_lora_loss(out.f, out.Tg, f_moment=out.f_moment, **kw), state
+        return nested_lora_svd_loss(out.f, out.Tg, out.g, out.Tadj_f, f_moment=out.f_moment,
+                                    g_moment=out.g_moment, **kw), state
 
     name = "neuralsvd-seq" if nesting == "sequential" else "neuralsvd-joint"
     return Objective(
@@ -524,4 +601,5 @@ def nested_lora_objective(
         readout=lambda f, state: f,
         needs_even_batch=bool(split_batch),
         norms_are_eigenvalues=True,
+        takes_moment_samples=True,
     )

@@ -99,6 +99,12 @@ def make_loss_fn(apply: Apply | tuple[Apply, Apply], operator, objective: Object
     (``<f_i, T g_i> / (|f_i| |g_i|)`` for two families); and ``invalid_points``, the number of
     points whose values are non-finite or larger than ``max_abs_value`` in magnitude (see
     :func:`~nestedlora_jax.operators.valid_points`; :func:`make_train_step` skips such a batch).
+
+    ``moment_batch`` (optional): points drawn independently of ``batch`` (pairs for two
+    networks) where the networks are only evaluated, without gradient, giving the
+    ``f_moment``/``g_moment`` of :class:`~nestedlora_jax.objectives.OperatorOutput`: an objective
+    that takes them (:attr:`~nestedlora_jax.objectives.Objective.takes_moment_samples`)
+    estimates its second moments there.
     """
     objective = objective if objective is not None else nested_lora_objective()
     batch_operator = pointwise_operator(operator)
@@ -119,8 +125,11 @@ def make_loss_fn(apply: Apply | tuple[Apply, Apply], operator, objective: Object
             f"(got {'two networks' if two_networks else 'the batch operator ' + repr(batch_operator.name)})."
         )
 
-    def loss_fn(params, objective_state, batch, key=None):
-        out = batch_operator.apply(network_functions(apply, params), batch, key)
+    def loss_fn(params, objective_state, batch, key=None, moment_batch=None):
+        functions = network_functions(apply, params)
+        out = batch_operator.apply(functions, batch, key)
+        if moment_batch is not None:
+            out = out._replace(**moment_values(functions, moment_batch))
         loss, objective_state = objective.loss(out, objective_state)
         if objective.parameter_term is not None:
             term, objective_state = objective.parameter_term(apply, params, batch, out, objective_state)
@@ -142,7 +151,32 @@ def network_functions(apply, params):
     return lambda x: apply(params, x)
 
 
+def moment_values(functions, moment_batch) -> dict:
+    """``{"f_moment": (B_m, L), "g_moment": ...}``: the networks' values at moment samples
+    (``g_moment`` only for a pair of networks, whose moment batch is a pair ``(xs, ys)``),
+    without gradient."""
+    if isinstance(functions, tuple):
+        (f_fn, g_fn), (xs, ys) = functions, moment_batch
+        return {"f_moment": jax.lax.stop_gradient(jax.vmap(f_fn)(xs)),
+                "g_moment": jax.lax.stop_gradient(jax.vmap(g_fn)(ys))}
+    return {"f_moment": jax.lax.stop_gradient(jax.vmap(functions)(moment_batch))}
+
+
+def _invalid_moment_points(out: OperatorOutput, max_abs_value):
+    count = 0
+    for values in (out.f_moment, out.g_moment):
+        if values is not None:
+            count = count + jnp.sum(~valid_points(values, values, max_abs_value))
+    return count
+
+
 def _output_statistics(out: OperatorOutput, objective: Objective, objective_state, max_abs_value):
+    stats = _batch_statistics(out, objective, objective_state, max_abs_value)
+    stats["invalid_points"] = stats["invalid_points"] + _invalid_moment_points(out, max_abs_value)
+    return stats
+
+
+def _batch_statistics(out: OperatorOutput, objective: Objective, objective_state, max_abs_value):
     if out.is_self_adjoint:
         phi = objective.readout(out.f, objective_state)
         Tphi = objective.readout(out.Tg, objective_state)
@@ -200,6 +234,7 @@ def make_train_step(
     ema_decay: float = 0.999,
     stats_decay: float = 0.99,
     batch_sharding: jax.sharding.Sharding | None = None,
+    moment_batch_size: int | None = None,
 ):
     """A pure training step ``step(state, key) -> state``.
 
@@ -212,16 +247,24 @@ def make_train_step(
     parameters uses the warm-up ``min(ema_decay, (1 + t) / (10 + t))`` so short runs are
     not dominated by the initialisation. With ``batch_sharding`` (e.g.
     :func:`nestedlora_jax.parallel.batch_sharding`) the batch is laid out across devices
-    right where it is drawn, and XLA partitions the rest of the step to match.
+    right where it is drawn, and XLA partitions the rest of the step to match. With
+    ``moment_batch_size`` it also draws that many moment samples per step (from
+    ``fold_in(key, 2)``, so the batch itself is the one drawn without them) and passes them
+    to ``loss_fn`` as ``moment_batch``.
     """
 
     def step(state: TrainState, key) -> TrainState:
         sample_key, operator_key = jax.random.split(key)
         xs = sample(sample_key, batch_size)
+        moments = None
+        if moment_batch_size is not None:
+            moments = sample(jax.random.fold_in(key, 2), moment_batch_size)
         if batch_sharding is not None:
             xs = jax.lax.with_sharding_constraint(xs, batch_sharding)
+            if moments is not None:
+                moments = jax.lax.with_sharding_constraint(moments, batch_sharding)
         (loss, (objective_state, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.objective_state, xs, operator_key
+            state.params, state.objective_state, xs, operator_key, moments
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -508,6 +551,12 @@ def fit(
             raise ValueError(f"hooks must be nestedlora_jax.hooks.Hook objects, got {hook!r}.")
 
     objective = objective if objective is not None else nested_lora_objective()
+    if config.moment_batch_size is not None and not objective.takes_moment_samples:
+        raise ValueError(
+            f"TrainingConfig.moment_batch_size is set ({config.moment_batch_size}), but the "
+            f"{objective.name!r} objective does not use moment samples (only NestedLoRA does): "
+            "leave moment_batch_size None."
+        )
     collapse = config.collapse
     if not objective.norms_are_eigenvalues:
         # The collapse test compares ||f_i||^2 with the Rayleigh quotient, equal only at the
@@ -522,6 +571,8 @@ def fit(
         from nestedlora_jax import parallel
 
         parallel.check_batch_divisible(config.batch_size, mesh, data_axis)
+        if config.moment_batch_size is not None:
+            parallel.check_batch_divisible(config.moment_batch_size, mesh, data_axis)
         sharding = parallel.batch_sharding(mesh, data_axis)
         place = lambda state: parallel.replicate(state, mesh)
 
@@ -531,7 +582,8 @@ def fit(
         optimizer_kind = "custom"
     loss_fn = make_loss_fn(apply, operator, objective, max_abs_value=config.max_abs_value)
     step_fn = make_train_step(loss_fn, optimizer, sampler.sample, config.batch_size,
-                              ema_decay=config.ema_decay, batch_sharding=sharding)
+                              ema_decay=config.ema_decay, batch_sharding=sharding,
+                              moment_batch_size=config.moment_batch_size)
     run_config = config.resume_key() | {
         "collapse": None if collapse is None else dataclasses.asdict(collapse),
         "num_functions": int(L), "objective": objective.name, "optimizer": optimizer_kind,
