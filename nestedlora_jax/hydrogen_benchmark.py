@@ -229,7 +229,8 @@ def training_config(args, seed: int, collapse: CollapseConfig) -> TrainingConfig
     ``--log-every``, ``--checkpoint-every``) for one seed."""
     return TrainingConfig(
         steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=seed,
-        moment_batch_size=args.moment_batch, log_every=args.log_every, checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
+        moment_batch_size=args.moment_batch, log_every=args.log_every,
+        checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
         collapse=collapse,
     )
 

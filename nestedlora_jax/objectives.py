@@ -201,7 +201,7 @@ def _masked_gradient(f, Tg, m, M, Lg_for_a, Lg_for_b, split_batch):
     sample in half ``a`` the ``Lambda^g`` is estimated from the *other* half ``b``.
     """
     B = f.shape[0]
-    if split_batch:  # (with moment samples the caller passes split_batch=False)
+    if split_batch:
         fa, fb = _halves(f)
         quad = jnp.concatenate([fa @ (M * Lg_for_a), fb @ (M * Lg_for_b)], axis=0)
     else:
@@ -215,7 +215,8 @@ def _masked_lora(f, Tg, g, Tadj_f, m, M, value_m, value_M, split_batch, moments=
 
     The two pairs coincide for joint nesting; sequential nesting has no scalar
     objective, so its value is reported with uniform joint masks. ``moments``:
-    ``None`` or the moment samples' ``(Lambda^f, Lambda^g)``, constants.
+    ``None`` or the moment samples' ``(Lambda^f, Lambda^g)``, constants; with them
+    ``split_batch`` must be False.
     """
     return _objective_value(f, Tg, g, Tadj_f, value_m, value_M, split_batch, moments)
 
@@ -229,10 +230,9 @@ def _masked_lora_bwd(split_batch, residuals, ct):
     f, Tg, g, Tadj_f, m, M, value_m, value_M, moments = residuals
     Lf_a, Lf_b, Lg_a, Lg_b = _quadratic_factors(f, g, split_batch, moments)
     # A sample in half a pairs with the moment of half b and vice versa; with moment
-    # samples every sample pairs with their moment.
-    split = split_batch and moments is None
-    grad_f = _masked_gradient(f, Tg, m, M, Lg_b, Lg_a, split)
-    grad_g = _masked_gradient(g, Tadj_f, m, M, Lf_b, Lf_a, split)
+    # samples (then split_batch is False) every sample pairs with their moment.
+    grad_f = _masked_gradient(f, Tg, m, M, Lg_b, Lg_a, split_batch)
+    grad_g = _masked_gradient(g, Tadj_f, m, M, Lf_b, Lf_a, split_batch)
     zeros = jnp.zeros_like
     return (
         ct * grad_f, zeros(Tg), ct * grad_g, zeros(Tadj_f),

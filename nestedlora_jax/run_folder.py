@@ -165,10 +165,12 @@ def check_training_args(args, dim: int) -> None:
                 architecture="shared" if args.method in SHARED_NETWORK_METHODS else "parallel")
     if args.batch is not None and args.batch % 2:
         raise ValueError(f"--batch must be even (the objective splits it in halves), got {args.batch}.")
-    moment_batch = getattr(args, "moment_batch", None)
-    if moment_batch is not None and not args.method.startswith("neuralsvd"):
-        raise ValueError(f"--moment-batch applies to the neuralsvd methods only (NestedLoRA's second "
-                         f"moments); {args.method} does not use it.")
+    if getattr(args, "moment_batch", None) is not None:
+        from nestedlora_jax.solver import make_objective  # the objective says; jax only here
+
+        if not make_objective(args.method).takes_moment_samples:
+            raise ValueError(f"--moment-batch applies to the neuralsvd methods only (NestedLoRA's "
+                             f"second moments); {args.method} does not use it.")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds has repeated seeds: {args.seeds}.")
 

@@ -7,21 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 from linalg_cases import symmetric_matrix
+from test_training import _setup
 
-from nestedlora_jax import problems
 from nestedlora_jax.baselines import neuralef_objective
 from nestedlora_jax.config import TrainingConfig
-from nestedlora_jax.networks import eigenfunction_network, to_apply
 from nestedlora_jax.objectives import (
     OperatorOutput,
     nested_lora_loss,
-    nested_lora_objective,
     nested_lora_svd_loss,
     nesting_masks,
 )
-from nestedlora_jax.operators import problem_operator
 from nestedlora_jax.run_folder import check_training_args
 from nestedlora_jax.training import fit, init_train_state, make_train_step
 
@@ -136,16 +132,6 @@ def test_baselines_refuse_moment_samples_rather_than_ignore_them():
 
 
 # ------------------------------------------------------------- training
-
-
-PROBLEM = problems.HarmonicOscillator(dim=2)
-
-
-def _setup(L=3, seed=0):
-    op = problem_operator(PROBLEM, L)
-    net = eigenfunction_network(2, L, architecture="parallel", hidden=(16, 16), rngs=nnx.Rngs(params=seed))
-    apply, params = to_apply(net)
-    return apply, params, op
 
 
 def test_the_batch_is_the_same_with_and_without_moment_samples():
