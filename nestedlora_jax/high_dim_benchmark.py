@@ -175,6 +175,8 @@ def solve_config(args, seed: int) -> SolveConfig:
 
 
 def run(args) -> dict:
+    if args.moment_batch == 0:  # 0: the second moments from the batch halves, as by default
+        args.moment_batch = None
     check_args(args)
     problem = make_problem(args.problem, args.dim)
     problem.energies(args.states)  # fails now, before training, if L is out of range

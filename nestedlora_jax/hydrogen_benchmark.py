@@ -28,6 +28,7 @@ from nestedlora_jax.run_folder import (
     check_training_args,
     non_negative_int,
     positive_float,
+    positive_float_or_zero,
     positive_int,
     prepare_run_folder,
     seed_int,
@@ -42,7 +43,7 @@ from nestedlora_jax.config import (
     TrainingConfig,
 )
 from nestedlora_jax.hooks import TrainingInterrupted
-from nestedlora_jax.solver import evaluate_result, restore, solve
+from nestedlora_jax.solver import evaluate_result, make_objective, restore, solve
 
 # The paper's figures (NeuralSVD, ICML 2024, its 2-D hydrogen experiment), read off its bar
 # chart (about +-10%), 16 states.
@@ -90,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden widths: of each of the L parallel MLPs (default 32 32 32) or of the "
                         "shared MLP of neuralsvd-joint (default 128 128 128, about the same "
                         "number of parameters at L = 16)")
-    p.add_argument("--network-length", type=positive_float, default=None, metavar="A",
-                   help="the network sees x / A and its radius (Hydrogen.network_length; default: "
-                        "raw coordinates). A = 10 speeds up the lower levels of 36 states; on 16 "
-                        "states one seed of three did better, two worse (README)")
+    p.add_argument("--network-length", type=positive_float_or_zero, default=None, metavar="A",
+                   help="the network sees x / A and its radius (Hydrogen.network_length); 0: raw "
+                        "coordinates. Default: raw up to 16 states, 10 beyond, where it forms the "
+                        "outer levels sooner; on 16 states one seed of three did better, two "
+                        "worse (README)")
     p.add_argument("--grid", type=positive_int, default=300, help="quadrature nodes per polar axis for evaluation")
     p.add_argument("--log-every", type=positive_int, default=500)
     p.add_argument("--checkpoint-every", type=positive_int, default=5000)
@@ -117,10 +119,11 @@ def add_guard_functions_option(p: argparse.ArgumentParser) -> None:
     ``ADDED_OPTIONS``)."""
     p.add_argument("--guard-functions", type=non_negative_int, default=0,
                    help="train L + this many functions, report the first L (SolveConfig.guard_functions)")
-    p.add_argument("--moment-batch", type=positive_int, default=None, metavar="N",
+    p.add_argument("--moment-batch", type=non_negative_int, default=None, metavar="N",
                    help="neuralsvd methods: estimate the second moments <f_i, f_j> on N extra "
-                        "samples per step, forward passes only (TrainingConfig.moment_batch_size; "
-                        "default: from the batch halves)")
+                        "samples per step, forward passes only (TrainingConfig.moment_batch_size); "
+                        "0: from the batch halves. Default: the halves, except 2048 for hydrogen "
+                        "beyond 16 states")
 
 
 # The largest table whose grid and eigenfunctions the tests check (n <= 5, tests/test_problems.py).
@@ -148,10 +151,9 @@ def check_args(args) -> None:
 
 def run(args) -> dict:
     seeds = args.seeds if args.seeds else [args.seed]
-    if args.batch is None:
-        args.batch = default_batch(args.states)
+    resolve_defaults(args)
     check_args(args)
-    problem = Hydrogen(dim=2, network_length=args.network_length)
+    problem = benchmark_problem(args)
     prepare_run_folder(args.out, vars(args) | {"seeds": seeds}, resume=args.resume,
                        overwrite=getattr(args, "overwrite", False), result_keys=RESULT_KEYS,
                        added_options=ADDED_OPTIONS)
@@ -277,6 +279,40 @@ def multiple_of(every: int, log_every: int) -> int:
 
 def default_batch(states: int) -> int:
     return 256 if states <= 9 else 512
+
+
+# Beyond 16 states (n >= 4) the outer levels need both to form: on 36 states (seed 0, 100k
+# steps) 2048 moment samples with raw coordinates gave mean 0.071 with 4 of the 11 n = 5 states
+# at 0.3-0.8; with the scaled input as well, 6.8e-3 with every state formed (README).
+def default_moment_batch(states: int, method: str) -> int | None:
+    """2048 for more than 16 states if the method takes moment samples, else None."""
+    return 2048 if states > 16 and make_objective(method).takes_moment_samples else None
+
+
+def default_network_length(states: int) -> float | None:
+    """10 (Bohr radii) for more than 16 states, else None (raw coordinates)."""
+    return 10.0 if states > 16 else None
+
+
+def resolve_defaults(args) -> None:
+    """Fill, in place, the options whose default depends on ``--states`` (and ``--method``):
+    ``--batch``, ``--moment-batch`` and ``--network-length``; an explicit 0 for the last two
+    means none (``None``). The run folder records the resolved values."""
+    if args.batch is None:
+        args.batch = default_batch(args.states)
+    if args.moment_batch is None:
+        args.moment_batch = default_moment_batch(args.states, args.method)
+    elif args.moment_batch == 0:
+        args.moment_batch = None
+    if args.network_length is None:
+        args.network_length = default_network_length(args.states)
+    elif args.network_length == 0:
+        args.network_length = None
+
+
+def benchmark_problem(args) -> Hydrogen:
+    """The 2-D hydrogen problem of a (resolved) command line."""
+    return Hydrogen(dim=2, network_length=args.network_length)
 
 
 def _data_parallel(n: int | None) -> bool | int:

@@ -114,6 +114,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_float_or_zero(text: str) -> float:
+    """argparse type: a finite number >= 0 (0 typically meaning "none")."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return positive_float(text)
+
+
 # ----------------------------------------------------------------------- run folders
 
 
