@@ -116,9 +116,13 @@ def positive_float(text: str) -> float:
 
 def positive_float_or_zero(text: str) -> float:
     """argparse type: a finite number >= 0 (0 typically meaning "none")."""
-    if text.strip() in ("0", "0.0"):
-        return 0.0
-    return positive_float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: none), got {text}")
+    return abs(value)  # -0.0 -> 0.0
 
 
 # ----------------------------------------------------------------------- run folders
