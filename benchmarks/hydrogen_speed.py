@@ -25,20 +25,20 @@ from nestedlora_jax.hydrogen_benchmark import (build_parser, benchmark_problem, 
 from nestedlora_jax.solver import make_objective, solve
 
 
-def measure(method: str, states: int, steps: int, batch: int, moment_batch: int | None = None) -> dict:
+def measure(method: str, states: int, steps: int, batch: int, moment_batch: int = 0) -> dict:
+    """``moment_batch``: moment samples per step, 0 for none (the batch halves)."""
     half = steps // 2
-    extra = ["--moment-batch", str(moment_batch or 0)]
     args = build_parser().parse_args(
         ["--method", method, "--states", str(states), "--steps", str(steps), "--batch", str(batch),
-         "--log-every", str(half), "--checkpoint-every", str(steps), "--grid", "40", *extra])
+         "--log-every", str(half), "--checkpoint-every", str(steps), "--grid", "40",
+         "--moment-batch", str(moment_batch)])
     resolve_defaults(args)
     config = solve_config(args, 0).replace(training={"checkpoint_every": None})
     result = solve(benchmark_problem(args), states, config=config, progress=False)
     times = {e["step"]: e["time"] for e in result.fit.history}
     rate = half / (times[steps] - times[half])
-    return {"method": method, "states": states, "batch": batch, "moment_batch": moment_batch,
-            "network_length": args.network_length,
-            "steps_timed": half,
+    return {"method": method, "states": states, "batch": batch, "moment_batch": args.moment_batch,
+            "network_length": args.network_length, "steps_timed": half,
             "steps_per_s": rate, "first_half_s": times[half]}
 
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         for method in args.methods:
             takes = make_objective(method).takes_moment_samples
             for m in (args.moment_batch or [0]) if takes else [0]:
-                row = measure(method, args.states, args.steps, batch, m or None)
+                row = measure(method, args.states, args.steps, batch, m)
                 print(f"{method:22s} batch {batch:4d}, moment samples {m:5d}: "
                       f"{row['steps_per_s']:7.1f} steps/s", flush=True)
                 rows.append(row)

@@ -105,23 +105,22 @@ def check_sizes(*, states: int, batch: int | None, hidden, dim: int, architectur
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+    return _float(text, allow_zero=False)
 
 
 def positive_float_or_zero(text: str) -> float:
     """argparse type: a finite number >= 0 (0 typically meaning "none")."""
+    return _float(text, allow_zero=True)
+
+
+def _float(text: str, allow_zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: none), got {text}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0 (0: none)" if allow_zero else "> 0"
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
     return abs(value)  # -0.0 -> 0.0
 
 
