@@ -52,6 +52,7 @@ from nestedlora_jax.run_folder import (
     positive_int,
     prepare_run_folder,
     seed_int,
+    zero_means_none,
 )
 from nestedlora_jax.config import (
     METHODS,
@@ -174,9 +175,14 @@ def solve_config(args, seed: int) -> SolveConfig:
     )
 
 
+def resolve_defaults(args) -> None:
+    """Fill, in place, what the command line leaves implicit: ``--moment-batch 0`` means the
+    second moments from the batch halves, as its default (``None``) does."""
+    args.moment_batch = zero_means_none(args.moment_batch)
+
+
 def run(args) -> dict:
-    if args.moment_batch == 0:  # 0: the second moments from the batch halves, as by default
-        args.moment_batch = None
+    resolve_defaults(args)
     check_args(args)
     problem = make_problem(args.problem, args.dim)
     problem.energies(args.states)  # fails now, before training, if L is out of range

@@ -32,6 +32,7 @@ from nestedlora_jax.run_folder import (
     positive_int,
     prepare_run_folder,
     seed_int,
+    zero_means_none,
 )
 from nestedlora_jax.config import (
     METHODS,
@@ -302,12 +303,12 @@ def resolve_defaults(args) -> None:
         args.batch = default_batch(args.states)
     if args.moment_batch is None:
         args.moment_batch = default_moment_batch(args.states, args.method)
-    elif args.moment_batch == 0:
-        args.moment_batch = None
+    else:
+        args.moment_batch = zero_means_none(args.moment_batch)
     if args.network_length is None:
         args.network_length = default_network_length(args.states)
-    elif args.network_length == 0:
-        args.network_length = None
+    else:
+        args.network_length = zero_means_none(args.network_length)
 
 
 def benchmark_problem(args) -> Hydrogen:

@@ -113,6 +113,12 @@ def positive_float_or_zero(text: str) -> float:
     return _float(text, allow_zero=True)
 
 
+def zero_means_none(value):
+    """An option whose explicit 0 means "none" (``--moment-batch 0``, ``--network-length 0``):
+    ``None`` for 0, the value otherwise (``None`` stays ``None``)."""
+    return None if value == 0 else value
+
+
 def _float(text: str, allow_zero: bool) -> float:
     try:
         value = float(text)

@@ -9,7 +9,7 @@ import pytest
 
 from nestedlora_jax import solve
 from nestedlora_jax.config import EvaluationConfig, SolveConfig, TrainingConfig
-from nestedlora_jax.high_dim_benchmark import main, make_problem
+from nestedlora_jax.high_dim_benchmark import build_parser, main, make_problem, resolve_defaults
 from nestedlora_jax.problems import CoupledOscillator
 
 
@@ -68,6 +68,16 @@ def test_benchmark_writes_results_with_standard_errors_and_resumes(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main([a if a != "200" else "300" for a in args] + ["--resume", "--no-figures"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("given, expected", [([], None), (["--moment-batch", "0"], None),
+                                             (["--moment-batch", "512"], 512)])
+def test_moment_batch_zero_means_the_batch_halves(given, expected):
+    """``--moment-batch 0`` asks for the default (second moments from the batch halves), which
+    the run records as ``None``; any other count is kept."""
+    args = build_parser().parse_args(["--problem", "coupled-oscillator", "--dim", "5"] + given)
+    resolve_defaults(args)
+    assert args.moment_batch == expected
 
 
 def test_problem_names_and_bad_dimensions():
