@@ -95,25 +95,28 @@ def test_default_batch_grows_with_the_number_of_states():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], (256, None, None)),
-    (["--states", "16"], (512, None, None)),
-    (["--states", "17"], (512, 2048, 10.0)),
-    (["--states", "36"], (512, 2048, 10.0)),
-    (["--states", "36", "--method", "neuralef"], (512, None, 10.0)),  # takes no moment samples
-    (["--states", "36", "--moment-batch", "0", "--network-length", "0"], (512, None, None)),
-    (["--states", "36", "--moment-batch", "512", "--network-length", "4", "--batch", "256"],
-     (256, 512, 4.0)),
-    (["--states", "9", "--moment-batch", "1024", "--network-length", "10"], (256, 1024, 10.0)),
+    ([], (40000, 256, None, None)),
+    (["--states", "10"], (100000, 512, None, None)),
+    (["--states", "16"], (100000, 512, None, None)),
+    (["--states", "17"], (100000, 512, 2048, 10.0)),
+    (["--states", "36"], (100000, 512, 2048, 10.0)),
+    (["--states", "36", "--method", "neuralef"], (100000, 512, None, 10.0)),  # no moment samples
+    (["--states", "36", "--moment-batch", "0", "--network-length", "0"], (100000, 512, None, None)),
+    (["--states", "36", "--moment-batch", "512", "--network-length", "4", "--batch", "256",
+      "--steps", "500"], (500, 256, 512, 4.0)),
+    (["--states", "9", "--moment-batch", "1024", "--network-length", "10", "--steps", "0"],
+     (0, 256, 1024, 10.0)),
 ])
 def test_defaults_resolved_from_the_number_of_states(argv, expected):
-    """Beyond 16 states the bare command takes moment samples and the scaled input; an explicit
-    value, 0 meaning none, overrides either."""
+    """Beyond 9 states the bare command trains longer on a larger batch; beyond 16 it takes
+    moment samples and the scaled input; an explicit value, 0 meaning none for the last two,
+    overrides any of them."""
     from nestedlora_jax.hydrogen_benchmark import benchmark_problem, build_parser, resolve_defaults
 
     args = build_parser().parse_args(argv)
     resolve_defaults(args)
-    assert (args.batch, args.moment_batch, args.network_length) == expected
-    assert benchmark_problem(args).network_length == expected[2]
+    assert (args.steps, args.batch, args.moment_batch, args.network_length) == expected
+    assert benchmark_problem(args).network_length == expected[3]
 
 
 @pytest.mark.parametrize("option", ["--moment-batch", "--network-length"])
