@@ -99,9 +99,11 @@ def test_default_batch_grows_with_the_number_of_states():
     (["--states", "10"], (100000, 512, None, None)),
     (["--states", "16"], (100000, 512, None, None)),
     (["--states", "17"], (100000, 512, 2048, 10.0)),
-    (["--states", "36"], (100000, 512, 2048, 10.0)),
-    (["--states", "36", "--method", "neuralef"], (100000, 512, None, 10.0)),  # no moment samples
-    (["--states", "36", "--moment-batch", "0", "--network-length", "0"], (100000, 512, None, None)),
+    (["--states", "25"], (100000, 512, 2048, 10.0)),
+    (["--states", "26"], (150000, 512, 2048, 10.0)),
+    (["--states", "36"], (150000, 512, 2048, 10.0)),
+    (["--states", "36", "--method", "neuralef"], (150000, 512, None, 10.0)),  # no moment samples
+    (["--states", "36", "--moment-batch", "0", "--network-length", "0"], (150000, 512, None, None)),
     (["--states", "36", "--moment-batch", "512", "--network-length", "4", "--batch", "256",
       "--steps", "500"], (500, 256, 512, 4.0)),
     (["--states", "9", "--moment-batch", "1024", "--network-length", "10", "--steps", "0"],
@@ -109,8 +111,8 @@ def test_default_batch_grows_with_the_number_of_states():
 ])
 def test_defaults_resolved_from_the_number_of_states(argv, expected):
     """Beyond 9 states the bare command trains longer on a larger batch; beyond 16 it takes
-    moment samples and the scaled input; an explicit value, 0 meaning none for the last two,
-    overrides any of them."""
+    moment samples and the scaled input, beyond 25 (the n = 5 level) longer still; an explicit
+    value, 0 meaning none for the last two, overrides any of them."""
     from nestedlora_jax.hydrogen_benchmark import benchmark_problem, build_parser, resolve_defaults
 
     args = build_parser().parse_args(argv)
