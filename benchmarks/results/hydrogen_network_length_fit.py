@@ -1,14 +1,13 @@
 """Can the default hydrogen network represent a level's ``f = psi / sqrt(p)``? A supervised fit
 (part of the record hydrogen_network_length.json).
 
-python hydrogen_network_length_fit.py L LEVEL STEPS [A [HIDDEN]]: fit the states of level n = LEVEL among
-the L lowest (the problem's default network, ``default_network``: one parallel 32-32-32
-softplus MLP per state, radial input) to ``psi / sqrt(p)`` under the problem's L-state sampler
-``p``, by Adam (3e-3, cosine to 1%) on batches of 512, and print the relative L2 error per
-state on 65 536 fresh samples. ``A``: the network sees
-``x / A`` and its radius (``Hydrogen(network_length=A)``); without it or with 0, raw
-coordinates. ``HIDDEN``: hidden widths of each parallel MLP, e.g. ``64,64,64`` (default
-``32,32,32``).
+python hydrogen_network_length_fit.py L LEVEL STEPS [A [HIDDEN]]: fit the states of level
+n = LEVEL among the L lowest (the problem's default network, ``default_network``: one parallel
+32-32-32 softplus MLP per state, radial input) to ``psi / sqrt(p)`` under the problem's L-state
+sampler ``p``, by Adam (3e-3, cosine to 1%) on batches of 512, and print the relative L2 error
+per state on 65 536 fresh samples. ``A``: the network sees ``x / A`` and its radius
+(``Hydrogen(network_length=A)``); without it or with 0, raw coordinates. ``HIDDEN``: hidden
+widths of each parallel MLP, e.g. ``64,64,64`` (default ``32,32,32``).
 """
 import sys, time
 import numpy as np, jax, jax.numpy as jnp, optax
@@ -47,5 +46,6 @@ for i in range(steps):
     key, k = jax.random.split(key)
     params, state, _ = step(params, state, k)
 rel = np.sqrt(np.asarray(relative_sq_error(params, x_eval)))
-print(f"L={L} n={level} network_length={length} steps={steps} hidden={hidden}: relative L2 error per state "
-      f"mean {rel.mean():.2e}, worst {rel.max():.2e} ({time.time() - t0:.0f} s)")
+print(f"L={L} n={level} network_length={length} steps={steps} hidden={hidden}: "
+      f"relative L2 error per state mean {rel.mean():.2e}, worst {rel.max():.2e} "
+      f"({time.time() - t0:.0f} s)")
