@@ -7,17 +7,19 @@ n = LEVEL among the L lowest (the problem's default network, ``default_network``
 sampler ``p``, by Adam (3e-3, cosine to 1%) on batches of 512, and print the relative L2 error
 per state on 65 536 fresh samples. ``A``: the network sees ``x / A`` and its radius
 (``Hydrogen(network_length=A)``); without it or with 0, raw coordinates. ``HIDDEN``: hidden
-widths of each parallel MLP, e.g. ``64,64,64`` (default ``32,32,32``).
+widths of each parallel MLP, e.g. ``64,64,64`` (default: ``NetworkConfig``'s, 32-32-32).
 """
 import sys, time
 import numpy as np, jax, jax.numpy as jnp, optax
 from flax import nnx
 from nestedlora_jax.problems import Hydrogen
+from nestedlora_jax.run_folder import zero_means_none
 from nestedlora_jax.solver import NetworkConfig, default_network
 
 L, level, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-length = (float(sys.argv[4]) or None) if len(sys.argv) > 4 else None
-hidden = tuple(int(h) for h in sys.argv[5].split(",")) if len(sys.argv) > 5 else (32, 32, 32)
+length = zero_means_none(float(sys.argv[4])) if len(sys.argv) > 4 else None
+# None: NetworkConfig's own default widths
+hidden = tuple(int(h) for h in sys.argv[5].split(",")) if len(sys.argv) > 5 else None
 problem = Hydrogen(dim=2, network_length=length)
 sampler = problem.default_sampler(L)
 idx = jnp.array([i for i, s in enumerate(problem.states(L)) if s[0] == level])
