@@ -47,17 +47,20 @@ __all__ = [
 # Version 3: SolveConfig.guard_functions (0 by default, as versions 1 and 2 trained).
 # Version 4: CollapseConfig.formed_ratio (0.5: only formed functions are reordered; versions
 # 2 and 3 reordered every function, and read as 0).
+# Version 5: CollapseConfig.reference ("rayleigh" by default, the test every earlier version
+# ran).
 # A version-1 configuration is read with both off, as it was trained.
-CONFIG_VERSION = 4
-READABLE_CONFIG_VERSIONS = (1, 2, 3, 4)
+CONFIG_VERSION = 5
+READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5)
 
 
 def upgrade_config_dict(data: dict) -> dict:
     """A saved :class:`SolveConfig` dictionary of a readable older version, as the current
     version reads it (the same run): version 1 had no Gaussian envelope and no reordering;
-    versions before 4 reordered functions still forming too (``formed_ratio`` 0)."""
+    versions before 4 reordered functions still forming too (``formed_ratio`` 0); versions
+    before 5 compared norms with Rayleigh quotients, the default ``reference``."""
     version = data.get("version")
-    if version in (1, 2, 3):
+    if version in (1, 2, 3, 4):
         network = dict(data.get("network") or {})
         training = dict(data.get("training") or {})
         collapse = training.get("collapse")
@@ -65,7 +68,7 @@ def upgrade_config_dict(data: dict) -> dict:
             network.setdefault("gaussian_envelope", False)
             if isinstance(collapse, dict):
                 collapse = {"reorder": False, **collapse}
-        if isinstance(collapse, dict):
+        if isinstance(collapse, dict) and version < 4:
             training["collapse"] = {"formed_ratio": 0.0, **collapse}
         data = {**data, "network": network, "training": training, "version": CONFIG_VERSION}
     return data

@@ -43,7 +43,7 @@ from nestedlora_jax.config import (
     SolveConfig,
     TrainingConfig,
 )
-from nestedlora_jax.hooks import TrainingInterrupted
+from nestedlora_jax.hooks import COLLAPSE_REFERENCES, TrainingInterrupted
 from nestedlora_jax.solver import evaluate_result, make_objective, restore, solve
 
 # The paper's figures (NeuralSVD, ICML 2024, its 2-D hydrogen experiment), read off its bar
@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run in --out (without it, a folder holding a run is refused)")
     p.add_argument("--no-collapse-remedy", action="store_true",
                    help="only report collapsed functions, do not re-initialise them")
+    p.add_argument("--collapse-reference", choices=COLLAPSE_REFERENCES, default="rayleigh",
+                   help="what a function's norm is compared with to judge it collapsed "
+                        "(CollapseConfig.reference): its Rayleigh quotient, or the Rayleigh "
+                        "quotient of the residual the earlier functions leave it")
     p.add_argument("--data-parallel", type=positive_int, nargs="?", const=-1, default=None, metavar="N",
                    help="split each batch over N devices (all devices if N is omitted; "
                         "--batch must be divisible by N)")
@@ -136,10 +140,11 @@ MAX_STATES = 36
 
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("method", "states", "guard_functions", "steps", "batch", "lr", "hidden",
-               "no_collapse_remedy", "network_length", "moment_batch")
+               "no_collapse_remedy", "network_length", "moment_batch", "collapse_reference")
 # Options added after runs were recorded, with the value those runs had (so they resume);
 # shared with the high-dimensional command, which reads the keys it has.
-ADDED_OPTIONS = {"guard_functions": 0, "network_length": None, "moment_batch": None}
+ADDED_OPTIONS = {"guard_functions": 0, "network_length": None, "moment_batch": None,
+                 "collapse_reference": "rayleigh"}
 
 
 def check_args(args) -> None:
@@ -225,7 +230,8 @@ def solve_config(args, seed: int) -> SolveConfig:
     return SolveConfig(
         method=args.method,
         network=NetworkConfig(hidden=tuple(args.hidden or _default_hidden(args.method))),
-        training=training_config(args, seed, CollapseConfig(reinitialize=not args.no_collapse_remedy)),
+        training=training_config(args, seed, CollapseConfig(
+            reinitialize=not args.no_collapse_remedy, reference=args.collapse_reference)),
         evaluation=EvaluationConfig(grid_size=args.grid),
         guard_functions=args.guard_functions,
     )

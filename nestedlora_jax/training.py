@@ -96,7 +96,10 @@ def make_loss_fn(apply: Apply | tuple[Apply, Apply], operator, objective: Object
     ``stats`` holds per-function batch estimates: ``norms`` = ``mean_b f_bi^2`` (the NestedLoRA
     eigenvalue estimate; ``sqrt(mean f_i^2 mean g_i^2)``, the singular value estimate, for two
     families), ``rayleigh`` = Rayleigh quotients of the objective's eigenfunction estimates
-    (``<f_i, T g_i> / (|f_i| |g_i|)`` for two families); and ``invalid_points``, the number of
+    (``<f_i, T g_i> / (|f_i| |g_i|)`` for two families), ``residual_rayleigh`` = under
+    NestedLoRA the Rayleigh quotients of the residual ``T - sum_{j<i} f_j g_j^T`` each function
+    is left (see :class:`~nestedlora_jax.hooks.CollapseConfig`; the plain ones for other
+    objectives); and ``invalid_points``, the number of
     points whose values are non-finite or larger than ``max_abs_value`` in magnitude (see
     :func:`~nestedlora_jax.operators.valid_points`; :func:`make_train_step` skips such a batch).
 
@@ -184,15 +187,46 @@ def _batch_statistics(out: OperatorOutput, objective: Objective, objective_state
         # A function that is exactly zero (fully collapsed) has no Rayleigh quotient; report
         # 0 rather than NaN so the collapse test can see it.
         rayleigh = jnp.where(phi_sq > 0, jnp.mean(phi * Tphi, axis=0) / jnp.where(phi_sq > 0, phi_sq, 1), 0)
-        return {"norms": jnp.mean(out.f * out.f, axis=0), "rayleigh": rayleigh,
+        norms = jnp.mean(out.f * out.f, axis=0)
+        residual = rayleigh
+        if objective.norms_are_eigenvalues:
+            cross = jnp.mean(out.f * out.Tg, axis=0)
+            left = out.f if out.f_moment is None else out.f_moment
+            residual = _residual_quotients(cross, norms, _earlier_overlaps(left, left))
+        return {"norms": norms, "rayleigh": rayleigh, "residual_rayleigh": residual,
                 "invalid_points": jnp.sum(~valid_points(out.f, out.Tg, max_abs_value))}
     # Two families: at the optimum f_i = sqrt(s_i) phi_i and g_i = sqrt(s_i) psi_i.
     norms = jnp.sqrt(jnp.mean(out.f * out.f, axis=0) * jnp.mean(out.g * out.g, axis=0))
     cross = 0.5 * (jnp.mean(out.f * out.Tg, axis=0) + jnp.mean(out.Tadj_f * out.g, axis=0))
     rayleigh = jnp.where(norms > 0, cross / jnp.where(norms > 0, norms, 1), 0)
+    residual = rayleigh
+    if objective.norms_are_eigenvalues:
+        left = out.f if out.f_moment is None else out.f_moment
+        right = out.g if out.g_moment is None else out.g_moment
+        residual = _residual_quotients(cross, norms, _earlier_overlaps(left, right))
     invalid = (jnp.sum(~valid_points(out.f, out.Tg, max_abs_value))
                + jnp.sum(~valid_points(out.g, out.Tadj_f, max_abs_value)))
-    return {"norms": norms, "rayleigh": rayleigh, "invalid_points": invalid}
+    return {"norms": norms, "rayleigh": rayleigh, "residual_rayleigh": residual,
+            "invalid_points": invalid}
+
+
+def _earlier_overlaps(left, right):
+    """``(L,)``: ``sum_{j<i} <f_i, f_j> <g_i, g_j>`` (``g = f`` for one family), each product
+    of two expectations estimated without bias from the two halves of the samples
+    (``(B, L)`` each; an odd last sample is left out)."""
+    half = left.shape[0] // 2
+    gram = lambda v, w: v.T @ w / half
+    fa, fb = gram(left[:half], left[:half]), gram(left[half:2 * half], left[half:2 * half])
+    ga, gb = gram(right[:half], right[:half]), gram(right[half:2 * half], right[half:2 * half])
+    products = 0.5 * (fa * gb + fb * ga)
+    return jnp.sum(jnp.tril(products, k=-1), axis=1)
+
+
+def _residual_quotients(cross, norms, overlaps):
+    """``(<f_i, T g_i> - sum_{j<i} <f_i, f_j><g_i, g_j>) / (|f_i| |g_i|)``: the Rayleigh
+    quotient of function i for the residual ``T - sum_{j<i} f_j g_j^T`` left to it by the
+    earlier functions (``g = f``, ``T g = T f`` for one family)."""
+    return jnp.where(norms > 0, (cross - overlaps) / jnp.where(norms > 0, norms, 1), 0)
 
 
 # ----------------------------------------------------------------- state and step
@@ -208,6 +242,7 @@ class TrainState(NamedTuple):
     objective_state: PyTree
     norms: jax.Array  # (L,) running mean of ||f_i||^2
     rayleigh: jax.Array  # (L,) running mean of the Rayleigh quotients
+    residual_rayleigh: jax.Array  # (L,) running mean of the residual Rayleigh quotients
     loss: jax.Array  # () last finite loss
     bad_steps: jax.Array  # () total skipped steps
     consecutive_bad: jax.Array  # () current run of skipped steps
@@ -280,6 +315,9 @@ def make_train_step(
         sd = jnp.where(state.step == 0, 0.0, stats_decay)
         norms = sd * state.norms + (1.0 - sd) * stats["norms"]
         rayleigh = sd * state.rayleigh + (1.0 - sd) * stats["rayleigh"]
+        # A loss_fn of the user's own may not report residual quotients.
+        residual = (sd * state.residual_rayleigh
+                    + (1.0 - sd) * stats.get("residual_rayleigh", stats["rayleigh"]))
         new = state._replace(
             params=params,
             ema_params=ema,
@@ -287,6 +325,7 @@ def make_train_step(
             objective_state=objective_state,
             norms=norms.astype(state.norms.dtype),
             rayleigh=rayleigh.astype(state.rayleigh.dtype),
+            residual_rayleigh=residual.astype(state.residual_rayleigh.dtype),
             loss=loss.astype(state.loss.dtype),
         )
         kept = _select(ok, new, state)
@@ -316,6 +355,7 @@ def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, L:
         objective_state=objective.init_state(L, dtype, params),
         norms=jnp.zeros((L,), dtype),
         rayleigh=jnp.zeros((L,), dtype),
+        residual_rayleigh=jnp.zeros((L,), dtype),
         loss=jnp.zeros((), dtype),
         bad_steps=jnp.zeros((), jnp.int32),
         consecutive_bad=jnp.zeros((), jnp.int32),

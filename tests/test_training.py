@@ -21,7 +21,8 @@ from nestedlora_jax.hooks import (
     dead_functions,
     reinitialize_functions,
 )
-from nestedlora_jax.training import default_optimizer, fit
+from nestedlora_jax.objectives import OperatorOutput
+from nestedlora_jax.training import _batch_statistics, default_optimizer, fit
 
 PROBLEM = problems.HarmonicOscillator(dim=2)
 
@@ -223,6 +224,65 @@ def test_dead_function_criterion():
     np.testing.assert_array_equal(dead_functions(norms, rayleigh, 0.1), [2, 3])
 
 
+def _forming_function_outputs(two_families):
+    """Exact outputs on a finite operator (``n`` points, ``<u, w> = mean(u w)``, each batch
+    half the full set, so every estimate is exact): functions 0 and 1 converged,
+    ``f_j = sqrt(s_j) u_j``, and function 2 still forming, ``a u_2 + b u_0``, with ``a^2 =
+    b^2 = s_2``. ``s = (1, 0.3, 0.02)`` (eigenvalues, or singular values for two families)."""
+    n, s, a, b = 6, np.array([1.0, 0.3, 0.02]), np.sqrt(0.02), np.sqrt(0.02)
+    rng = np.random.default_rng(3)
+    U = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, n)))[0] if two_families else U
+    A = (U[:, :3] * s) @ V[:, :3].T + (U[:, 3:] * [0.01, 0.0, -0.5]) @ V[:, 3:].T
+    u, v = np.sqrt(n) * U, np.sqrt(n) * V  # unit norm in <., .>; <u_i, T v_i> = s_i
+
+    def family(w):
+        return np.stack([np.sqrt(s[0]) * w[:, 0], np.sqrt(s[1]) * w[:, 1],
+                         a * w[:, 2] + b * w[:, 0]], axis=1)
+
+    twice = lambda x: jnp.asarray(np.concatenate([x, x]), jnp.float32)
+    f, g = family(u), family(v)
+    if not two_families:
+        return OperatorOutput(twice(f), twice(A @ f)), s, a, b
+    return OperatorOutput(twice(f), twice(A @ g), twice(g), twice(A.T @ f)), s, a, b
+
+
+@pytest.mark.parametrize("two_families", [False, True])
+def test_residual_rayleigh_is_the_quotient_of_the_operator_the_earlier_functions_leave(two_families):
+    """``(<f_i, T g_i> - sum_{j<i} <f_i, f_j><g_i, g_j>) / (|f_i||g_i|)``: for converged
+    functions it is their eigenvalue (singular value); for a function mixing ``u_2`` with
+    the earlier ``u_0`` it drops the ``u_0`` part (``s_2 a^2 / (a^2 + b^2)``), which inflates
+    the plain Rayleigh quotient to ``(s_2 a^2 + s_0 b^2) / (a^2 + b^2)``. So the plain test
+    calls that function dead and the residual test does not."""
+    out, s, a, b = _forming_function_outputs(two_families)
+    stats = _batch_statistics(out, nested_lora_objective(), None, 1e30)
+    mix = a**2 + b**2
+    np.testing.assert_allclose(stats["norms"], [s[0], s[1], mix], rtol=1e-5)
+    np.testing.assert_allclose(stats["rayleigh"], [s[0], s[1], (s[2] * a**2 + s[0] * b**2) / mix],
+                               rtol=1e-5)
+    np.testing.assert_allclose(stats["residual_rayleigh"], [s[0], s[1], s[2] * a**2 / mix],
+                               rtol=1e-4)
+    assert list(dead_functions(stats["norms"], stats["rayleigh"], 0.1)) == [2]
+    assert list(dead_functions(stats["norms"], stats["residual_rayleigh"], 0.1)) == []
+
+
+def test_residual_rayleigh_takes_its_overlaps_from_the_moment_samples():
+    """With moment samples, the products ``<f_i, f_j>^2`` come from them, not the batch."""
+    out, s, a, b = _forming_function_outputs(False)
+    lone = out._replace(f_moment=out.f, f=out.f.at[:, 0].set(0.0))  # batch overlaps now zero
+    stats = _batch_statistics(lone, nested_lora_objective(), None, 1e30)
+    np.testing.assert_allclose(stats["residual_rayleigh"][2], s[2] * a**2 / (a**2 + b**2), rtol=1e-4)
+
+
+def test_residual_rayleigh_is_the_plain_one_where_norms_are_not_eigenvalues():
+    from nestedlora_jax.baselines import neuralef_objective
+
+    out, *_ = _forming_function_outputs(False)
+    objective = neuralef_objective()
+    stats = _batch_statistics(out, objective, objective.init_state(3, jnp.float32, None), 1e30)
+    np.testing.assert_array_equal(stats["residual_rayleigh"], stats["rayleigh"])
+
+
 @pytest.mark.parametrize("optimizer", ["default", "sgd-momentum", "adamw-chain"])
 def test_reinitialize_replaces_only_dead_rows_for_any_optax_optimizer(optimizer):
     """The dead function's parameters and EMA come from the fresh draw; in every part of the
@@ -279,16 +339,33 @@ def test_collapse_config_validation():
         CollapseConfig(patience=0)
     with pytest.raises(ValueError, match="start_fraction"):
         CollapseConfig(start_fraction=0.9, stop_fraction=0.5)
+    with pytest.raises(ValueError, match=r"reference must be one of \('rayleigh', 'residual'\)"):
+        CollapseConfig(reference="residue")
 
 
+def test_a_version_four_configuration_reads_with_the_rayleigh_reference():
+    from nestedlora_jax.config import CONFIG_VERSION, SolveConfig
+
+    data = SolveConfig().to_dict()
+    assert data["version"] == CONFIG_VERSION == 5
+    assert data["training"]["collapse"]["reference"] == "rayleigh"
+    collapse = {k: v for k, v in data["training"]["collapse"].items() if k != "reference"}
+    old = {**data, "version": 4, "training": {**data["training"], "collapse": collapse}}
+    assert SolveConfig.from_dict(old) == SolveConfig()
+    residual = SolveConfig(training=TrainingConfig(collapse=CollapseConfig(reference="residual")))
+    assert SolveConfig.from_dict(residual.to_dict()) == residual
+
+
+@pytest.mark.parametrize("reference", ["rayleigh", "residual"])
 @pytest.mark.parametrize("reinitialize", [False, True])
-def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize):
+def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize, reference):
     """An exactly-zero function is a fixed point of the masked gradient (zero is a saddle):
-    without re-initialisation it stays dead; with it, it is replaced and learns."""
+    without re-initialisation it stays dead; with it, it is replaced and learns. Either
+    reference quotient sees it."""
     apply, params, op, init_params = _one_dead_function()
 
     collapse = CollapseConfig(check_every=200, start_fraction=0.1, stop_fraction=0.5,
-                              reinitialize=reinitialize, patience=2)
+                              reinitialize=reinitialize, patience=2, reference=reference)
     config = TrainingConfig(steps=1200, batch_size=64, log_every=100, learning_rate=3e-3,
                             collapse=collapse)
     res = fit(apply, params, op.op, op.sampler, config=config, progress=False, init_params=init_params)
