@@ -13,6 +13,7 @@ that step does not collide with it) and warns, naming the step and the reason.
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 from typing import Any
@@ -53,6 +54,17 @@ def _signature_difference(saved: list, wanted: list, limit: int = 4) -> str:
     lines += [f"{p}: in the checkpoint only" for p in saved_map if p not in wanted_map]
     more = f" (and {len(lines) - limit} more)" if len(lines) > limit else ""
     return "; ".join(lines[:limit]) + more
+
+
+def _without_added_fields(like: Any):
+    """``like`` without the fields its NamedTuple type gained after checkpoints were written
+    (its class attribute ``ADDED_FIELDS``: field name -> how to fill it from a dict of the
+    older state's fields), as a NamedTuple of the older fields; ``None`` if it has none."""
+    added = getattr(type(like), "ADDED_FIELDS", None)
+    if not added or not hasattr(like, "_asdict"):
+        return None
+    fields = {k: v for k, v in like._asdict().items() if k not in added}
+    return collections.namedtuple(type(like).__name__, list(fields))(**fields)
 
 
 class CheckpointManager:
@@ -97,12 +109,32 @@ class CheckpointManager:
 
         Returns ``(state, metadata)``, or ``None`` if the directory has no checkpoint.
 
+        A checkpoint written before ``like``'s NamedTuple type gained fields (listed in its
+        class attribute ``ADDED_FIELDS``, each with a function of the older fields that fills
+        it) is restored without them and filled: runs saved by an earlier version still load
+        and resume.
+
         Raises:
           CheckpointMismatchError: the newest readable checkpoint holds a state of other
             shapes than ``like`` (a changed configuration: not a damaged file, so no fallback).
           DamagedCheckpointError: checkpoints exist but none could be read (each one's reason
             is in the message).
         """
+        try:
+            return self._restore_latest(like)
+        except CheckpointMismatchError as mismatch:
+            older, error = _without_added_fields(like), mismatch
+            if older is None:
+                raise
+        try:
+            state, metadata = self._restore_latest(older)
+        except CheckpointMismatchError:
+            raise error from None  # not an older state either: name the difference from like
+        saved = state._asdict()
+        fill = type(like).ADDED_FIELDS
+        return like._replace(**saved, **{k: fill[k](saved) for k in fill}), metadata
+
+    def _restore_latest(self, like: Any) -> tuple[Any, dict] | None:
         steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
             return None

@@ -248,6 +248,11 @@ class TrainState(NamedTuple):
     consecutive_bad: jax.Array  # () current run of skipped steps
     collapse_flags: jax.Array  # (L,) int32 consecutive collapse checks that flagged each function
 
+    # Fields added after checkpoints were written, and how a checkpoint without them fills
+    # them (see CheckpointManager.restore_latest): the residual quotients start as the plain
+    # ones, which the running mean replaces within a few hundred steps.
+    ADDED_FIELDS = {"residual_rayleigh": lambda older: older["rayleigh"]}
+
 
 def _tree_all_finite(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)

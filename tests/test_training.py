@@ -153,6 +153,36 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert _leaves_equal(resumed.state.opt_state, full.state.opt_state)
 
 
+def test_a_checkpoint_from_before_the_residual_quotients_loads_and_resumes_exactly(tmp_path):
+    """A checkpoint written before ``TrainState`` had ``residual_rayleigh`` (the same state
+    without that field) is restored with it filled from the Rayleigh quotients, and resumes
+    as the uninterrupted run; a state of another shape is still refused."""
+    import collections
+
+    from nestedlora_jax.checkpoint import CheckpointManager, CheckpointMismatchError
+
+    apply, params, op = _setup()
+    full = _short_fit(apply, params, op)
+    new, old = tmp_path / "new", tmp_path / "old"
+    with pytest.raises(_Interrupt):
+        _short_fit(apply, params, op, checkpoint_dir=new, checkpoint_every=20, hooks=[_interrupt_at(50)])
+    state, metadata = CheckpointManager(new).restore_latest(full.state)
+    fields = {k: v for k, v in state._asdict().items() if k != "residual_rayleigh"}
+    writer = CheckpointManager(old)
+    writer.save(int(state.step), collections.namedtuple("TrainState", list(fields))(**fields), metadata)
+    writer.close()
+
+    loaded, _ = CheckpointManager(old).restore_latest(full.state)
+    np.testing.assert_array_equal(loaded.residual_rayleigh, state.rayleigh)
+    assert _leaves_equal(loaded._replace(residual_rayleigh=state.residual_rayleigh), state)
+    resumed = _short_fit(apply, params, op, checkpoint_dir=old, checkpoint_every=20, resume=True)
+    assert _leaves_equal(resumed.params, full.params)
+    assert _leaves_equal(resumed.ema_params, full.ema_params)
+    wider = full.state._replace(norms=jnp.zeros(4))
+    with pytest.raises(CheckpointMismatchError, match=r"\.norms: saved \(3,\) float32, expected \(4,\)"):
+        CheckpointManager(old).restore_latest(wider)
+
+
 def test_resume_is_exact_with_the_collapse_remedy_and_any_optimizer(tmp_path):
     """The collapse counters are training state: a run interrupted between two flags of the
     same function resumes with the count it had, and re-initialises at the same step with the
