@@ -49,7 +49,8 @@ from nestedlora_jax.hooks import (
 )
 from nestedlora_jax._checks import check_even_batch
 from nestedlora_jax.config import TrainingConfig
-from nestedlora_jax.objectives import Objective, OperatorOutput, nested_lora_objective
+from nestedlora_jax.objectives import (Objective, OperatorOutput, _halves, _second_moment,
+                                      nested_lora_objective)
 from nestedlora_jax.operators import (
     MAX_ABS_OPERATOR_VALUE,
     BatchOperator,
@@ -184,21 +185,19 @@ def _batch_statistics(out: OperatorOutput, objective: Objective, objective_state
         phi = objective.readout(out.f, objective_state)
         Tphi = objective.readout(out.Tg, objective_state)
         phi_sq = jnp.mean(phi * phi, axis=0)
-        # A function that is exactly zero (fully collapsed) has no Rayleigh quotient; report
-        # 0 rather than NaN so the collapse test can see it.
-        rayleigh = jnp.where(phi_sq > 0, jnp.mean(phi * Tphi, axis=0) / jnp.where(phi_sq > 0, phi_sq, 1), 0)
+        rayleigh = _ratio_or_zero(jnp.mean(phi * Tphi, axis=0), phi_sq)
         norms = jnp.mean(out.f * out.f, axis=0)
         residual = rayleigh
         if objective.norms_are_eigenvalues:
             cross = jnp.mean(out.f * out.Tg, axis=0)
             left = out.f if out.f_moment is None else out.f_moment
-            residual = _residual_quotients(cross, norms, _earlier_overlaps(left, left))
+            residual = _residual_quotients(cross, norms, _earlier_overlaps(left))
         return {"norms": norms, "rayleigh": rayleigh, "residual_rayleigh": residual,
                 "invalid_points": jnp.sum(~valid_points(out.f, out.Tg, max_abs_value))}
     # Two families: at the optimum f_i = sqrt(s_i) phi_i and g_i = sqrt(s_i) psi_i.
     norms = jnp.sqrt(jnp.mean(out.f * out.f, axis=0) * jnp.mean(out.g * out.g, axis=0))
     cross = 0.5 * (jnp.mean(out.f * out.Tg, axis=0) + jnp.mean(out.Tadj_f * out.g, axis=0))
-    rayleigh = jnp.where(norms > 0, cross / jnp.where(norms > 0, norms, 1), 0)
+    rayleigh = _ratio_or_zero(cross, norms)
     residual = rayleigh
     if objective.norms_are_eigenvalues:
         left = out.f if out.f_moment is None else out.f_moment
@@ -210,14 +209,12 @@ def _batch_statistics(out: OperatorOutput, objective: Objective, objective_state
             "invalid_points": invalid}
 
 
-def _earlier_overlaps(left, right):
-    """``(L,)``: ``sum_{j<i} <f_i, f_j> <g_i, g_j>`` (``g = f`` for one family), each product
-    of two expectations estimated without bias from the two halves of the samples
-    (``(B, L)`` each; an odd last sample is left out)."""
-    half = left.shape[0] // 2
-    gram = lambda v, w: v.T @ w / half
-    fa, fb = gram(left[:half], left[:half]), gram(left[half:2 * half], left[half:2 * half])
-    ga, gb = gram(right[:half], right[:half]), gram(right[half:2 * half], right[half:2 * half])
+def _earlier_overlaps(left, right=None):
+    """``(L,)``: ``sum_{j<i} <f_i, f_j> <g_i, g_j>`` (``right=None``: ``g = f``, one family),
+    each product of two expectations estimated without bias from the two halves of the
+    samples (``(B, L)`` each), as the objectives split them."""
+    fa, fb = map(_second_moment, _halves(left))
+    ga, gb = (fa, fb) if right is None else map(_second_moment, _halves(right))
     products = 0.5 * (fa * gb + fb * ga)
     return jnp.sum(jnp.tril(products, k=-1), axis=1)
 
@@ -226,7 +223,14 @@ def _residual_quotients(cross, norms, overlaps):
     """``(<f_i, T g_i> - sum_{j<i} <f_i, f_j><g_i, g_j>) / (|f_i| |g_i|)``: the Rayleigh
     quotient of function i for the residual ``T - sum_{j<i} f_j g_j^T`` left to it by the
     earlier functions (``g = f``, ``T g = T f`` for one family)."""
-    return jnp.where(norms > 0, (cross - overlaps) / jnp.where(norms > 0, norms, 1), 0)
+    return _ratio_or_zero(cross - overlaps, norms)
+
+
+def _ratio_or_zero(numerator, denominator):
+    """``numerator / denominator`` where the denominator is positive, else 0 (a function that
+    is exactly zero has no quotient; 0, not NaN, lets the collapse test see it)."""
+    positive = denominator > 0
+    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1), 0)
 
 
 # ----------------------------------------------------------------- state and step
