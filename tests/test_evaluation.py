@@ -171,3 +171,25 @@ def test_the_evaluation_result_is_typed_and_its_json_form_flat():
         grid.se("rayleigh")
     with pytest.raises(KeyError, match="'energy' is not a metric"):
         mc.se("energy")
+
+
+def test_evaluation_multiplies_at_full_float32_precision_whatever_the_default():
+    """On GPUs JAX's default float32 matmul rounds to TF32 (relative 2^-11), as large as the
+    errors being measured. The compiled evaluation must ask XLA for full precision on every
+    product of the network and of its Laplacian, even under a lower process default (the CPU
+    ignores the request, so the compiled program is what can be checked here)."""
+    from flax import nnx
+
+    from nestedlora_jax.evaluation import _values_chunk
+    from nestedlora_jax.networks import eigenfunction_network, to_apply
+
+    problem, L = Hydrogen(dim=2), 4
+    op = problem_operator(problem, L)
+    apply, params = to_apply(eigenfunction_network(2, L, architecture="parallel", hidden=(8, 8),
+                                                   rngs=nnx.Rngs(params=0)))
+    x = jnp.ones((4, 2), jnp.float32)
+    with jax.default_matmul_precision("bfloat16"):
+        text = _values_chunk.lower(apply, params, op.op, x).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line and "precision" in line]
+    assert len(dots) >= 6, "expected the network's and the Laplacian's matrix products"
+    assert all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots[:3]
