@@ -81,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--states", type=positive_int, default=9, help="number of states L (9 = n <= 2, 16 = n <= 3, 25 = n <= 4, 36 = n <= 5)")
     add_guard_functions_option(p)
     p.add_argument("--steps", type=non_negative_int, default=None,
-                   help="training steps (default: 40000 up to 9 states, 100000 up to 25, 150000 "
+                   help="training steps (default: 40000 up to 9 states, 100000 up to 25, 300000 "
                         "beyond: on 16 states 50k steps ended at 2.1e-3 mean error and 100k at "
-                        "3.5e-4; on 36 the n = 5 level does not form in 40k, and 150k halved "
-                        "its error against 100k)")
+                        "3.5e-4; on 36 the n = 5 level does not form in 40k, and over seeds 0, 1, 2 "
+                        "300k steps gave mean errors 6.3e-4 to 1.5e-3 where 150k gave 3.1e-3 to "
+                        "4.0e-3)")
     p.add_argument("--batch", type=positive_int, default=None,
                    help="samples per step (default: 256 up to 9 states, 512 beyond: the noise of "
                         "the quadratic term limits the last level, and on 16 states batch 512 "
@@ -288,11 +289,11 @@ def multiple_of(every: int, log_every: int) -> int:
     return max(log_every, every - every % log_every)
 
 
-# The n = 5 functions (states 26..36) form late, the last re-initialised up to 74k steps: on 36
-# states (seed 0) 150k steps gave mean 3.5e-3 and n = 5 1.1e-2, against 6.8e-3 and 2.2e-2 at
-# 100k (README).
+# The n = 5 functions (states 26..36) converge slowly, against the 0.23% and 0.38% gaps (of the
+# top eigenvalue) to n = 6 and n = 7: on 36 states the n = 5 level mean went from 2.2e-2 at
+# 100k steps (seed 0) to 0.9-1.2e-2 at 150k and 1.3-4.3e-3 at 300k (seeds 0, 1, 2; README).
 def default_steps(states: int) -> int:
-    return 40000 if states <= 9 else 100000 if states <= 25 else 150000
+    return 40000 if states <= 9 else 100000 if states <= 25 else 300000
 
 
 def default_batch(states: int) -> int:
@@ -373,7 +374,11 @@ def _environment() -> dict:
 
     return {
         "device": str(jax.devices()[0]),
+        "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
+        # Training's float32 matmuls: JAX's default rounds to TF32 on GPUs (None here);
+        # JAX_DEFAULT_MATMUL_PRECISION=highest asks for full float32. Evaluation always does.
+        "training_matmul_precision": jax.config.jax_default_matmul_precision,
         "platform": jax.default_backend(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

@@ -100,10 +100,10 @@ def test_default_batch_grows_with_the_number_of_states():
     (["--states", "16"], (100000, 512, None, None)),
     (["--states", "17"], (100000, 512, 2048, 10.0)),
     (["--states", "25"], (100000, 512, 2048, 10.0)),
-    (["--states", "26"], (150000, 512, 2048, 10.0)),
-    (["--states", "36"], (150000, 512, 2048, 10.0)),
-    (["--states", "36", "--method", "neuralef"], (150000, 512, None, 10.0)),  # no moment samples
-    (["--states", "36", "--moment-batch", "0", "--network-length", "0"], (150000, 512, None, None)),
+    (["--states", "26"], (300000, 512, 2048, 10.0)),
+    (["--states", "36"], (300000, 512, 2048, 10.0)),
+    (["--states", "36", "--method", "neuralef"], (300000, 512, None, 10.0)),  # no moment samples
+    (["--states", "36", "--moment-batch", "0", "--network-length", "0"], (300000, 512, None, None)),
     (["--states", "36", "--moment-batch", "512", "--network-length", "4", "--batch", "256",
       "--steps", "500"], (500, 256, 512, 4.0)),
     (["--states", "9", "--moment-batch", "1024", "--network-length", "10", "--steps", "0"],
