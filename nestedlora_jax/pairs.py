@@ -33,6 +33,7 @@ from nestedlora_jax.dependence import (
     dependence_kernel_operator,
     pair_metrics,
 )
+from nestedlora_jax.evaluation import EVALUATION_MATMUL_PRECISION
 from nestedlora_jax.networks import ACTIVATION_FUNCTIONS, eigenfunction_network, to_apply
 from nestedlora_jax.objectives import NESTINGS, nested_lora_objective
 from nestedlora_jax.training import FitResult, fit, network_output_count
@@ -41,6 +42,16 @@ __all__ = ["PairsResult", "solve_pairs"]
 
 # Pairs used to estimate the singular values after training (a random subset of the data).
 EVALUATION_PAIRS = 2**17
+
+
+
+def _embedding(apply, params):
+    """``x (n, d) -> apply(params, x_i)`` stacked ``(n, L)``, compiled, with every matrix product
+    at full float32 precision (as in evaluation: GPUs default to TF32)."""
+    def embed(xs):
+        with jax.default_matmul_precision(EVALUATION_MATMUL_PRECISION):
+            return jax.vmap(lambda x: apply(params, x))(xs)
+    return jax.jit(embed)
 
 
 @dataclasses.dataclass
@@ -71,8 +82,8 @@ class PairsResult:
         return np.asarray(self.metrics["singular_values"])
 
     def __post_init__(self):
-        self._embed_x = jax.jit(jax.vmap(lambda x: self.apply_f(self.params_f, x)))
-        self._embed_y = jax.jit(jax.vmap(lambda y: self.apply_g(self.params_g, y)))
+        self._embed_x = _embedding(self.apply_f, self.params_f)
+        self._embed_y = _embedding(self.apply_g, self.params_g)
 
     def embed_x(self, x) -> np.ndarray:
         """The left features ``f(x)`` ``(n, L)`` of ``x`` ``(n, dx)`` (``(n,)`` for dx = 1)."""

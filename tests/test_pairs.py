@@ -193,3 +193,19 @@ def test_gaussian_cdk_vector_pairs_canonical_correlations():
     prob = GaussianPairs((0.9, 0.6), dx=3, dy=2, mix=True)
     m = _learn_gaussian(prob, 6, "sequential", steps=30000, num=10)
     assert m["max_rel_error"] < 1e-2, m["rel_error"]
+
+
+def test_embeddings_multiply_at_full_float32_precision_whatever_the_default():
+    """The features behind pair metrics and retrieval are computed as evaluation computes
+    values: every matrix product at HIGHEST precision, whatever the process default (TF32 on
+    GPUs; the CPU ignores the request, so the compiled program is what is checked)."""
+    from nestedlora_jax.networks import eigenfunction_network, to_apply
+    from nestedlora_jax.pairs import _embedding
+
+    apply, params = to_apply(eigenfunction_network(3, 4, architecture="shared", hidden=(8, 8),
+                                                   rngs=nnx.Rngs(params=0)))
+    with jax.default_matmul_precision("bfloat16"):
+        text = _embedding(apply, params).lower(jnp.ones((5, 3), jnp.float32)).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line and "precision" in line]
+    assert len(dots) >= 3, "expected the network's three matrix products"
+    assert all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots[:3]
