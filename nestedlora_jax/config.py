@@ -49,18 +49,21 @@ __all__ = [
 # 2 and 3 reordered every function, and read as 0).
 # Version 5: CollapseConfig.reference ("rayleigh" by default, the test every earlier version
 # ran).
+# Version 6: CollapseConfig.candidates (1 by default: the single fresh draw every earlier
+# version took).
 # A version-1 configuration is read with both off, as it was trained.
-CONFIG_VERSION = 5
-READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5)
+CONFIG_VERSION = 6
+READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5, 6)
 
 
 def upgrade_config_dict(data: dict) -> dict:
     """A saved :class:`SolveConfig` dictionary of a readable older version, as the current
     version reads it (the same run): version 1 had no Gaussian envelope and no reordering;
     versions before 4 reordered functions still forming too (``formed_ratio`` 0); versions
-    before 5 compared norms with Rayleigh quotients, the default ``reference``."""
+    before 5 compared norms with Rayleigh quotients, the default ``reference``; versions
+    before 6 took one fresh draw, the default ``candidates``."""
     version = data.get("version")
-    if version in (1, 2, 3, 4):
+    if version in (1, 2, 3, 4, 5):
         network = dict(data.get("network") or {})
         training = dict(data.get("training") or {})
         collapse = training.get("collapse")

@@ -327,6 +327,16 @@ class CollapseConfig:
     draw from (a leading axis of size L on every leaf, as in ``ParallelMLPs``), a dead
     function is re-initialised (:func:`reinitialize_functions`).
 
+    With ``candidates = K > 1`` a re-initialised function is the best of ``K`` fresh draws:
+    the one with the largest residual Rayleigh quotient (above) in its slot, estimated for all
+    ``K`` on one common sample (:func:`~nestedlora_jax.training.fit` builds the estimate from
+    the training loss on 4 batches' worth of points). A fresh function starts mostly inside
+    the earlier functions' span; what it must grow from is its share of the direction they
+    leave uncovered. On 36-state hydrogen the best of 16 by this quotient triples that share
+    for the last n = 5 slot (median 5.9e-4 to 2.0e-3,
+    ``benchmarks/results/hydrogen36_candidate_selection.py``); its effect on training is not
+    measured yet. ``K = 1`` is the first draw, as before the option existed.
+
     A function is re-initialised only after ``patience`` consecutive checks flag it: under
     sequential nesting a later function can look dead for a while before the earlier ones
     have converged, while a real collapse persists (on 2-D hydrogen with 16 states, functions
@@ -359,8 +369,14 @@ class CollapseConfig:
     reorder: bool = True
     formed_ratio: float = FORMED_RATIO
     reference: str = "rayleigh"
+    candidates: int = 1
 
     def __post_init__(self):
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, (int, np.integer)) \
+                or self.candidates < 1:
+            raise ValueError(f"CollapseConfig.candidates must be a positive integer, got "
+                             f"{self.candidates!r}: the fresh draws a re-initialised function is "
+                             "chosen from (1: the first draw).")
         if self.reference not in COLLAPSE_REFERENCES:
             raise ValueError(f"CollapseConfig.reference must be one of {COLLAPSE_REFERENCES}, got "
                              f"{self.reference!r}: the quotient a function's norm is compared "
@@ -383,6 +399,21 @@ class CollapseConfig:
                 "CollapseConfig needs 0 <= start_fraction <= stop_fraction <= 1, got "
                 f"{self.start_fraction}, {self.stop_fraction}."
             )
+
+
+# CollapseConfig fields added after runs were saved without them, each with the value those
+# runs ran: a resumed run's saved configuration is read with them filled in (then a saved
+# value that differs from today's is still refused, by name).
+COLLAPSE_FIELDS_ADDED = {"reorder": False, "formed_ratio": 0.0, "reference": "rayleigh",
+                         "candidates": 1}
+
+
+def with_added_collapse_fields(fit_config: dict | None) -> dict | None:
+    """A saved ``fit`` configuration (``TrainingConfig.resume_key()`` plus the fit-level keys)
+    with the :data:`COLLAPSE_FIELDS_ADDED` its collapse configuration lacks filled in."""
+    if not isinstance(fit_config, dict) or not isinstance(fit_config.get("collapse"), dict):
+        return fit_config
+    return {**fit_config, "collapse": {**COLLAPSE_FIELDS_ADDED, **fit_config["collapse"]}}
 
 
 def formed_functions(norms, rayleigh, ratio: float = FORMED_RATIO) -> np.ndarray:
@@ -558,9 +589,17 @@ class CollapseRemedy(Hook):
     """
 
     def __init__(self, config: CollapseConfig, optimizer: optax.GradientTransformation, *,
-                 init_params: Callable[[jax.Array], PyTree] | None = None, seed: int = 1):
+                 init_params: Callable[[jax.Array], PyTree] | None = None, seed: int = 1,
+                 residual_quotients: Callable[[PyTree, Any, jax.Array], Any] | None = None):
+        if config.candidates > 1 and config.reinitialize and init_params is not None \
+                and residual_quotients is None:
+            raise ValueError(
+                f"CollapseConfig(candidates={config.candidates}) chooses among fresh draws by "
+                "their residual Rayleigh quotients: pass residual_quotients(params, "
+                "objective_state, key) -> (L,) (fit builds it), or use candidates=1.")
         self.config, self.optimizer = config, optimizer
         self.init_params, self.seed = init_params, seed
+        self.residual_quotients = residual_quotients
 
     def after_chunk(self, loop: Loop, entry: dict) -> None:
         c, step = self.config, loop.step
@@ -585,7 +624,11 @@ class CollapseRemedy(Hook):
         due = np.flatnonzero(flags >= c.patience)
         if due.size and c.reinitialize and self.init_params is not None:
             flags[due] = 0
-            fresh = self.init_params(jax.random.fold_in(jax.random.PRNGKey(self.seed), step))
+            key = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
+            fresh = self.init_params(key)
+            if c.candidates > 1:
+                fresh, chosen = self._best_draws(state, key, fresh, due)
+                entry["reinitialized_from_candidates"] = chosen
             state = reinitialize_functions(state, self.optimizer, fresh, due)
             entry["reinitialized"] = due.tolist()
         if (c.reorder and not dead.size and self.init_params is not None
@@ -597,6 +640,25 @@ class CollapseRemedy(Hook):
                 entry["reordered"] = order.tolist()
         loop.state = loop.place(
             state._replace(collapse_flags=jnp.asarray(flags, state.collapse_flags.dtype)))
+
+    def _best_draws(self, state, key, first, due) -> tuple[PyTree, list[int]]:
+        """For each function in ``due`` (in order, each seeing the ones chosen before it), the
+        fresh draw among ``config.candidates`` with the largest residual Rayleigh quotient in
+        its slot; draw 0 is ``first`` (``init_params(key)``), draw ``k`` ``init_params(
+        fold_in(key, k))``, and all are scored on one sample drawn from ``fold_in(key, -1)``.
+        Returns the parameters holding the chosen rows and the chosen draw of each."""
+        draws = [first] + [self.init_params(jax.random.fold_in(key, k))
+                           for k in range(1, self.config.candidates)]
+        score_key = jax.random.fold_in(key, 2**31 - 1)
+        params, chosen = state.params, []
+        for i in np.asarray(due, dtype=int):
+            put = lambda draw: jax.tree_util.tree_map(lambda p, d: p.at[i].set(d[i]), params, draw)
+            scores = [float(self.residual_quotients(put(d), state.objective_state, score_key)[i])
+                      for d in draws]
+            best = int(np.argmax(scores))
+            params = put(draws[best])
+            chosen.append(best)
+        return params, chosen
 
     def _resolved_order(self, loop: Loop, state) -> np.ndarray:
         """The reordering of this check: inversions resolved both in this check interval and
@@ -704,7 +766,8 @@ class Checkpoints(Hook):
             restored = self.manager.restore_latest(loop.state)
             if restored is not None:
                 state, extra = restored
-                check_resumed_config(extra.get("fit_config"), loop.config, self.manager.directory)
+                check_resumed_config(with_added_collapse_fields(extra.get("fit_config")),
+                                     loop.config, self.manager.directory)
                 loop.state = loop.place(state)
                 loop.history = list(extra.get("history", []))
                 loop.checkpoint_dir = self.manager.directory

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what a function's norm is compared with to judge it collapsed "
                         "(CollapseConfig.reference): its Rayleigh quotient, or the Rayleigh "
                         "quotient of the residual the earlier functions leave it")
+    p.add_argument("--reinit-candidates", type=positive_int, default=1, metavar="K",
+                   help="re-initialise a collapsed function as the best of K fresh draws by its "
+                        "residual Rayleigh quotient (CollapseConfig.candidates; 1: one draw)")
     p.add_argument("--data-parallel", type=positive_int, nargs="?", const=-1, default=None, metavar="N",
                    help="split each batch over N devices (all devices if N is omitted; "
                         "--batch must be divisible by N)")
@@ -141,11 +144,12 @@ MAX_STATES = 36
 
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("method", "states", "guard_functions", "steps", "batch", "lr", "hidden",
-               "no_collapse_remedy", "network_length", "moment_batch", "collapse_reference")
+               "no_collapse_remedy", "network_length", "moment_batch", "collapse_reference",
+               "reinit_candidates")
 # Options added after runs were recorded, with the value those runs had (so they resume);
 # shared with the high-dimensional command, which reads the keys it has.
 ADDED_OPTIONS = {"guard_functions": 0, "network_length": None, "moment_batch": None,
-                 "collapse_reference": "rayleigh"}
+                 "collapse_reference": "rayleigh", "reinit_candidates": 1}
 
 
 def check_args(args) -> None:
@@ -232,7 +236,8 @@ def solve_config(args, seed: int) -> SolveConfig:
         method=args.method,
         network=NetworkConfig(hidden=tuple(args.hidden or _default_hidden(args.method))),
         training=training_config(args, seed, CollapseConfig(
-            reinitialize=not args.no_collapse_remedy, reference=args.collapse_reference)),
+            reinitialize=not args.no_collapse_remedy, reference=args.collapse_reference,
+            candidates=args.reinit_candidates)),
         evaluation=EvaluationConfig(grid_size=args.grid),
         guard_functions=args.guard_functions,
     )

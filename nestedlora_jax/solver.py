@@ -427,6 +427,10 @@ def _write_run_record(run_dir: str, record: dict, resume: bool) -> None:
     if resume and os.path.isfile(path):
         # A record written before "network" / "objective" were recorded had the defaults.
         saved = {"network": "default", "objective": "default"} | read_run_record(run_dir)
+        # A record of an older readable version is compared as today's version reads it (the
+        # same run: options added since take the values it ran).
+        saved |= {"version": record["version"],
+                  "config": SolveConfig.from_dict(saved["config"]).to_dict()}
         exempt = lambda r: r | {"config": r["config"] | {"training": {
             k: v for k, v in r["config"]["training"].items() if k not in TrainingConfig.RESUME_EXEMPT}}}
         check_resumed_config(exempt(saved), exempt(record), run_dir,

@@ -509,6 +509,19 @@ def network_output_count(apply: Apply, params: PyTree, dim: int, *,
     return L
 
 
+def residual_quotient_estimate(loss_fn, sample, num_samples: int):
+    """``(params, objective_state, key) -> (L,)``: the residual Rayleigh quotients of
+    :func:`make_loss_fn`'s statistics on ``sample(key, num_samples)``, compiled (what the
+    collapse remedy ranks fresh draws by, :class:`~nestedlora_jax.hooks.CollapseConfig`)."""
+
+    @jax.jit
+    def estimate(params, objective_state, key):
+        _, (_, stats) = loss_fn(params, objective_state, sample(key, num_samples), key)
+        return stats["residual_rayleigh"]
+
+    return estimate
+
+
 def fit(
     apply: Apply,
     params: PyTree,
@@ -654,8 +667,11 @@ def fit(
         all_hooks.append(Checkpoints(checkpoint_dir, every=config.checkpoint_every, resume=resume))
     all_hooks.append(DivergenceGuard(config.max_consecutive_bad_steps, config.max_abs_value))
     if collapse is not None:
-        all_hooks.append(CollapseRemedy(collapse, optimizer, init_params=init_params,
-                                        seed=config.seed + 1))
+        all_hooks.append(CollapseRemedy(
+            collapse, optimizer, init_params=init_params, seed=config.seed + 1,
+            residual_quotients=(residual_quotient_estimate(loss_fn, sampler.sample,
+                                                           4 * config.batch_size)
+                                if collapse.candidates > 1 else None)))
     all_hooks.extend(hooks)
     if progress:
         all_hooks.append(ProgressBar())

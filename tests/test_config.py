@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import optax
@@ -122,6 +123,32 @@ def test_resuming_a_run_with_another_configuration_names_what_changed(tmp_path):
         solve(nl.HarmonicOscillator(dim=2), 2, config=TINY.replace(training={"steps": 50}),
               run_dir=run, progress=False)
     assert (run / "solve_config.json").read_text() == before  # the old run's record is intact
+
+
+def test_a_run_recorded_by_an_older_version_resumes(tmp_path):
+    """A run folder written by configuration version 5 (no ``collapse.candidates``, and its
+    checkpoints' configuration without it) resumes under today's version: both records are
+    read as the old run ran (one candidate). A real change is still refused."""
+    from nestedlora_jax.checkpoint import CheckpointManager
+
+    run = tmp_path / "run"
+    trained = solve(nl.HarmonicOscillator(dim=2), 2, config=TINY, run_dir=run, progress=False)
+    record = json.loads((run / "solve_config.json").read_text())
+    record["version"] = record["config"]["version"] = 5
+    del record["config"]["training"]["collapse"]["candidates"]
+    (run / "solve_config.json").write_text(json.dumps(record))
+    state, metadata = CheckpointManager(run / "checkpoints").restore_latest(trained.fit.state)
+    del metadata["fit_config"]["collapse"]["candidates"]
+    shutil.rmtree(run / "checkpoints")
+    manager = CheckpointManager(run / "checkpoints")
+    manager.save(int(state.step), state, metadata)
+    manager.close()
+    again = solve(nl.HarmonicOscillator(dim=2), 2, config=TINY, run_dir=run, resume=True,
+                  progress=False)
+    np.testing.assert_array_equal(again.metrics.rayleigh, trained.metrics.rayleigh)
+    with pytest.raises(ValueError, match=r"training.collapse.candidates: saved 1, now 4"):
+        solve(nl.HarmonicOscillator(dim=2), 2, run_dir=run, resume=True, progress=False,
+              config=TINY.replace(training={"collapse": CollapseConfig(candidates=4)}))
 
 
 def test_a_run_with_a_custom_optimizer_needs_it_to_be_restored(tmp_path):

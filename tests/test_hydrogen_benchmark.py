@@ -121,6 +121,25 @@ def test_defaults_resolved_from_the_number_of_states(argv, expected):
     assert benchmark_problem(args).network_length == expected[3]
 
 
+def test_the_collapse_options_reach_the_configuration(capsys):
+    """``--collapse-reference`` and ``--reinit-candidates`` set the run's CollapseConfig
+    (defaults: the plain quotient, one draw); a non-positive count is a usage error."""
+    from nestedlora_jax.hydrogen_benchmark import build_parser, resolve_defaults, solve_config
+
+    def collapse(argv):
+        args = build_parser().parse_args(argv)
+        resolve_defaults(args)
+        return solve_config(args, 0).training.collapse
+
+    default = collapse([])
+    assert (default.reference, default.candidates) == ("rayleigh", 1)
+    chosen = collapse(["--collapse-reference", "residual", "--reinit-candidates", "16"])
+    assert (chosen.reference, chosen.candidates) == ("residual", 16)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--reinit-candidates", "0"])
+    assert "--reinit-candidates" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option", ["--moment-batch", "--network-length"])
 def test_negative_moment_batch_or_length_is_refused(option, capsys):
     from nestedlora_jax.hydrogen_benchmark import build_parser

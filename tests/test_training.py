@@ -183,6 +183,41 @@ def test_a_checkpoint_from_before_the_residual_quotients_loads_and_resumes_exact
         CheckpointManager(old).restore_latest(wider)
 
 
+@pytest.mark.parametrize("added", ["reference", "candidates"])
+def test_a_run_saved_before_a_collapse_option_existed_resumes_exactly(tmp_path, added):
+    """A checkpoint whose saved configuration predates a collapse option (no such key: the run
+    ran what the option's old-behaviour value does) resumes as the uninterrupted run; a saved
+    value that differs from today's is still refused, by name."""
+    import copy
+
+    from nestedlora_jax.checkpoint import CheckpointManager
+
+    apply, params, op = _setup()
+    config = TrainingConfig(steps=60, batch_size=32, log_every=20, seed=3, checkpoint_every=20,
+                            collapse=CollapseConfig(check_every=20, start_fraction=0.0,
+                                                    stop_fraction=1.0, reinitialize=False))
+    run = lambda d, **kw: fit(apply, params, op.op, op.sampler, config=config, progress=False,
+                              checkpoint_dir=d, **kw)
+    full = run(tmp_path / "full")
+    with pytest.raises(_Interrupt):
+        run(tmp_path / "new", hooks=[_interrupt_at(40)])
+    state, metadata = CheckpointManager(tmp_path / "new").restore_latest(full.state)
+    assert added in metadata["fit_config"]["collapse"]
+    for name, value in (("old", None), ("other", {"reference": "residual", "candidates": 4}[added])):
+        saved = copy.deepcopy(metadata)
+        if value is None:
+            del saved["fit_config"]["collapse"][added]
+        else:
+            saved["fit_config"]["collapse"][added] = value
+        writer = CheckpointManager(tmp_path / name)
+        writer.save(int(state.step), state, saved)
+        writer.close()
+    resumed = run(tmp_path / "old", resume=True)
+    assert _leaves_equal(resumed.params, full.params)
+    with pytest.raises(ValueError, match=rf"collapse\.{added}: saved"):
+        run(tmp_path / "other", resume=True)
+
+
 def test_resume_is_exact_with_the_collapse_remedy_and_any_optimizer(tmp_path):
     """The collapse counters are training state: a run interrupted between two flags of the
     same function resumes with the count it had, and re-initialises at the same step with the
@@ -377,13 +412,25 @@ def test_a_version_four_configuration_reads_with_the_rayleigh_reference():
     from nestedlora_jax.config import CONFIG_VERSION, SolveConfig
 
     data = SolveConfig().to_dict()
-    assert data["version"] == CONFIG_VERSION == 5
+    assert data["version"] == CONFIG_VERSION == 6
     assert data["training"]["collapse"]["reference"] == "rayleigh"
     collapse = {k: v for k, v in data["training"]["collapse"].items() if k != "reference"}
     old = {**data, "version": 4, "training": {**data["training"], "collapse": collapse}}
     assert SolveConfig.from_dict(old) == SolveConfig()
     residual = SolveConfig(training=TrainingConfig(collapse=CollapseConfig(reference="residual")))
     assert SolveConfig.from_dict(residual.to_dict()) == residual
+
+
+def test_a_version_five_configuration_reads_with_one_candidate():
+    from nestedlora_jax.config import SolveConfig
+
+    data = SolveConfig().to_dict()
+    collapse = {k: v for k, v in data["training"]["collapse"].items() if k != "candidates"}
+    old = {**data, "version": 5, "training": {**data["training"], "collapse": collapse}}
+    assert SolveConfig.from_dict(old) == SolveConfig()
+    assert SolveConfig.from_dict(old).training.collapse.candidates == 1
+    best_of = SolveConfig(training=TrainingConfig(collapse=CollapseConfig(candidates=16)))
+    assert SolveConfig.from_dict(best_of.to_dict()) == best_of
 
 
 @pytest.mark.parametrize("reference", ["rayleigh", "residual"])
@@ -407,6 +454,64 @@ def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize
     else:
         assert res.reinitialized == []
         assert res.eigenvalues[1] == 0.0  # still exactly dead
+
+
+def test_a_reinitialised_function_is_the_best_of_its_draws_by_the_residual_quotient():
+    """With ``candidates = K`` the due function's row comes from the draw whose residual
+    quotient in that slot is largest (the quotient here a stand-in known per row, the sum of
+    its row of the largest parameter leaf); draw 0 is the single draw ``candidates = 1`` takes; the
+    other rows are untouched; asking for candidates without a way to score them is refused."""
+    from nestedlora_jax.hooks import CollapseRemedy
+
+    apply, params, op = _setup(L=3)
+    state = _short_fit(apply, params, op, steps=20).state
+
+    def init_params(key):
+        seed = int(jax.random.randint(key, (), 0, 10**6))
+        return to_apply(eigenfunction_network(2, 3, architecture="parallel", hidden=(16, 16),
+                                              rngs=nnx.Rngs(params=seed)))[1]
+
+    row_sum = lambda p: jnp.sum(max(jax.tree.leaves(p), key=np.size).reshape(3, -1), axis=1)
+    calls = []
+
+    def quotients(p, objective_state, key):
+        calls.append(np.asarray(key))
+        return row_sum(p)
+
+    key = jax.random.PRNGKey(14)
+    draws = [init_params(key)] + [init_params(jax.random.fold_in(key, k)) for k in (1, 2, 3, 4)]
+    remedy = CollapseRemedy(CollapseConfig(candidates=5), default_optimizer(20, 3e-3),
+                            init_params=init_params, residual_quotients=quotients)
+    fresh, chosen = remedy._best_draws(state, key, draws[0], np.array([1]))
+    expected = int(np.argmax([float(row_sum(d)[1]) for d in draws]))
+    assert expected != 0  # so the choice is not the single draw by accident
+    assert chosen == [expected] and len(calls) == 5
+    assert all(np.array_equal(c, calls[0]) for c in calls)  # one common sample for all draws
+    for new, old, best in zip(jax.tree.leaves(fresh), jax.tree.leaves(state.params),
+                              jax.tree.leaves(draws[expected])):
+        np.testing.assert_array_equal(np.asarray(new)[1], np.asarray(best)[1])
+        np.testing.assert_array_equal(np.asarray(new)[[0, 2]], np.asarray(old)[[0, 2]])
+    with pytest.raises(ValueError, match=r"candidates=5\) chooses among fresh draws"):
+        CollapseRemedy(CollapseConfig(candidates=5), default_optimizer(20, 3e-3),
+                       init_params=init_params)
+    with pytest.raises(ValueError, match="candidates must be a positive integer"):
+        CollapseConfig(candidates=0)
+
+
+def test_a_dead_function_revives_from_the_best_of_its_candidates():
+    """End to end: fit scores the draws with the training loss's residual quotients, records
+    which draw each re-initialised function took, and the function learns."""
+    apply, params, op, init_params = _one_dead_function()
+    collapse = CollapseConfig(check_every=200, start_fraction=0.1, stop_fraction=0.5, patience=2,
+                              candidates=4)
+    config = TrainingConfig(steps=1200, batch_size=64, log_every=100, learning_rate=3e-3,
+                            collapse=collapse)
+    res = fit(apply, params, op.op, op.sampler, config=config, progress=False, init_params=init_params)
+    assert res.reinitialized[0] == (400, [1])
+    entry = next(h for h in res.history if h["step"] == 400)
+    assert len(entry["reinitialized_from_candidates"]) == 1
+    assert 0 <= entry["reinitialized_from_candidates"][0] < 4
+    assert res.eigenvalues[1] > 0.3 * op.eigenvalues[1]
 
 
 def test_collapse_checks_skip_objectives_whose_norms_are_not_eigenvalues():
