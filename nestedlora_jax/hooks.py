@@ -645,7 +645,7 @@ class CollapseRemedy(Hook):
         """For each function in ``due`` (in order, each seeing the ones chosen before it), the
         fresh draw among ``config.candidates`` with the largest residual Rayleigh quotient in
         its slot; draw 0 is ``first`` (``init_params(key)``), draw ``k`` ``init_params(
-        fold_in(key, k))``, and all are scored on one sample drawn from ``fold_in(key, -1)``.
+        fold_in(key, k))``, and all are scored on one sample drawn from ``fold_in(key, 2**31 - 1)``.
         Returns the parameters holding the chosen rows and the chosen draw of each."""
         draws = [first] + [self.init_params(jax.random.fold_in(key, k))
                            for k in range(1, self.config.candidates)]
