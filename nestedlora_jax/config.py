@@ -69,10 +69,10 @@ def upgrade_config_dict(data: dict) -> dict:
         collapse = training.get("collapse")
         if version == 1:
             network.setdefault("gaussian_envelope", False)
-            if isinstance(collapse, dict):
-                collapse = {"reorder": False, **collapse}
-        if isinstance(collapse, dict) and version < 4:
-            training["collapse"] = {"formed_ratio": 0.0, **collapse}
+        if isinstance(collapse, dict):
+            older = {name: value for name, (added, value) in COLLAPSE_FIELDS_ADDED.items()
+                     if version < added}
+            training["collapse"] = {**older, **collapse}
         data = {**data, "network": network, "training": training, "version": CONFIG_VERSION}
     return data
 
@@ -86,7 +86,7 @@ ARCHITECTURES = ("parallel", "shared")
 ENVELOPES = (None, "fixed", "learnable")
 EVALUATION_MODES = ("auto", "grid", "mc")
 # Imported here so that its name is part of the configuration vocabulary.
-from nestedlora_jax.hooks import CollapseConfig  # noqa: E402
+from nestedlora_jax.hooks import COLLAPSE_FIELDS_ADDED, CollapseConfig  # noqa: E402
 
 
 class ConfigVersionError(ValueError):

@@ -401,11 +401,12 @@ class CollapseConfig:
             )
 
 
-# CollapseConfig fields added after runs were saved without them, each with the value those
-# runs ran: a resumed run's saved configuration is read with them filled in (then a saved
-# value that differs from today's is still refused, by name).
-COLLAPSE_FIELDS_ADDED = {"reorder": False, "formed_ratio": 0.0, "reference": "rayleigh",
-                         "candidates": 1}
+# CollapseConfig fields added after runs were saved without them: the configuration version
+# that added each, and the value the earlier runs ran. A saved configuration is read with them
+# filled in (by version in config.upgrade_config_dict, by absence in a checkpoint's saved fit
+# configuration); a saved value that differs from today's is still refused, by name.
+COLLAPSE_FIELDS_ADDED = {"reorder": (2, False), "formed_ratio": (4, 0.0),
+                         "reference": (5, "rayleigh"), "candidates": (6, 1)}
 
 
 def with_added_collapse_fields(fit_config: dict | None) -> dict | None:
@@ -413,7 +414,8 @@ def with_added_collapse_fields(fit_config: dict | None) -> dict | None:
     with the :data:`COLLAPSE_FIELDS_ADDED` its collapse configuration lacks filled in."""
     if not isinstance(fit_config, dict) or not isinstance(fit_config.get("collapse"), dict):
         return fit_config
-    return {**fit_config, "collapse": {**COLLAPSE_FIELDS_ADDED, **fit_config["collapse"]}}
+    older = {name: value for name, (_, value) in COLLAPSE_FIELDS_ADDED.items()}
+    return {**fit_config, "collapse": {**older, **fit_config["collapse"]}}
 
 
 def formed_functions(norms, rayleigh, ratio: float = FORMED_RATIO) -> np.ndarray:

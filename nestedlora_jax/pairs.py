@@ -44,7 +44,6 @@ __all__ = ["PairsResult", "solve_pairs"]
 EVALUATION_PAIRS = 2**17
 
 
-
 def _embedding(apply, params):
     """``x (n, d) -> apply(params, x_i)`` stacked ``(n, L)``, compiled, with every matrix product
     at full float32 precision (as in evaluation: GPUs default to TF32)."""
