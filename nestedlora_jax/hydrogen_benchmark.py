@@ -2,7 +2,8 @@
 
 Run ``python benchmarks/hydrogen.py`` (or ``python -m nestedlora_jax.hydrogen_benchmark``,
 or the console script ``nestedlora-hydrogen``); ``--help`` lists the options. The bare
-command is the quick configuration of the README (9 states, minutes on a laptop CPU).
+command is the README's main job: the 16 states of n <= 3 (120 000 steps of batch 256, about
+8 minutes on a 2-core CPU); ``--states 9`` is a quicker one (40 000 steps, 2-3 minutes).
 
 Writes to ``--out``: ``results.json`` (configuration, per-state and aggregated metrics per
 seed and mean +- std over seeds, steps/s, wall time, device, library versions), per-seed
@@ -78,18 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Learn the lowest states of 2-D hydrogen (-Lap - 1/r) and report every metric.",
     )
     p.add_argument("--method", choices=METHODS, default="neuralsvd-seq")
-    p.add_argument("--states", type=positive_int, default=9, help="number of states L (9 = n <= 2, 16 = n <= 3, 25 = n <= 4, 36 = n <= 5)")
+    p.add_argument("--states", type=positive_int, default=16, help="number of states L (9 = n <= 2, 16 = n <= 3, 25 = n <= 4, 36 = n <= 5)")
     add_guard_functions_option(p)
     p.add_argument("--steps", type=non_negative_int, default=None,
-                   help="training steps (default: 40000 up to 9 states, 100000 up to 25, 300000 "
-                        "beyond: on 16 states 50k steps ended at 2.1e-3 mean error and 100k at "
-                        "3.5e-4; on 36 the n = 5 level does not form in 40k, and over seeds 0, 1, 2 "
-                        "300k steps gave mean errors 6.3e-4 to 1.5e-3 where 150k gave 3.1e-3 to "
-                        "4.0e-3)")
+                   help="training steps (default: 40000 up to 9 states, 120000 up to 16, "
+                        "100000 up to 25 (at batch 512), 300000 beyond: on 16 states at batch 256 "
+                        "100k steps ended at 1.3e-3 mean error and 120k at 7.6e-4 to 8.6e-4 "
+                        "(seeds 0, 1, 2); on 36 the n = 5 level does not form in 40k, and over "
+                        "seeds 0, 1, 2 300k steps gave mean errors 6.3e-4 to 1.5e-3 where 150k "
+                        "gave 3.1e-3 to 4.0e-3)")
     p.add_argument("--batch", type=positive_int, default=None,
-                   help="samples per step (default: 256 up to 9 states, 512 beyond: the noise of "
-                        "the quadratic term limits the last level, and on 16 states batch 512 "
-                        "cut the n = 3 block's subspace distance from 6.8e-4 to 3.0e-4)")
+                   help="samples per step (default: 256 up to 16 states, 512 beyond: on 16 "
+                        "states batch 512 cut the n = 3 block's subspace distance from 6.8e-4 to "
+                        "3.0e-4 at 100k steps, but in the same time batch 256 makes 1.7x the "
+                        "steps: 8.1e-4 mean error at 120k against 1.7e-3 at 70k of batch 512)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed (ignored when --seeds is given)")
     p.add_argument("--seeds", type=seed_int, nargs="+", default=None, help="several seeds: report mean +- std")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate (cosine-decayed to 1%%)")
@@ -298,11 +301,15 @@ def multiple_of(every: int, log_every: int) -> int:
 # top eigenvalue) to n = 6 and n = 7: on 36 states the n = 5 level mean went from 2.2e-2 at
 # 100k steps (seed 0) to 0.9-1.2e-2 at 150k and 1.3-4.3e-3 at 300k (seeds 0, 1, 2; README).
 def default_steps(states: int) -> int:
-    return 40000 if states <= 9 else 100000 if states <= 25 else 300000
+    return 40000 if states <= 9 else 120000 if states <= 16 else 100000 if states <= 25 else 300000
 
 
+# Up to 16 states (the bare command) the budget is wall time: about 8 minutes on a 2-core CPU.
+# Batch 256 makes 1.7x the steps of batch 512 in it, and steps help more than samples there: on
+# 16 states, 120k steps of 256 gave 7.6e-4 to 8.6e-4 (seeds 0, 1, 2) where 70k steps of 512, the
+# same time, gave 1.7e-3 (seed 0; README). Beyond 16 the outer levels need the larger batch.
 def default_batch(states: int) -> int:
-    return 256 if states <= 9 else 512
+    return 256 if states <= 16 else 512
 
 
 # Beyond 16 states (n >= 4) the outer levels need both to form: on 36 states (seed 0, 100k

@@ -88,16 +88,17 @@ def test_default_batch_grows_with_the_number_of_states():
     from nestedlora_jax.hydrogen_benchmark import build_parser, default_batch
 
     assert build_parser().parse_args([]).batch is None  # resolved from --states in run()
-    assert default_batch(9) == 256 and default_batch(16) == 512
+    assert default_batch(9) == default_batch(16) == 256 and default_batch(17) == 512
     args = build_parser().parse_args(["--data-parallel"])
     assert args.data_parallel == -1  # all devices
     assert build_parser().parse_args(["--data-parallel", "2"]).data_parallel == 2
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], (40000, 256, None, None)),
-    (["--states", "10"], (100000, 512, None, None)),
-    (["--states", "16"], (100000, 512, None, None)),
+    ([], (120000, 256, None, None)),  # the bare command: 16 states
+    (["--states", "9"], (40000, 256, None, None)),
+    (["--states", "10"], (120000, 256, None, None)),
+    (["--states", "16"], (120000, 256, None, None)),
     (["--states", "17"], (100000, 512, 2048, 10.0)),
     (["--states", "25"], (100000, 512, 2048, 10.0)),
     (["--states", "26"], (300000, 512, 2048, 10.0)),
@@ -110,8 +111,8 @@ def test_default_batch_grows_with_the_number_of_states():
      (0, 256, 1024, 10.0)),
 ])
 def test_defaults_resolved_from_the_number_of_states(argv, expected):
-    """Beyond 9 states the bare command trains longer on a larger batch; beyond 16 it takes
-    moment samples and the scaled input, beyond 25 (the n = 5 level) longer still; an explicit
+    """The bare command is 16 states; up to 9 it trains shorter, beyond 16 on a larger batch
+    with moment samples and the scaled input, beyond 25 (the n = 5 level) longer; an explicit
     value, 0 meaning none for the last two, overrides any of them."""
     from nestedlora_jax.hydrogen_benchmark import benchmark_problem, build_parser, resolve_defaults
 
