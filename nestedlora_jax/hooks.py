@@ -439,6 +439,16 @@ def _param_shaped_parts(optimizer: optax.GradientTransformation, opt_state) -> P
         transform_non_params=lambda _: False)
 
 
+def _rows_from(old: jax.Array, new: jax.Array, rows) -> jax.Array:
+    """``old`` with the rows ``rows`` of its leading axis (the L functions) taken from ``new``."""
+    return old.at[rows].set(new[rows])
+
+
+def _with_rows(tree: PyTree, fresh: PyTree, rows) -> PyTree:
+    """:func:`_rows_from` on every leaf of ``tree`` and ``fresh``."""
+    return jax.tree_util.tree_map(lambda old, new: _rows_from(old, new, rows), tree, fresh)
+
+
 def reinitialize_functions(state, optimizer: optax.GradientTransformation, fresh_params: PyTree,
                            dead) -> Any:
     """Give the functions ``dead`` (indices into the leading axis L of every parameter leaf)
@@ -459,12 +469,8 @@ def reinitialize_functions(state, optimizer: optax.GradientTransformation, fresh
     L = state.norms.shape[0]
     alive = np.setdiff1d(np.arange(L), dead)
     idx = jnp.asarray(dead)
-
-    def take_fresh(old, new):
-        return old.at[idx].set(new[idx])
-
-    params = jax.tree_util.tree_map(take_fresh, state.params, fresh_params)
-    ema = jax.tree_util.tree_map(take_fresh, state.ema_params, fresh_params)
+    params = _with_rows(state.params, fresh_params, idx)
+    ema = _with_rows(state.ema_params, fresh_params, idx)
     is_param_part = _param_shaped_parts(optimizer, state.opt_state)
     if alive.size:
         live = jnp.asarray(alive)
@@ -472,7 +478,7 @@ def reinitialize_functions(state, optimizer: optax.GradientTransformation, fresh
         opt_state = jax.tree_util.tree_map(lambda v, p: fill(v) if p else v,
                                            state.opt_state, is_param_part)
     else:
-        opt_state = jax.tree_util.tree_map(lambda v, init, p: take_fresh(v, init) if p else v,
+        opt_state = jax.tree_util.tree_map(lambda v, init, p: _rows_from(v, init, idx) if p else v,
                                            state.opt_state, optimizer.init(params), is_param_part)
     norms = state.norms.at[idx].set(state.rayleigh[idx])
     return state._replace(params=params, ema_params=ema, opt_state=opt_state, norms=norms)
@@ -654,7 +660,7 @@ class CollapseRemedy(Hook):
         score_key = jax.random.fold_in(key, 2**31 - 1)
         params, chosen = state.params, []
         for i in np.asarray(due, dtype=int):
-            put = lambda draw: jax.tree_util.tree_map(lambda p, d: p.at[i].set(d[i]), params, draw)
+            put = lambda draw: _with_rows(params, draw, i)
             scores = [float(self.residual_quotients(put(d), state.objective_state, score_key)[i])
                       for d in draws]
             best = int(np.argmax(scores))
