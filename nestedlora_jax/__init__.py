@@ -67,7 +67,7 @@ from nestedlora_jax.dependence import (
     discrete_dependence_operator,
     pair_metrics,
 )
-from nestedlora_jax.evaluation import Evaluation, evaluate, quadrature_grid
+from nestedlora_jax.evaluation import Evaluation, evaluate, level_weights, quadrature_grid
 from nestedlora_jax.hooks import (
     Callback,
     Checkpoints,
@@ -185,7 +185,7 @@ __all__ = [
     "CollapseRemedy", "DivergenceGuard", "HistoryFile", "ProgressBar", "PeriodicEvaluation",
     "TrainingDivergedError", "TrainingInterrupted",
     # networks and evaluation
-    "eigenfunction_network", "to_apply", "load_params", "evaluate", "Evaluation", "quadrature_grid",
+    "eigenfunction_network", "to_apply", "load_params", "evaluate", "level_weights", "Evaluation", "quadrature_grid",
     # modules
     "baselines", "config", "dependence", "hooks", "laplacians", "metrics", "objectives", "omm", "operators",
     "problems", "samplers", "training", "networks", "solver", "pairs",

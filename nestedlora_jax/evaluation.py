@@ -31,7 +31,7 @@ from nestedlora_jax.operators import (
 )
 from nestedlora_jax.problems import check_problem
 
-__all__ = ["Evaluation", "METRIC_NAMES", "evaluate", "quadrature_grid", "network_values", "gram_statistics", "metrics_from_gram", "GramStatistics"]
+__all__ = ["Evaluation", "METRIC_NAMES", "evaluate", "level_weights", "quadrature_grid", "network_values", "gram_statistics", "metrics_from_gram", "GramStatistics"]
 
 
 # Evaluation multiplies in full float32 whatever the process default: on GPUs JAX's default
@@ -346,6 +346,60 @@ def evaluate(
     )
 
 
+def level_weights(apply, params, problem, operator: ProblemOperator, num_states: int, *,
+                  points: np.ndarray | None = None, weights: np.ndarray | None = None,
+                  num_samples: int = 2**18, key: jax.Array | None = None,
+                  readout: Callable[[np.ndarray], np.ndarray] | None = None,
+                  chunk: int = 512) -> np.ndarray:
+    """Where each learned function's norm lies among the exact levels: ``(L, B + 1)``.
+
+    ``W[i, b] = sum_{j in level b} <psi_j, f_i>^2 / <f_i, f_i>`` for the ``B`` degenerate
+    levels of the ``num_states`` lowest exact states (``problem.degenerate_blocks(num_states)``),
+    and ``W[i, B] = 1 - sum_b W[i, b]``, the fraction outside them; each row sums to 1.
+
+    With ``num_states`` beyond the ``L`` learned functions this tells apart the two ways an
+    outer state goes wrong: a function mixed with the levels just above the window (it
+    converges at a rate set by the gap to them) and a state of the window no function holds.
+    The errors left on 36-state hydrogen are the first kind (README).
+
+    Points, weights, ``num_samples``, ``key``, ``readout`` and ``chunk`` as in :func:`evaluate`
+    (a quadrature grid, or Monte Carlo samples from ``operator.sampler``).
+
+    Raises:
+      ValueError: ``num_states`` not an int >= 1; a problem without exact eigenfunctions for
+        ``num_states`` states; a network not importance-weighted evaluated on samples (its
+        functions cannot be compared with ``psi`` there).
+    """
+    check_problem(problem, "level_weights")
+    if isinstance(num_states, bool) or not isinstance(num_states, (int, np.integer)) or num_states < 1:
+        raise ValueError(f"num_states must be an int >= 1; got {num_states!r}.")
+    num_states = int(num_states)
+    if not problem.has_eigenfunctions(num_states):
+        raise ValueError(
+            f"level_weights: {type(problem).__name__} has no exact eigenfunctions for "
+            f"{num_states} states; use fewer (num_states=...)."
+        )
+    if weights is not None and (points is None or len(weights) != len(points)):
+        raise ValueError("a grid needs its points and one dx-weight per point.")
+    stats = gram_statistics(apply, params, problem, operator, points=points, weights=weights,
+                            num_samples=num_samples, key=key, readout=readout, chunk=chunk,
+                            num_exact=num_states)
+    if not stats.has_psi:
+        raise ValueError(
+            "level_weights: on samples the functions of a network trained without importance "
+            "weighting cannot be compared with the exact ones; pass a quadrature grid "
+            "(points and weights, see quadrature_grid)."
+        )
+    # Sums over samples are means once divided by the count (the grid's weights are dx).
+    S = stats.sums.sum(axis=0) / (1.0 if weights is not None else stats.counts.sum())
+    L = (S.shape[0] - num_states) // 2
+    norms = np.diag(S)[:L]
+    overlaps = S[2 * L :, :L] ** 2 / norms  # (num_states, L)
+    blocks = problem.degenerate_blocks(num_states)
+    W = np.stack([overlaps[a:b].sum(axis=0) for a, b in blocks], axis=1)
+    return np.concatenate([W, 1.0 - W.sum(axis=1, keepdims=True)], axis=1)
+
+
 def min_monte_carlo_samples(L: int, groups: int = 32) -> int:
     """The fewest Monte Carlo samples :func:`evaluate` takes for ``L`` functions: each of the
     ``groups`` jackknife groups needs its ``(3L, 3L)`` Gram matrix estimated from ``3L`` points
@@ -370,7 +424,7 @@ class GramStatistics(NamedTuple):
 
 def gram_statistics(apply, params, problem, operator, *, points=None, weights=None,
                     num_samples=2**18, key=None, importance_weighted=None, readout=None,
-                    chunk=512, groups=1) -> GramStatistics:
+                    chunk=512, groups=1, num_exact=None) -> GramStatistics:
     """``S_g = sum_n w_n z_n z_n^T`` over ``groups`` consecutive groups of points, chunk by chunk.
 
     On a grid (``weights`` given) ``w`` are the ``dx`` weights and the values are mapped to the
@@ -380,7 +434,8 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
     compared and is left out). Samples are drawn chunk by chunk, chunk ``c`` from
     ``fold_in(key, c)``, so any ``num_samples`` fits in memory. ``importance_weighted`` is
     ``operator.importance_weighted`` (``None``, the default; a contradicting value raises, as in
-    :func:`evaluate`).
+    :func:`evaluate`). ``num_exact``: how many exact eigenfunctions ``psi`` to include (default:
+    as many as there are learned functions).
     """
     check_problem(problem, "gram_statistics")
     importance_weighted = _check_importance_weighting(operator, importance_weighted)
@@ -405,9 +460,10 @@ def gram_statistics(apply, params, problem, operator, *, points=None, weights=No
             f, Tf = np.asarray(readout(f), np.float64), np.asarray(readout(Tf), np.float64)
         with jax.enable_x64(True):
             x64 = jnp.asarray(x, jnp.float64)
+            n_exact = f.shape[1] if num_exact is None else int(num_exact)
             if exact_known is None:
-                exact_known = problem.has_eigenfunctions(f.shape[1])
-            psi = _exact_values(problem, x64, f.shape[1]) if exact_known else None
+                exact_known = problem.has_eigenfunctions(n_exact)
+            psi = _exact_values(problem, x64, n_exact) if exact_known else None
             half_log_p = (0.5 * np.asarray(_log_probs(sampler, x64), np.float64)
                           if importance_weighted else None)
         if on_grid:

@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nestedlora_jax.evaluation import _metric_block, evaluate, metrics_from_gram, quadrature_grid
+from nestedlora_jax.evaluation import (
+    _metric_block,
+    evaluate,
+    level_weights,
+    metrics_from_gram,
+    quadrature_grid,
+)
 from nestedlora_jax.operators import problem_operator
 from nestedlora_jax.problems import CoupledOscillator, HarmonicOscillator, Hydrogen
 
@@ -193,3 +199,52 @@ def test_evaluation_multiplies_at_full_float32_precision_whatever_the_default():
     dots = [line for line in text.splitlines() if "dot_general" in line and "precision" in line]
     assert len(dots) >= 6, "expected the network's and the Laplacian's matrix products"
     assert all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots[:3]
+
+
+def mixed_network(problem, M, operator):
+    """``apply(None, x) = psi(x) M / sqrt(p(x))``: learned function ``i`` is the column
+    ``M[:, i]`` of exact states, so its weight in each level is known."""
+    M = jnp.asarray(M, jnp.float32)
+
+    def apply(params, x):
+        return (problem.eigenfunctions(x, M.shape[0]) @ M) * jnp.exp(-0.5 * operator.sampler.log_prob(x))
+
+    return apply
+
+
+def test_level_weights_recover_the_composition_of_mixed_functions():
+    """Three functions mixing the ten lowest oscillator states: their norm in each of the three
+    lowest levels (six states) and outside them, from the grid and from samples."""
+    problem = HarmonicOscillator(dim=2)
+    rng = np.random.default_rng(3)
+    M = rng.standard_normal((10, 3)) * np.array([1.0, 0.3, 0.3, 0.1, 0.1, 0.1, 0.5, 0.5, 0.0, 0.0])[:, None]
+    M[:, 2] = 0.0
+    M[4, 2], M[7, 2] = 0.6, 0.8  # level 3 (states 3..5) 0.36, beyond the six states 0.64
+    op = problem_operator(problem, 3)
+    apply = mixed_network(problem, M, op)
+    blocks = problem.degenerate_blocks(6)
+    assert blocks == [(0, 1), (1, 3), (3, 6)]
+    share = M ** 2 / np.sum(M ** 2, axis=0)
+    expected = np.stack([share[a:b].sum(axis=0) for a, b in blocks] + [share[6:].sum(axis=0)], axis=1)
+    np.testing.assert_allclose(expected[2], [0, 0, 0.36, 0.64], atol=1e-12)
+
+    points, weights = quadrature_grid(problem, 10, 120)
+    on_grid = level_weights(apply, None, problem, op, 6, points=points, weights=weights)
+    assert on_grid.shape == (3, 4)
+    np.testing.assert_allclose(on_grid, expected, atol=2e-6)
+    np.testing.assert_allclose(on_grid.sum(axis=1), 1.0, atol=1e-12)
+
+    sampled = level_weights(apply, None, problem, op, 6, num_samples=2**15, key=jax.random.PRNGKey(1))
+    np.testing.assert_allclose(sampled, expected, atol=0.03)
+
+
+def test_level_weights_refuse_what_they_cannot_compute():
+    problem = HarmonicOscillator(dim=2)
+    op = problem_operator(problem, 2)
+    apply = mixed_network(problem, np.eye(3)[:, :2], op)
+    with pytest.raises(ValueError, match="num_states must be an int >= 1"):
+        level_weights(apply, None, problem, op, 0)
+    hydrogen = Hydrogen(dim=3)
+    h_op = problem_operator(hydrogen, 2)
+    with pytest.raises(ValueError, match="no exact eigenfunctions for 31 states"):
+        level_weights(apply, None, hydrogen, h_op, 31)
