@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nestedlora_jax import metrics as M
+from nestedlora_jax._checks import check_positive_int
 from nestedlora_jax.operators import (
     ProblemOperator,
     energies_from_eigenvalues,
@@ -282,14 +283,7 @@ def evaluate(
     """
     check_problem(problem, "evaluate")
     importance_weighted = _check_importance_weighting(operator, importance_weighted)
-    on_grid = weights is not None
-    if on_grid and points is None:
-        raise ValueError("weights were given without points: pass the grid's points too.")
-    if on_grid and len(weights) != len(points):
-        raise ValueError(
-            f"a grid needs one dx-weight per point: got {len(points)} points and "
-            f"{len(weights)} weights."
-        )
+    on_grid = _check_grid(points, weights)
     if not on_grid and (isinstance(groups, bool) or not isinstance(groups, (int, np.integer))
                         or groups < 2):
         raise ValueError(f"groups (jackknife groups) must be an int >= 2; got {groups!r}.")
@@ -367,20 +361,17 @@ def level_weights(apply, params, problem, operator: ProblemOperator, num_states:
 
     Raises:
       ValueError: ``num_states`` not an int >= 1; a problem without exact eigenfunctions for
-        ``num_states`` states; a network not importance-weighted evaluated on samples (its
+        ``num_states`` states; weights without points, or not one per point; a network not importance-weighted evaluated on samples (its
         functions cannot be compared with ``psi`` there).
     """
     check_problem(problem, "level_weights")
-    if isinstance(num_states, bool) or not isinstance(num_states, (int, np.integer)) or num_states < 1:
-        raise ValueError(f"num_states must be an int >= 1; got {num_states!r}.")
-    num_states = int(num_states)
+    num_states = check_positive_int("level_weights: num_states", num_states)
     if not problem.has_eigenfunctions(num_states):
         raise ValueError(
             f"level_weights: {type(problem).__name__} has no exact eigenfunctions for "
             f"{num_states} states; use fewer (num_states=...)."
         )
-    if weights is not None and (points is None or len(weights) != len(points)):
-        raise ValueError("a grid needs its points and one dx-weight per point.")
+    on_grid = _check_grid(points, weights)
     stats = gram_statistics(apply, params, problem, operator, points=points, weights=weights,
                             num_samples=num_samples, key=key, readout=readout, chunk=chunk,
                             num_exact=num_states)
@@ -391,13 +382,28 @@ def level_weights(apply, params, problem, operator: ProblemOperator, num_states:
             "(points and weights, see quadrature_grid)."
         )
     # Sums over samples are means once divided by the count (the grid's weights are dx).
-    S = stats.sums.sum(axis=0) / (1.0 if weights is not None else stats.counts.sum())
+    S = stats.sums.sum(axis=0) / (1.0 if on_grid else stats.counts.sum())
     L = (S.shape[0] - num_states) // 2
     norms = np.diag(S)[:L]
     overlaps = S[2 * L :, :L] ** 2 / norms  # (num_states, L)
     blocks = problem.degenerate_blocks(num_states)
     W = np.stack([overlaps[a:b].sum(axis=0) for a, b in blocks], axis=1)
     return np.concatenate([W, 1.0 - W.sum(axis=1, keepdims=True)], axis=1)
+
+
+def _check_grid(points, weights) -> bool:
+    """Whether ``points`` and ``weights`` are a quadrature grid (weights given): then one
+    dx-weight per point, and points with them."""
+    if weights is None:
+        return False
+    if points is None:
+        raise ValueError("weights were given without points: pass the grid's points too.")
+    if len(weights) != len(points):
+        raise ValueError(
+            f"a grid needs one dx-weight per point: got {len(points)} points and "
+            f"{len(weights)} weights."
+        )
+    return True
 
 
 def min_monte_carlo_samples(L: int, groups: int = 32) -> int:

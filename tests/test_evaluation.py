@@ -242,7 +242,7 @@ def test_level_weights_refuse_what_they_cannot_compute():
     problem = HarmonicOscillator(dim=2)
     op = problem_operator(problem, 2)
     apply = mixed_network(problem, np.eye(3)[:, :2], op)
-    with pytest.raises(ValueError, match="num_states must be an int >= 1"):
+    with pytest.raises(ValueError, match="num_states must be a positive integer"):
         level_weights(apply, None, problem, op, 0)
     hydrogen = Hydrogen(dim=3)
     h_op = problem_operator(hydrogen, 2)
