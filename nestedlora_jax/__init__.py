@@ -13,6 +13,7 @@ The public API is flat, as in optax and jax: ``nl.solve``, ``nl.fit``, ``nl.lapl
 * ``dependence``  the canonical dependence kernel of paired data (operator, ``PairedData`` /
                   ``ClassPairedData`` samplers, exact ``GaussianPairs``, ``pair_metrics``)
 * ``samplers``    Gaussian (isotropic or full covariance), Laplace, uniform box, radial mixture
+* ``lattice``     randomly shifted lattice points through a sampler's inverse transform
 * ``problems``    oscillators (isotropic, coupled), hydrogen, infinite well, cosine potential:
                   exact answers in any dimension
 * ``metrics``     eigenvalue errors, orthogonality, subspace / angle distances, Ritz values
@@ -40,6 +41,7 @@ from nestedlora_jax import (
     dependence,
     hooks,
     laplacians,
+    lattice,
     metrics,
     objectives,
     omm,
@@ -83,6 +85,7 @@ from nestedlora_jax.hooks import (
     run_loop,
 )
 from nestedlora_jax.laplacians import LAPLACIAN_METHODS, batched_laplacian, laplacian
+from nestedlora_jax.lattice import lattice_sample
 from nestedlora_jax.objectives import (
     NESTINGS,
     Objective,
@@ -166,7 +169,7 @@ __all__ = [
     # problems and samplers
     "Problem", "HarmonicOscillator", "CoupledOscillator", "Hydrogen", "InfiniteWell",
     "CosinePotential", "GaussianSampler", "CorrelatedGaussianSampler", "LaplaceSampler",
-    "RadialExponentialMixture", "UniformBoxSampler",
+    "RadialExponentialMixture", "UniformBoxSampler", "lattice_sample",
     # paired data and the dependence kernel
     "solve_pairs", "PairsResult", "PairedData", "ClassPairedData", "GaussianPairs",
     "dependence_kernel_operator", "discrete_dependence_operator", "pair_metrics",
@@ -187,6 +190,6 @@ __all__ = [
     # networks and evaluation
     "eigenfunction_network", "to_apply", "load_params", "evaluate", "level_weights", "Evaluation", "quadrature_grid",
     # modules
-    "baselines", "config", "dependence", "hooks", "laplacians", "metrics", "objectives", "omm", "operators",
+    "baselines", "config", "dependence", "hooks", "laplacians", "lattice", "metrics", "objectives", "omm", "operators",
     "problems", "samplers", "training", "networks", "solver", "pairs",
 ]

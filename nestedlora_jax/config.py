@@ -51,9 +51,11 @@ __all__ = [
 # ran).
 # Version 6: CollapseConfig.candidates (1 by default: the single fresh draw every earlier
 # version took).
+# Version 7: TrainingConfig.moment_sampling ("random" by default, what every earlier version
+# drew).
 # A version-1 configuration is read with both off, as it was trained.
-CONFIG_VERSION = 6
-READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5, 6)
+CONFIG_VERSION = 7
+READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 
 
 def upgrade_config_dict(data: dict) -> dict:
@@ -61,9 +63,10 @@ def upgrade_config_dict(data: dict) -> dict:
     version reads it (the same run): version 1 had no Gaussian envelope and no reordering;
     versions before 4 reordered functions still forming too (``formed_ratio`` 0); versions
     before 5 compared norms with Rayleigh quotients, the default ``reference``; versions
-    before 6 took one fresh draw, the default ``candidates``."""
+    before 6 took one fresh draw, the default ``candidates``; versions before 7 drew random
+    moment samples (``TRAINING_FIELDS_ADDED``)."""
     version = data.get("version")
-    if version in (1, 2, 3, 4, 5):
+    if version in (1, 2, 3, 4, 5, 6):
         network = dict(data.get("network") or {})
         training = dict(data.get("training") or {})
         collapse = training.get("collapse")
@@ -73,6 +76,8 @@ def upgrade_config_dict(data: dict) -> dict:
             older = {name: value for name, (added, value) in COLLAPSE_FIELDS_ADDED.items()
                      if version < added}
             training["collapse"] = {**older, **collapse}
+        training = {**{name: value for name, (added, value) in TRAINING_FIELDS_ADDED.items()
+                       if version < added}, **training}
         data = {**data, "network": network, "training": training, "version": CONFIG_VERSION}
     return data
 
@@ -84,9 +89,11 @@ SHARED_NETWORK_METHODS = ("neuralsvd-joint", "omm-joint")
 ACTIVATIONS = ("softplus", "tanh", "silu", "gelu")
 ARCHITECTURES = ("parallel", "shared")
 ENVELOPES = (None, "fixed", "learnable")
+MOMENT_SAMPLINGS = ("random", "lattice")
 EVALUATION_MODES = ("auto", "grid", "mc")
 # Imported here so that its name is part of the configuration vocabulary.
-from nestedlora_jax.hooks import COLLAPSE_FIELDS_ADDED, CollapseConfig  # noqa: E402
+from nestedlora_jax.hooks import (COLLAPSE_FIELDS_ADDED, TRAINING_FIELDS_ADDED,  # noqa: E402
+                                  CollapseConfig)
 
 
 class ConfigVersionError(ValueError):
@@ -254,6 +261,12 @@ class TrainingConfig(_Config):
         NestedLoRA estimates the second moments ``<f_i, f_j>`` its gradient multiplies (see
         :func:`~nestedlora_jax.objectives.nested_lora_loss`); ``None`` estimates them from the
         two halves of the batch.
+      moment_sampling: how the moment samples are drawn: ``"random"`` (independent draws of the
+        sampler) or ``"lattice"`` (a randomly shifted lattice mapped through the sampler's
+        inverse transform, :func:`~nestedlora_jax.lattice.lattice_sample`: each point drawn
+        from the sampler's density, so the moments stay unbiased, with errors that fall
+        faster than ``1 / sqrt(moment_batch_size)`` for smooth functions in low dimension).
+        ``"lattice"`` needs ``moment_batch_size`` and a sampler with ``from_uniforms``.
       learning_rate: peak rate of the default optimiser (Adam, cosine-decayed to 1%);
         ``None`` means 3e-3, which trained every measured problem (from the 2-D oscillator and
         hydrogen to the coupled oscillator in d = 5) faster than 1e-3. Must stay ``None``
@@ -273,6 +286,7 @@ class TrainingConfig(_Config):
     steps: int = 20000
     batch_size: int = 512
     moment_batch_size: int | None = None
+    moment_sampling: str = "random"
     learning_rate: float | None = None
     ema_decay: float = 0.999
     seed: int = 0
@@ -291,6 +305,12 @@ class TrainingConfig(_Config):
         check_positive_int("TrainingConfig.batch_size", self.batch_size)
         if self.moment_batch_size is not None:
             check_positive_int("TrainingConfig.moment_batch_size", self.moment_batch_size)
+        _check_choice("TrainingConfig.moment_sampling", self.moment_sampling, MOMENT_SAMPLINGS)
+        if self.moment_sampling != "random" and self.moment_batch_size is None:
+            raise ValueError(
+                f"TrainingConfig.moment_sampling={self.moment_sampling!r} draws the moment samples, "
+                "but moment_batch_size is None (no moment samples): set moment_batch_size, "
+                "e.g. 2048, or leave moment_sampling 'random'.")
         if self.learning_rate is not None:
             check_positive_float("TrainingConfig.learning_rate", self.learning_rate)
         if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \

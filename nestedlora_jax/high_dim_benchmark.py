@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("problem", "dim", "states", "guard_functions", "method", "steps", "batch", "lr",
-               "hidden", "moment_batch")
+               "hidden", "moment_batch", "moment_sampling")
 
 
 def check_args(args) -> None:

@@ -407,12 +407,19 @@ class CollapseConfig:
 # configuration); a saved value that differs from today's is still refused, by name.
 COLLAPSE_FIELDS_ADDED = {"reorder": (2, False), "formed_ratio": (4, 0.0),
                          "reference": (5, "rayleigh"), "candidates": (6, 1)}
+# TrainingConfig fields added the same way.
+TRAINING_FIELDS_ADDED = {"moment_sampling": (7, "random")}
 
 
-def with_added_collapse_fields(fit_config: dict | None) -> dict | None:
+def with_added_fields(fit_config: dict | None) -> dict | None:
     """A saved ``fit`` configuration (``TrainingConfig.resume_key()`` plus the fit-level keys)
-    with the :data:`COLLAPSE_FIELDS_ADDED` its collapse configuration lacks filled in."""
-    if not isinstance(fit_config, dict) or not isinstance(fit_config.get("collapse"), dict):
+    with the :data:`TRAINING_FIELDS_ADDED` it lacks, and the :data:`COLLAPSE_FIELDS_ADDED` its
+    collapse configuration lacks, filled in."""
+    if not isinstance(fit_config, dict):
+        return fit_config
+    older = {name: value for name, (_, value) in TRAINING_FIELDS_ADDED.items()}
+    fit_config = {**older, **fit_config}
+    if not isinstance(fit_config.get("collapse"), dict):
         return fit_config
     older = {name: value for name, (_, value) in COLLAPSE_FIELDS_ADDED.items()}
     return {**fit_config, "collapse": {**older, **fit_config["collapse"]}}
@@ -774,7 +781,7 @@ class Checkpoints(Hook):
             restored = self.manager.restore_latest(loop.state)
             if restored is not None:
                 state, extra = restored
-                check_resumed_config(with_added_collapse_fields(extra.get("fit_config")),
+                check_resumed_config(with_added_fields(extra.get("fit_config")),
                                      loop.config, self.manager.directory)
                 loop.state = loop.place(state)
                 loop.history = list(extra.get("history", []))

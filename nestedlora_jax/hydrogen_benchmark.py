@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_guard_functions_option(p: argparse.ArgumentParser) -> None:
-    """``--guard-functions`` and ``--moment-batch``, shared by both benchmark commands (see
-    ``ADDED_OPTIONS``)."""
+    """``--guard-functions``, ``--moment-batch`` and ``--moment-sampling``, shared by both
+    benchmark commands (see ``ADDED_OPTIONS``)."""
     p.add_argument("--guard-functions", type=non_negative_int, default=0,
                    help="train L + this many functions, report the first L (SolveConfig.guard_functions)")
     p.add_argument("--moment-batch", type=non_negative_int, default=None, metavar="N",
@@ -140,6 +140,10 @@ def add_guard_functions_option(p: argparse.ArgumentParser) -> None:
                         "samples per step, forward passes only (TrainingConfig.moment_batch_size); "
                         "0: from the batch halves. Default: the halves, except 2048 for hydrogen "
                         "beyond 16 states")
+    p.add_argument("--moment-sampling", choices=("random", "lattice"), default="random",
+                   help="how the moment samples are drawn (TrainingConfig.moment_sampling): "
+                        "independent draws, or a randomly shifted lattice through the sampler's "
+                        "inverse transform (unbiased, smaller errors in low dimension)")
 
 
 # The largest table whose grid and eigenfunctions the tests check (n <= 5, tests/test_problems.py).
@@ -148,11 +152,12 @@ MAX_STATES = 36
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("method", "states", "guard_functions", "steps", "batch", "lr", "hidden",
                "no_collapse_remedy", "network_length", "moment_batch", "collapse_reference",
-               "reinit_candidates")
+               "reinit_candidates", "moment_sampling")
 # Options added after runs were recorded, with the value those runs had (so they resume);
 # shared with the high-dimensional command, which reads the keys it has.
 ADDED_OPTIONS = {"guard_functions": 0, "network_length": None, "moment_batch": None,
-                 "collapse_reference": "rayleigh", "reinit_candidates": 1}
+                 "collapse_reference": "rayleigh", "reinit_candidates": 1,
+                 "moment_sampling": "random"}
 
 
 def check_args(args) -> None:
@@ -251,7 +256,8 @@ def training_config(args, seed: int, collapse: CollapseConfig) -> TrainingConfig
     ``--log-every``, ``--checkpoint-every``) for one seed."""
     return TrainingConfig(
         steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=seed,
-        moment_batch_size=args.moment_batch, log_every=args.log_every,
+        moment_batch_size=args.moment_batch, moment_sampling=args.moment_sampling,
+        log_every=args.log_every,
         checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
         collapse=collapse,
     )

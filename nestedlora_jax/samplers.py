@@ -8,7 +8,10 @@ function or passed as a static argument. Each has
   default float, float32 unless x64 is enabled);
 - ``log_prob(x) -> ()``: ``log p(x)`` for ONE point ``x`` of shape ``(d,)`` (vmap for a batch),
   smooth enough to be differentiated twice where the density is smooth; computed in log space,
-  never as ``log(exp(...))``, so it is finite far in the tails.
+  never as ``log(exp(...))``, so it is finite far in the tails;
+- ``num_uniforms`` and ``from_uniforms(u) -> (n, d)``: the inverse transform, which maps points
+  ``u`` ``(n, num_uniforms)`` uniform on the unit cube to draws from ``p``. Lattice points
+  (:mod:`nestedlora_jax.lattice`) go through it; ``sample`` does not (it keeps JAX's own draws).
 
 The importance-weighted operators (``operators.py``) use ``u = log_prob / 2`` and
 its first two derivatives; see each class for where its log-density is not smooth.
@@ -93,6 +96,16 @@ def _check_n(n: Any) -> None:
         )
 
 
+def _check_uniforms(u: Array, k: int, cls: str) -> Array:
+    u = jnp.asarray(u)
+    if u.ndim != 2 or u.shape[1] != k:
+        raise ValueError(f"{cls}.from_uniforms takes points of shape (n, {k}) in the unit cube; "
+                         f"got shape {u.shape}.")
+    if not jnp.issubdtype(u.dtype, jnp.floating):
+        raise ValueError(f"{cls}.from_uniforms: u must be floating-point, got dtype {u.dtype}.")
+    return u
+
+
 def _check_point(x: Array, dim: int, cls: str) -> Array:
     x = jnp.asarray(x)
     if x.shape != (dim,):
@@ -175,6 +188,17 @@ class GaussianSampler:
         z = jax.random.normal(key, (n, self.dim), dtype=dtype)
         return jnp.asarray(self.mean, dtype) + self.scale * z
 
+    @property
+    def num_uniforms(self) -> int:
+        """Uniforms per point that :meth:`from_uniforms` takes: ``dim``."""
+        return self.dim
+
+    def from_uniforms(self, u: Array) -> Array:
+        """``mean + scale * Phi^{-1}(u)``: ``u`` ``(n, dim)`` uniform on the cube -> draws
+        ``(n, dim)`` (``Phi`` the standard normal CDF)."""
+        u = _check_uniforms(u, self.num_uniforms, "GaussianSampler")
+        return jnp.asarray(self.mean, u.dtype) + self.scale * jax.scipy.special.ndtri(u)
+
     def log_prob(self, x: Array) -> Array:
         """``log p(x)`` for one point ``x`` ``(dim,)``; returns a scalar."""
         x = _check_point(x, self.dim, "GaussianSampler")
@@ -245,6 +269,17 @@ class CorrelatedGaussianSampler:
         z = jax.random.normal(key, (n, self.dim), dtype=dtype)
         return jnp.asarray(self.mean, dtype) + z @ jnp.asarray(self._cholesky.T, dtype)
 
+    @property
+    def num_uniforms(self) -> int:
+        """Uniforms per point that :meth:`from_uniforms` takes: ``dim``."""
+        return self.dim
+
+    def from_uniforms(self, u: Array) -> Array:
+        """``mean + C Phi^{-1}(u)``: ``u`` ``(n, dim)`` uniform on the cube -> draws ``(n, dim)``."""
+        u = _check_uniforms(u, self.num_uniforms, "CorrelatedGaussianSampler")
+        z = jax.scipy.special.ndtri(u)
+        return jnp.asarray(self.mean, u.dtype) + z @ jnp.asarray(self._cholesky.T, u.dtype)
+
     def log_prob(self, x: Array) -> Array:
         """``log p(x)`` for one point ``x`` ``(dim,)``; returns a scalar."""
         x = _check_point(x, self.dim, "CorrelatedGaussianSampler")
@@ -279,6 +314,18 @@ class LaplaceSampler:
         dtype = _resolve_dtype(dtype)
         return self.scale * jax.random.laplace(key, (n, self.dim), dtype=dtype)
 
+    @property
+    def num_uniforms(self) -> int:
+        """Uniforms per point that :meth:`from_uniforms` takes: ``dim``."""
+        return self.dim
+
+    def from_uniforms(self, u: Array) -> Array:
+        """The inverse CDF per coordinate, ``-b sign(u - 1/2) log(1 - 2 |u - 1/2|)``: ``u``
+        ``(n, dim)`` uniform on the cube -> draws ``(n, dim)``."""
+        u = _check_uniforms(u, self.num_uniforms, "LaplaceSampler")
+        c = u - 0.5
+        return -self.scale * jnp.sign(c) * jnp.log1p(-2.0 * jnp.abs(c))
+
     def log_prob(self, x: Array) -> Array:
         """``log p(x)`` for one point ``x`` ``(dim,)``; returns a scalar."""
         x = _check_point(x, self.dim, "LaplaceSampler")
@@ -312,6 +359,16 @@ class UniformBoxSampler:
         dtype = _resolve_dtype(dtype)
         shape = (n, self.dim)
         return jax.random.uniform(key, shape, dtype=dtype, minval=self.low, maxval=self.high)
+
+    @property
+    def num_uniforms(self) -> int:
+        """Uniforms per point that :meth:`from_uniforms` takes: ``dim``."""
+        return self.dim
+
+    def from_uniforms(self, u: Array) -> Array:
+        """``low + (high - low) u``: ``u`` ``(n, dim)`` uniform on the cube -> draws ``(n, dim)``."""
+        u = _check_uniforms(u, self.num_uniforms, "UniformBoxSampler")
+        return self.low + (self.high - self.low) * u
 
     def log_prob(self, x: Array) -> Array:
         """``log p(x)`` for one point ``x`` ``(dim,)``; returns a scalar (``-inf`` off the box)."""
@@ -436,6 +493,69 @@ class RadialExponentialMixture:
         # v = 0 has probability ~0 (every u1 exactly 0), but guard anyway: use e_1 then.
         e1 = jnp.zeros((self.dim,), dtype).at[0].set(1)
         direction = jnp.where(norm > 0, v / jnp.where(norm > 0, norm, 1), e1)
+        return r[:, None] * direction
+
+    @property
+    def num_uniforms(self) -> int:
+        """Uniforms per point that :meth:`from_uniforms` takes: one for the radius, then the
+        direction's: 1 in 2-D (the angle), 2 in 3-D, ``dim`` beyond (normal coordinates)."""
+        return 1 + {2: 1, 3: 2}.get(self.dim, self.dim)
+
+    def radial_survival(self, r: Array) -> Array:
+        """``P(|x| > r) = sum_k pi_k Q(shape, r / a_k)`` (``Q`` the regularised upper incomplete
+        gamma function), elementwise."""
+        a = jnp.asarray(self.scales, r.dtype)
+        w = jnp.asarray(self.weights, r.dtype)
+        t = r[..., None] / a
+        if float(self.shape).is_integer():
+            # Q(k, t) = exp(-t) sum_{i < k} t^i / i!: a few flops where gammaincc iterates
+            # (about 25x faster for a batch of moment samples).
+            term, total = jnp.ones_like(t), jnp.ones_like(t)
+            for i in range(1, int(self.shape)):
+                term = term * t / i
+                total = total + term
+            q = jnp.exp(-t) * total
+        else:
+            q = jax.scipy.special.gammaincc(jnp.asarray(self.shape, r.dtype), t)
+        return jnp.sum(w * q, -1)
+
+    def from_uniforms(self, u: Array) -> Array:
+        """The inverse transform: ``u`` ``(n, num_uniforms)`` uniform on the cube -> draws
+        ``(n, dim)``, every one with ``|x| >= r_min``.
+
+        The radius solves ``radial_survival(r) = 1 - u_0`` (bisection in ``log r`` to the
+        dtype's precision; the mixture has no closed-form inverse). The direction: angle
+        ``2 pi u_1`` in 2-D; ``cos theta = 1 - 2 u_1``, ``phi = 2 pi u_2`` in 3-D; beyond,
+        the normalised ``Phi^{-1}(u_1..u_d)``. Unlike :meth:`sample`, one draw's radius depends
+        smoothly on ``u_0``, which is what lattice points need.
+        """
+        u = _check_uniforms(u, self.num_uniforms, "RadialExponentialMixture")
+        dtype = u.dtype
+        target = 1.0 - u[:, 0]
+        # Q(shape, shape + 50) < 1e-17: below any target a float64 uniform can give.
+        lo = jnp.full(target.shape, math.log(self.r_min), dtype)
+        hi = jnp.full(target.shape, math.log(max(self.scales) * (self.shape + 50.0)), dtype)
+        iterations = jnp.finfo(dtype).nmant + 6  # the log-radius range is < 2^6 wide
+
+        def bisect(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            beyond = self.radial_survival(jnp.exp(mid)) > target  # the root lies above mid
+            return jnp.where(beyond, mid, lo), jnp.where(beyond, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, iterations, bisect, (lo, hi))
+        r = jnp.maximum(jnp.exp(0.5 * (lo + hi)), jnp.asarray(self.r_min, dtype))
+        if self.dim == 2:
+            angle = 2.0 * jnp.pi * u[:, 1]
+            direction = jnp.stack([jnp.cos(angle), jnp.sin(angle)], -1)
+        elif self.dim == 3:
+            c = 1.0 - 2.0 * u[:, 1]
+            s = jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0))
+            phi = 2.0 * jnp.pi * u[:, 2]
+            direction = jnp.stack([s * jnp.cos(phi), s * jnp.sin(phi), c], -1)
+        else:
+            v = jax.scipy.special.ndtri(u[:, 1:])
+            direction = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
         return r[:, None] * direction
 
     def log_prob(self, x: Array) -> Array:

@@ -26,6 +26,7 @@ resumed from a checkpoint sees exactly the samples of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -49,6 +50,7 @@ from nestedlora_jax.hooks import (
 )
 from nestedlora_jax._checks import check_even_batch
 from nestedlora_jax.config import TrainingConfig
+from nestedlora_jax.lattice import check_lattice_sampler, lattice_sample
 from nestedlora_jax.objectives import (Objective, OperatorOutput, _halves, _second_moment,
                                       nested_lora_objective)
 from nestedlora_jax.operators import (
@@ -279,6 +281,7 @@ def make_train_step(
     stats_decay: float = 0.99,
     batch_sharding: jax.sharding.Sharding | None = None,
     moment_batch_size: int | None = None,
+    moment_sample: Callable[[jax.Array, int], jax.Array] | None = None,
 ):
     """A pure training step ``step(state, key) -> state``.
 
@@ -294,15 +297,17 @@ def make_train_step(
     right where it is drawn, and XLA partitions the rest of the step to match. With
     ``moment_batch_size`` it also draws that many moment samples per step (from
     ``fold_in(key, 2)``, so the batch itself is the one drawn without them) and passes them
-    to ``loss_fn`` as ``moment_batch``.
+    to ``loss_fn`` as ``moment_batch``; ``moment_sample(key, n)`` draws them in place of
+    ``sample`` (e.g. ``functools.partial(lattice_sample, sampler)``).
     """
+    draw_moments = sample if moment_sample is None else moment_sample
 
     def step(state: TrainState, key) -> TrainState:
         sample_key, operator_key = jax.random.split(key)
         xs = sample(sample_key, batch_size)
         moments = None
         if moment_batch_size is not None:
-            moments = sample(jax.random.fold_in(key, 2), moment_batch_size)
+            moments = draw_moments(jax.random.fold_in(key, 2), moment_batch_size)
         if batch_sharding is not None:
             xs = jax.lax.with_sharding_constraint(xs, batch_sharding)
             if moments is not None:
@@ -619,6 +624,10 @@ def fit(
             f"{objective.name!r} objective does not use moment samples (only NestedLoRA does): "
             "leave moment_batch_size None."
         )
+    moment_sample = None
+    if config.moment_sampling == "lattice":
+        check_lattice_sampler(sampler)
+        moment_sample = functools.partial(lattice_sample, sampler)
     collapse = config.collapse
     if not objective.norms_are_eigenvalues:
         # The collapse test compares ||f_i||^2 with the Rayleigh quotient, equal only at the
@@ -645,7 +654,8 @@ def fit(
     loss_fn = make_loss_fn(apply, operator, objective, max_abs_value=config.max_abs_value)
     step_fn = make_train_step(loss_fn, optimizer, sampler.sample, config.batch_size,
                               ema_decay=config.ema_decay, batch_sharding=sharding,
-                              moment_batch_size=config.moment_batch_size)
+                              moment_batch_size=config.moment_batch_size,
+                              moment_sample=moment_sample)
     run_config = config.resume_key() | {
         "collapse": None if collapse is None else dataclasses.asdict(collapse),
         "num_functions": int(L), "objective": objective.name, "optimizer": optimizer_kind,

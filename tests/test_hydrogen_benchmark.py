@@ -141,6 +141,28 @@ def test_the_collapse_options_reach_the_configuration(capsys):
     assert "--reinit-candidates" in capsys.readouterr().err
 
 
+def test_the_moment_sampling_option_reaches_the_configuration(capsys):
+    """``--moment-sampling lattice`` sets TrainingConfig.moment_sampling (default: random);
+    without moment samples (16 states, or ``--moment-batch 0``) it is refused by name."""
+    from nestedlora_jax.hydrogen_benchmark import build_parser, check_args, resolve_defaults, solve_config
+
+    def training(argv):
+        args = build_parser().parse_args(argv)
+        resolve_defaults(args)
+        check_args(args)
+        return solve_config(args, 0).training
+
+    assert training(["--states", "36"]).moment_sampling == "random"
+    lattice = training(["--states", "36", "--moment-sampling", "lattice"])
+    assert (lattice.moment_sampling, lattice.moment_batch_size) == ("lattice", 2048)
+    for argv in (["--states", "16"], ["--states", "36", "--moment-batch", "0"]):
+        with pytest.raises(ValueError, match="--moment-sampling lattice draws the moment samples"):
+            training(argv + ["--moment-sampling", "lattice"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--moment-sampling", "sobol"])
+    assert "--moment-sampling" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option", ["--moment-batch", "--network-length"])
 def test_negative_moment_batch_or_length_is_refused(option, capsys):
     from nestedlora_jax.hydrogen_benchmark import build_parser

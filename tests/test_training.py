@@ -412,7 +412,7 @@ def test_a_version_four_configuration_reads_with_the_rayleigh_reference():
     from nestedlora_jax.config import CONFIG_VERSION, SolveConfig
 
     data = SolveConfig().to_dict()
-    assert data["version"] == CONFIG_VERSION == 6
+    assert data["version"] == CONFIG_VERSION == 7
     assert data["training"]["collapse"]["reference"] == "rayleigh"
     collapse = {k: v for k, v in data["training"]["collapse"].items() if k != "reference"}
     old = {**data, "version": 4, "training": {**data["training"], "collapse": collapse}}
