@@ -2,8 +2,9 @@
 
 Run ``python benchmarks/hydrogen.py`` (or ``python -m nestedlora_jax.hydrogen_benchmark``,
 or the console script ``nestedlora-hydrogen``); ``--help`` lists the options. The bare
-command is the README's main job: the 16 states of n <= 3 (120 000 steps of batch 256, about
-8 minutes on a 2-core CPU); ``--states 9`` is a quicker one (40 000 steps, 2-3 minutes).
+command is the README's main job: the 16 states of n <= 3 (90 000 steps of batch 256, the
+second moments from 512 lattice moment samples per step, about 7.5 minutes on a 2-core CPU);
+``--states 9`` is a quicker one (40 000 steps, a few minutes).
 
 Writes to ``--out``: ``results.json`` (configuration, per-state and aggregated metrics per
 seed and mean +- std over seeds, steps/s, wall time, device, library versions), per-seed
@@ -82,17 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--states", type=positive_int, default=16, help="number of states L (9 = n <= 2, 16 = n <= 3, 25 = n <= 4, 36 = n <= 5)")
     add_guard_functions_option(p)
     p.add_argument("--steps", type=non_negative_int, default=None,
-                   help="training steps (default: 40000 up to 9 states, 120000 up to 16, "
+                   help="training steps (default: 40000 up to 9 states, 90000 up to 16, "
                         "100000 up to 25 (at batch 512), 300000 beyond: on 16 states at batch 256 "
-                        "100k steps ended at 1.3e-3 mean error and 120k at 7.6e-4 to 8.6e-4 "
-                        "(seeds 0, 1, 2); on 36 the n = 5 level does not form in 40k, and over "
+                        "with 512 lattice moment samples 90k steps take about 7.5 minutes on a "
+                        "2-core CPU (120k: 9.7); on 36 the n = 5 level does not form in 40k, and over "
                         "seeds 0, 1, 2 300k steps gave mean errors 6.3e-4 to 1.5e-3 where 150k "
                         "gave 3.1e-3 to 4.0e-3)")
     p.add_argument("--batch", type=positive_int, default=None,
                    help="samples per step (default: 256 up to 16 states, 512 beyond: on 16 "
                         "states batch 512 cut the n = 3 block's subspace distance from 6.8e-4 to "
                         "3.0e-4 at 100k steps, but in the same time batch 256 makes 1.7x the "
-                        "steps: 8.1e-4 mean error at 120k against 1.7e-3 at 70k of batch 512)")
+                        "steps: 8.1e-4 mean error at 120k against 1.7e-3 at 70k of batch 512, "
+                        "both from the batch halves)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed (ignored when --seeds is given)")
     p.add_argument("--seeds", type=seed_int, nargs="+", default=None, help="several seeds: report mean +- std")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate (cosine-decayed to 1%%)")
@@ -138,12 +140,13 @@ def add_guard_functions_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moment-batch", type=non_negative_int, default=None, metavar="N",
                    help="neuralsvd methods: estimate the second moments <f_i, f_j> on N extra "
                         "samples per step, forward passes only (TrainingConfig.moment_batch_size); "
-                        "0: from the batch halves. Default: the halves, except 2048 for hydrogen "
-                        "beyond 16 states")
-    p.add_argument("--moment-sampling", choices=("random", "lattice"), default="random",
+                        "0: from the batch halves. Default: the halves, except for hydrogen: "
+                        "512 up to 16 states, 2048 beyond")
+    p.add_argument("--moment-sampling", choices=("random", "lattice"), default=None,
                    help="how the moment samples are drawn (TrainingConfig.moment_sampling): "
                         "independent draws, or a randomly shifted lattice through the sampler's "
-                        "inverse transform (unbiased, smaller errors in low dimension)")
+                        "inverse transform (unbiased, smaller errors in low dimension). Default: "
+                        "random, except lattice for hydrogen up to 16 states")
 
 
 # The largest table whose grid and eigenfunctions the tests check (n <= 5, tests/test_problems.py).
@@ -306,14 +309,16 @@ def multiple_of(every: int, log_every: int) -> int:
 # The n = 5 functions (states 26..36) converge slowly, against the 0.23% and 0.38% gaps (of the
 # top eigenvalue) to n = 6 and n = 7: on 36 states the n = 5 level mean went from 2.2e-2 at
 # 100k steps (seed 0) to 0.9-1.2e-2 at 150k and 1.3-4.3e-3 at 300k (seeds 0, 1, 2; README).
+# Up to 16 states (the bare command) the budget is wall time: about 8 minutes on a 2-core CPU,
+# which with the 512 lattice moment samples is 90k steps (120k without them).
 def default_steps(states: int) -> int:
-    return 40000 if states <= 9 else 120000 if states <= 16 else 100000 if states <= 25 else 300000
+    return 40000 if states <= 9 else 90000 if states <= 16 else 100000 if states <= 25 else 300000
 
 
-# Up to 16 states (the bare command) the budget is wall time: about 8 minutes on a 2-core CPU.
-# Batch 256 makes 1.7x the steps of batch 512 in it, and steps help more than samples there: on
-# 16 states, 120k steps of 256 gave 7.6e-4 to 8.6e-4 (seeds 0, 1, 2) where 70k steps of 512, the
-# same time, gave 1.7e-3 (seed 0; README). Beyond 16 the outer levels need the larger batch.
+# Batch 256 makes 1.7x the steps of batch 512 in the bare command's time, and steps help more
+# than samples there: on 16 states, 120k steps of 256 gave 7.6e-4 to 8.6e-4 (seeds 0, 1, 2) where
+# 70k steps of 512, the same time, gave 1.7e-3 (seed 0; README; both from the batch halves).
+# Beyond 16 the outer levels need the larger batch.
 def default_batch(states: int) -> int:
     return 256 if states <= 16 else 512
 
@@ -321,9 +326,23 @@ def default_batch(states: int) -> int:
 # Beyond 16 states (n >= 4) the outer levels need both to form: on 36 states (seed 0, 100k
 # steps) 2048 moment samples with raw coordinates gave mean 0.071 with 4 of the 11 n = 5 states
 # at 0.3-0.8; with the scaled input as well, 6.8e-3 with every state formed (README).
+# Up to 16 states, 512 moment samples on a lattice: on the bare command (16 states, 120k steps,
+# batch 256) mean 2.3e-5, 1.8e-5 and 4.3e-5 (seeds 0, 1, 2), where the batch halves gave 8.6e-4,
+# 8.2e-4 and 7.6e-4, and 512 independent moment samples 3.0e-4 (seed 0; README).
 def default_moment_batch(states: int, method: str) -> int | None:
-    """2048 for more than 16 states if the method takes moment samples, else None."""
-    return 2048 if states > 16 and make_objective(method).takes_moment_samples else None
+    """512 up to 16 states, 2048 beyond, if the method takes moment samples; else None."""
+    if not make_objective(method).takes_moment_samples:
+        return None
+    return 512 if states <= 16 else 2048
+
+
+LATTICE_MOMENTS_UP_TO = 16  # states; beyond, see the README's 36-state section
+
+
+def default_moment_sampling(states: int, moment_batch: int | None) -> str:
+    """``"lattice"`` where there are moment samples and at most ``LATTICE_MOMENTS_UP_TO``
+    states, else ``"random"``."""
+    return "lattice" if moment_batch is not None and states <= LATTICE_MOMENTS_UP_TO else "random"
 
 
 def default_network_length(states: int) -> float | None:
@@ -333,8 +352,9 @@ def default_network_length(states: int) -> float | None:
 
 def resolve_defaults(args) -> None:
     """Fill, in place, the options whose default depends on ``--states`` (and ``--method``):
-    ``--steps``, ``--batch``, ``--moment-batch`` and ``--network-length``; an explicit 0 for the
-    last two means none (``None``). The run folder records the resolved values."""
+    ``--steps``, ``--batch``, ``--moment-batch``, ``--moment-sampling`` and
+    ``--network-length``; an explicit 0 for ``--moment-batch`` or ``--network-length`` means
+    none (``None``). The run folder records the resolved values."""
     if args.steps is None:
         args.steps = default_steps(args.states)
     if args.batch is None:
@@ -343,6 +363,8 @@ def resolve_defaults(args) -> None:
         args.moment_batch = default_moment_batch(args.states, args.method)
     else:
         args.moment_batch = zero_means_none(args.moment_batch)
+    if args.moment_sampling is None:
+        args.moment_sampling = default_moment_sampling(args.states, args.moment_batch)
     if args.network_length is None:
         args.network_length = default_network_length(args.states)
     else:

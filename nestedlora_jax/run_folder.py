@@ -187,7 +187,7 @@ def check_training_args(args, dim: int) -> None:
         if not make_objective(args.method).takes_moment_samples:
             raise ValueError(f"--moment-batch applies to the neuralsvd methods only (NestedLoRA's "
                              f"second moments); {args.method} does not use it.")
-    if getattr(args, "moment_sampling", "random") != "random" and getattr(args, "moment_batch", None) is None:
+    if getattr(args, "moment_sampling", None) == "lattice" and getattr(args, "moment_batch", None) is None:
         raise ValueError(f"--moment-sampling {args.moment_sampling} draws the moment samples, but "
                          "there are none: give --moment-batch N (N > 0).")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):

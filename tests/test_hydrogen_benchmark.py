@@ -95,30 +95,35 @@ def test_default_batch_grows_with_the_number_of_states():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], (120000, 256, None, None)),  # the bare command: 16 states
-    (["--states", "9"], (40000, 256, None, None)),
-    (["--states", "10"], (120000, 256, None, None)),
-    (["--states", "16"], (120000, 256, None, None)),
-    (["--states", "17"], (100000, 512, 2048, 10.0)),
-    (["--states", "25"], (100000, 512, 2048, 10.0)),
-    (["--states", "26"], (300000, 512, 2048, 10.0)),
-    (["--states", "36"], (300000, 512, 2048, 10.0)),
-    (["--states", "36", "--method", "neuralef"], (300000, 512, None, 10.0)),  # no moment samples
-    (["--states", "36", "--moment-batch", "0", "--network-length", "0"], (300000, 512, None, None)),
+    ([], (90000, 256, 512, None, "lattice")),  # the bare command: 16 states
+    (["--states", "9"], (40000, 256, 512, None, "lattice")),
+    (["--states", "10"], (90000, 256, 512, None, "lattice")),
+    (["--states", "16"], (90000, 256, 512, None, "lattice")),
+    (["--states", "16", "--moment-batch", "0"], (90000, 256, None, None, "random")),  # halves
+    (["--states", "16", "--moment-sampling", "random"], (90000, 256, 512, None, "random")),
+    (["--states", "16", "--method", "neuralef"], (90000, 256, None, None, "random")),
+    (["--states", "17"], (100000, 512, 2048, 10.0, "random")),
+    (["--states", "25"], (100000, 512, 2048, 10.0, "random")),
+    (["--states", "26"], (300000, 512, 2048, 10.0, "random")),
+    (["--states", "36"], (300000, 512, 2048, 10.0, "random")),
+    (["--states", "36", "--method", "neuralef"], (300000, 512, None, 10.0, "random")),  # no moment samples
+    (["--states", "36", "--moment-batch", "0", "--network-length", "0"], (300000, 512, None, None, "random")),
     (["--states", "36", "--moment-batch", "512", "--network-length", "4", "--batch", "256",
-      "--steps", "500"], (500, 256, 512, 4.0)),
+      "--steps", "500", "--moment-sampling", "lattice"], (500, 256, 512, 4.0, "lattice")),
     (["--states", "9", "--moment-batch", "1024", "--network-length", "10", "--steps", "0"],
-     (0, 256, 1024, 10.0)),
+     (0, 256, 1024, 10.0, "lattice")),
 ])
 def test_defaults_resolved_from_the_number_of_states(argv, expected):
-    """The bare command is 16 states; up to 9 it trains shorter, beyond 16 on a larger batch
-    with moment samples and the scaled input, beyond 25 (the n = 5 level) longer; an explicit
-    value, 0 meaning none for the last two, overrides any of them."""
+    """The bare command is 16 states; up to 9 it trains shorter; up to 16 its second moments
+    come from 512 lattice moment samples; beyond 16 on a larger batch with 2048 moment samples
+    and the scaled input, beyond 25 (the n = 5 level) longer; an explicit value, 0 meaning none
+    for the moment batch and the length, overrides any of them."""
     from nestedlora_jax.hydrogen_benchmark import benchmark_problem, build_parser, resolve_defaults
 
     args = build_parser().parse_args(argv)
     resolve_defaults(args)
-    assert (args.steps, args.batch, args.moment_batch, args.network_length) == expected
+    assert (args.steps, args.batch, args.moment_batch, args.network_length,
+            args.moment_sampling) == expected
     assert benchmark_problem(args).network_length == expected[3]
 
 
@@ -142,8 +147,8 @@ def test_the_collapse_options_reach_the_configuration(capsys):
 
 
 def test_the_moment_sampling_option_reaches_the_configuration(capsys):
-    """``--moment-sampling lattice`` sets TrainingConfig.moment_sampling (default: random);
-    without moment samples (16 states, or ``--moment-batch 0``) it is refused by name."""
+    """``--moment-sampling lattice`` sets TrainingConfig.moment_sampling (default beyond 16
+    states: random); without moment samples (``--moment-batch 0``) it is refused by name."""
     from nestedlora_jax.hydrogen_benchmark import build_parser, check_args, resolve_defaults, solve_config
 
     def training(argv):
@@ -155,7 +160,7 @@ def test_the_moment_sampling_option_reaches_the_configuration(capsys):
     assert training(["--states", "36"]).moment_sampling == "random"
     lattice = training(["--states", "36", "--moment-sampling", "lattice"])
     assert (lattice.moment_sampling, lattice.moment_batch_size) == ("lattice", 2048)
-    for argv in (["--states", "16"], ["--states", "36", "--moment-batch", "0"]):
+    for argv in (["--states", "16", "--moment-batch", "0"], ["--states", "36", "--moment-batch", "0"]):
         with pytest.raises(ValueError, match="--moment-sampling lattice draws the moment samples"):
             training(argv + ["--moment-sampling", "lattice"])
     with pytest.raises(SystemExit):
@@ -197,14 +202,15 @@ def test_states_beyond_the_old_cap_are_accepted():
 
 @pytest.mark.slow
 def test_the_bare_command_learns_16_states_to_the_readme_accuracy(tmp_path):
-    """The README's main job, as run by the quick start (about 8 minutes on a 2-core CPU):
-    16 states, seed 0, mean relative error <= 1e-3 on the whole plane and every state
-    <= 1e-2 (measured: 8.6e-4, the worst state 4.0e-3)."""
+    """The README's main job, as run by the quick start (about 7.5 minutes on a 2-core CPU):
+    16 states, seed 0, mean relative error <= 1e-4 on the whole plane and every state
+    <= 1e-3 (measured: 6.0e-5, the worst state 2.1e-4)."""
     out = tmp_path / "bare"
     assert main(["--quiet", "--no-figures", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["states"] == 16
     m = results["per_seed"][0]["metrics"]
     assert len(m["exact"]) == 16 and results["per_seed"][0]["bad_steps"] == 0
-    assert m["mean_rel_error"] <= 1e-3
-    assert m["max_rel_error"] <= 1e-2
+    assert results["config"]["moment_sampling"] == "lattice"
+    assert m["mean_rel_error"] <= 1e-4
+    assert m["max_rel_error"] <= 1e-3
