@@ -52,8 +52,8 @@ def _p2(n: int, generators: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _korobov_generator(n: int, dim: int) -> tuple[int, ...]:
-    if dim == 1 or n <= 2:
-        return (1,) * dim if n <= 2 else (1,)
+    if dim == 1 or n <= 2:  # the only generator there
+        return (1,) * dim
     candidates = np.array([a for a in range(2, n // 2 + 1) if math.gcd(a, n) == 1], np.int64)
     if candidates.size == 0:
         candidates = np.array([1], np.int64)
