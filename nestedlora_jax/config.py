@@ -53,9 +53,11 @@ __all__ = [
 # version took).
 # Version 7: TrainingConfig.moment_sampling ("random" by default, what every earlier version
 # drew).
+# Version 8: TrainingConfig.batch_sampling ("random" by default, what every earlier version
+# drew).
 # A version-1 configuration is read with both off, as it was trained.
-CONFIG_VERSION = 7
-READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+CONFIG_VERSION = 8
+READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def upgrade_config_dict(data: dict) -> dict:
@@ -64,9 +66,9 @@ def upgrade_config_dict(data: dict) -> dict:
     versions before 4 reordered functions still forming too (``formed_ratio`` 0); versions
     before 5 compared norms with Rayleigh quotients, the default ``reference``; versions
     before 6 took one fresh draw, the default ``candidates``; versions before 7 drew random
-    moment samples (``TRAINING_FIELDS_ADDED``)."""
+    moment samples and versions before 8 a random batch (``TRAINING_FIELDS_ADDED``)."""
     version = data.get("version")
-    if version in (1, 2, 3, 4, 5, 6):
+    if version in (1, 2, 3, 4, 5, 6, 7):
         network = dict(data.get("network") or {})
         training = dict(data.get("training") or {})
         collapse = training.get("collapse")
@@ -90,6 +92,7 @@ ACTIVATIONS = ("softplus", "tanh", "silu", "gelu")
 ARCHITECTURES = ("parallel", "shared")
 ENVELOPES = (None, "fixed", "learnable")
 MOMENT_SAMPLINGS = ("random", "lattice")
+BATCH_SAMPLINGS = ("random", "lattice")
 EVALUATION_MODES = ("auto", "grid", "mc")
 # Imported here so that its name is part of the configuration vocabulary.
 from nestedlora_jax.hooks import (COLLAPSE_FIELDS_ADDED, TRAINING_FIELDS_ADDED,  # noqa: E402
@@ -267,6 +270,11 @@ class TrainingConfig(_Config):
         from the sampler's density, so the moments stay unbiased, with errors that fall
         faster than ``1 / sqrt(moment_batch_size)`` for smooth functions in low dimension).
         ``"lattice"`` needs ``moment_batch_size`` and a sampler with ``from_uniforms``.
+      batch_sampling: how the batch itself (where the operator and the gradient are
+        evaluated) is drawn: ``"random"`` or ``"lattice"``, as for ``moment_sampling``; for an
+        objective that splits the batch in halves (no moment samples), each half is its own
+        lattice, so the two halves stay independent. ``"lattice"`` needs a sampler with
+        ``from_uniforms``.
       learning_rate: peak rate of the default optimiser (Adam, cosine-decayed to 1%);
         ``None`` means 3e-3, which trained every measured problem (from the 2-D oscillator and
         hydrogen to the coupled oscillator in d = 5) faster than 1e-3. Must stay ``None``
@@ -287,6 +295,7 @@ class TrainingConfig(_Config):
     batch_size: int = 512
     moment_batch_size: int | None = None
     moment_sampling: str = "random"
+    batch_sampling: str = "random"
     learning_rate: float | None = None
     ema_decay: float = 0.999
     seed: int = 0
@@ -311,6 +320,7 @@ class TrainingConfig(_Config):
                 f"TrainingConfig.moment_sampling={self.moment_sampling!r} draws the moment samples, "
                 "but moment_batch_size is None (no moment samples): set moment_batch_size, "
                 "e.g. 2048, or leave moment_sampling 'random'.")
+        _check_choice("TrainingConfig.batch_sampling", self.batch_sampling, BATCH_SAMPLINGS)
         if self.learning_rate is not None:
             check_positive_float("TrainingConfig.learning_rate", self.learning_rate)
         if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \

@@ -408,7 +408,7 @@ class CollapseConfig:
 COLLAPSE_FIELDS_ADDED = {"reorder": (2, False), "formed_ratio": (4, 0.0),
                          "reference": (5, "rayleigh"), "candidates": (6, 1)}
 # TrainingConfig fields added the same way.
-TRAINING_FIELDS_ADDED = {"moment_sampling": (7, "random")}
+TRAINING_FIELDS_ADDED = {"moment_sampling": (7, "random"), "batch_sampling": (8, "random")}
 
 
 def with_added_fields(fit_config: dict | None) -> dict | None:

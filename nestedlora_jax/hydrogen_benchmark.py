@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_guard_functions_option(p: argparse.ArgumentParser) -> None:
-    """``--guard-functions``, ``--moment-batch`` and ``--moment-sampling``, shared by both
-    benchmark commands (see ``ADDED_OPTIONS``)."""
+    """``--guard-functions``, ``--moment-batch``, ``--moment-sampling`` and
+    ``--batch-sampling``, shared by both benchmark commands (see ``ADDED_OPTIONS``)."""
     p.add_argument("--guard-functions", type=non_negative_int, default=0,
                    help="train L + this many functions, report the first L (SolveConfig.guard_functions)")
     p.add_argument("--moment-batch", type=non_negative_int, default=None, metavar="N",
@@ -147,6 +147,11 @@ def add_guard_functions_option(p: argparse.ArgumentParser) -> None:
                         "independent draws, or a randomly shifted lattice through the sampler's "
                         "inverse transform (unbiased, smaller errors in low dimension). Default: "
                         "random, except lattice for hydrogen up to 16 states")
+    p.add_argument("--batch-sampling", choices=("random", "lattice"), default=None,
+                   help="how the batch itself is drawn (TrainingConfig.batch_sampling): "
+                        "independent draws, or a randomly shifted lattice as for "
+                        "--moment-sampling (one per batch half where the objective splits the "
+                        "batch). Default: random")
 
 
 # The largest table whose grid and eigenfunctions the tests check (n <= 5, tests/test_problems.py).
@@ -155,12 +160,12 @@ MAX_STATES = 36
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("method", "states", "guard_functions", "steps", "batch", "lr", "hidden",
                "no_collapse_remedy", "network_length", "moment_batch", "collapse_reference",
-               "reinit_candidates", "moment_sampling")
+               "reinit_candidates", "moment_sampling", "batch_sampling")
 # Options added after runs were recorded, with the value those runs had (so they resume);
 # shared with the high-dimensional command, which reads the keys it has.
 ADDED_OPTIONS = {"guard_functions": 0, "network_length": None, "moment_batch": None,
                  "collapse_reference": "rayleigh", "reinit_candidates": 1,
-                 "moment_sampling": "random"}
+                 "moment_sampling": "random", "batch_sampling": "random"}
 
 
 def check_args(args) -> None:
@@ -260,7 +265,7 @@ def training_config(args, seed: int, collapse: CollapseConfig) -> TrainingConfig
     return TrainingConfig(
         steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=seed,
         moment_batch_size=args.moment_batch, moment_sampling=args.moment_sampling,
-        log_every=args.log_every,
+        batch_sampling=args.batch_sampling, log_every=args.log_every,
         checkpoint_every=multiple_of(args.checkpoint_every, args.log_every),
         collapse=collapse,
     )
@@ -365,6 +370,8 @@ def resolve_defaults(args) -> None:
         args.moment_batch = zero_means_none(args.moment_batch)
     if args.moment_sampling is None:
         args.moment_sampling = default_moment_sampling(args.states, args.moment_batch)
+    if args.batch_sampling is None:
+        args.batch_sampling = "random"
     if args.network_length is None:
         args.network_length = default_network_length(args.states)
     else:

@@ -16,7 +16,11 @@ smoothness 1 in a Korobov space with unit weights)::
 Where it helps: in the training loop, the *moment samples* NestedLoRA estimates its second
 moments ``<f_i, f_j>`` on (``TrainingConfig.moment_sampling = "lattice"``). The error of those
 moments is the gradient's noise near the optimum, and it is the same for every sample of the
-batch, so a larger batch does not average it away. The gain shrinks as the dimension grows.
+batch, so a larger batch does not average it away. And the batch itself
+(``TrainingConfig.batch_sampling = "lattice"``), where the operator and the gradient are
+evaluated; an objective that multiplies estimates from the two halves of the batch gets one
+lattice per half (``blocks=2``), since the halves of one lattice are not independent. The gain
+shrinks as the dimension grows.
 """
 
 from __future__ import annotations
@@ -106,23 +110,38 @@ def check_lattice_sampler(sampler) -> None:
     if not (hasattr(sampler, "from_uniforms") and hasattr(sampler, "num_uniforms")):
         raise ValueError(
             f"lattice sampling needs a sampler with an inverse transform (num_uniforms and "
-            f"from_uniforms(u)); {type(sampler).__name__} has none. Use random moment samples "
-            "(moment_sampling='random') or give the sampler these two members."
+            f"from_uniforms(u)); {type(sampler).__name__} has none. Use random draws "
+            "(moment_sampling and batch_sampling 'random') or give the sampler these two members."
         )
 
 
-def lattice_sample(sampler, key: jax.Array, n: int, dtype: Any = None) -> jax.Array:
+def lattice_sample(sampler, key: jax.Array, n: int, dtype: Any = None, *, blocks: int = 1) -> jax.Array:
     """``n`` points of ``sampler``'s density from a randomly shifted lattice: ``(n, dim)``,
     each distributed as one draw of ``sampler.sample``, together spread more evenly.
+
+    With ``blocks = k`` the points are ``k`` consecutive blocks of ``n / k``, each its own
+    lattice with its own shift, so the blocks are independent of one another: what an estimate
+    from the two halves of a batch (``split_batch``) needs to stay unbiased, since the halves
+    of one lattice are not independent.
 
     Args:
       sampler: a sampler with ``num_uniforms`` and ``from_uniforms(u) -> x`` (the ones in
         :mod:`nestedlora_jax.samplers` have them).
-      key: PRNG key of the shift.
-      n: number of points.
+      key: PRNG key of the shift(s).
+      n: number of points, a multiple of ``blocks``.
       dtype: as in ``sampler.sample``.
+      blocks: number of independently shifted lattices the points are made of.
     """
     check_lattice_sampler(sampler)
     n = check_positive_int("lattice_sample: n", n)
-    u = shifted_lattice(key, n, int(sampler.num_uniforms), dtype)
+    blocks = check_positive_int("lattice_sample: blocks", blocks)
+    if n % blocks:
+        raise ValueError(f"lattice_sample: n = {n} points do not split into {blocks} equal "
+                         f"blocks; give n a multiple of {blocks}.")
+    s = int(sampler.num_uniforms)
+    if blocks == 1:
+        u = shifted_lattice(key, n, s, dtype)
+    else:
+        per_block = lambda k: shifted_lattice(k, n // blocks, s, dtype)
+        u = jax.vmap(per_block)(jax.random.split(key, blocks)).reshape(n, s)
     return sampler.from_uniforms(u)

@@ -628,6 +628,13 @@ def fit(
     if config.moment_sampling == "lattice":
         check_lattice_sampler(sampler)
         moment_sample = functools.partial(lattice_sample, sampler)
+    batch_sample = sampler.sample
+    if config.batch_sampling == "lattice":
+        check_lattice_sampler(sampler)
+        # Without moment samples a splitting objective pairs the batch's halves: they must be
+        # independent, and the halves of one lattice are not.
+        halves = objective.needs_even_batch and config.moment_batch_size is None
+        batch_sample = functools.partial(lattice_sample, sampler, blocks=2 if halves else 1)
     collapse = config.collapse
     if not objective.norms_are_eigenvalues:
         # The collapse test compares ||f_i||^2 with the Rayleigh quotient, equal only at the
@@ -652,7 +659,7 @@ def fit(
     else:
         optimizer_kind = "custom"
     loss_fn = make_loss_fn(apply, operator, objective, max_abs_value=config.max_abs_value)
-    step_fn = make_train_step(loss_fn, optimizer, sampler.sample, config.batch_size,
+    step_fn = make_train_step(loss_fn, optimizer, batch_sample, config.batch_size,
                               ema_decay=config.ema_decay, batch_sharding=sharding,
                               moment_batch_size=config.moment_batch_size,
                               moment_sample=moment_sample)

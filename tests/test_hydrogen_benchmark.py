@@ -166,6 +166,11 @@ def test_the_moment_sampling_option_reaches_the_configuration(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--moment-sampling", "sobol"])
     assert "--moment-sampling" in capsys.readouterr().err
+    assert training(["--states", "16"]).batch_sampling == "random"
+    assert training(["--states", "36", "--batch-sampling", "lattice"]).batch_sampling == "lattice"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--batch-sampling", "sobol"])
+    assert "--batch-sampling" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", ["--moment-batch", "--network-length"])

@@ -68,6 +68,38 @@ def test_shifted_lattice_points_stay_inside_the_open_cube():
     assert float(u.min()) > 0 and float(u.max()) < 1
 
 
+def test_blocks_are_independent_lattices_which_keeps_a_product_of_halves_unbiased():
+    """``blocks=2``: each half of the points is its own lattice with its own shift. That is
+    what a product of two half-batch estimates needs: the halves of one lattice are tied (for
+    ``g = cos(2 pi u_0)`` the second half's mean is minus the first's, so their product is
+    always <= 0 though ``(E g)^2 = 0``), those of two are independent."""
+    n, reps = 64, 200
+    unit = UniformBoxSampler(0.0, 1.0, 2)  # from_uniforms is the identity
+    keys = jax.random.split(jax.random.PRNGKey(3), reps)
+    with jax.enable_x64(True):
+        pts = np.asarray(lattice.lattice_sample(unit, keys[0], n, jnp.float64, blocks=2))
+        base = lattice.lattice_points(n // 2, 2)
+        for block in (pts[: n // 2], pts[n // 2 :]):
+            shift = np.mod(block[0] - base[0], 1.0)  # point k of a block is base_k + shift
+            np.testing.assert_allclose(np.mod(block - base - shift + 0.5, 1.0) - 0.5, 0, atol=1e-12)
+        assert not np.allclose(pts[0], pts[n // 2])  # two shifts
+        # Mean zero: (E g)^2 = 0. One lattice's halves each hold half a period of the cosine.
+        g = lambda x: np.cos(2 * np.pi * x[:, 0]) + np.exp(x[:, 1]) - (math.e - 1)
+
+        def product_of_halves(blocks):
+            out = []
+            for k in keys:
+                x = np.asarray(lattice.lattice_sample(unit, k, n, jnp.float64, blocks=blocks))
+                out.append(g(x[: n // 2]).mean() * g(x[n // 2 :]).mean())
+            return np.array(out)
+
+        tied, independent = product_of_halves(1), product_of_halves(2)
+    assert tied.mean() < -0.1 and independent.std() > 0
+    assert abs(independent.mean()) < 4 * independent.std() / math.sqrt(reps)
+    with pytest.raises(ValueError, match="do not split into 3 equal blocks"):
+        lattice.lattice_sample(unit, keys[0], 64, blocks=3)
+
+
 SAMPLERS = [
     GaussianSampler(2, scale=1.5, mean=(0.5, -1.0)),
     CorrelatedGaussianSampler(2, covariance=[[2.0, 0.6], [0.6, 0.5]], mean=0.3),
@@ -172,7 +204,33 @@ def test_fit_draws_lattice_moment_samples_and_learns_the_oscillator():
         nl.TrainingConfig(moment_batch_size=64, moment_sampling="sobol")
 
 
-def test_fit_refuses_lattice_moment_samples_from_a_sampler_without_an_inverse():
+@pytest.mark.parametrize("moment_batch, blocks", [(512, 1), (None, 2)])
+def test_fit_draws_a_lattice_batch_and_learns_the_oscillator(monkeypatch, moment_batch, blocks):
+    """``batch_sampling="lattice"`` trains (the 2-D oscillator's 3 lowest states to 1e-2 in 1500
+    steps), with moment samples and with the batch halves; with the halves each is its own
+    lattice (``blocks=2``), so their product stays unbiased."""
+    from nestedlora_jax import training
+
+    drawn = []
+
+    def recording(sampler, key, n, dtype=None, *, blocks=1):
+        drawn.append((n, blocks))
+        return lattice.lattice_sample(sampler, key, n, dtype, blocks=blocks)
+
+    monkeypatch.setattr(training, "lattice_sample", recording)
+    problem = nl.HarmonicOscillator(dim=2)
+    config = nl.SolveConfig().replace(
+        training={"steps": 1500, "batch_size": 128, "moment_batch_size": moment_batch,
+                  "batch_sampling": "lattice", "log_every": 100},
+        evaluation={"grid_size": 64})
+    result = nl.solve(problem, 3, config=config, progress=False)
+    assert np.max(result.metrics.rel_error) < 1e-2, result.metrics.rel_error
+    assert (128, blocks) in drawn and all(n != 128 or b == blocks for n, b in drawn)
+    with pytest.raises(ValueError, match="batch_sampling must be one of"):
+        nl.TrainingConfig(batch_sampling="sobol")
+
+
+def test_fit_refuses_lattice_draws_from_a_sampler_without_an_inverse():
     class OnlyDraws:
         dim = 1
 
@@ -184,6 +242,7 @@ def test_fit_refuses_lattice_moment_samples_from_a_sampler_without_an_inverse():
 
     apply = lambda params, x: jnp.stack([params * jnp.exp(-x[0] ** 2 / 2)])
     op = lambda apply_fn, params, x: apply_fn(params, x)
-    config = nl.TrainingConfig(steps=1, batch_size=8, moment_batch_size=8, moment_sampling="lattice")
-    with pytest.raises(ValueError, match="OnlyDraws has none"):
-        nl.fit(apply, jnp.ones(()), op, OnlyDraws(), config=config, progress=False)
+    for config in (nl.TrainingConfig(steps=1, batch_size=8, moment_batch_size=8, moment_sampling="lattice"),
+                   nl.TrainingConfig(steps=1, batch_size=8, batch_sampling="lattice")):
+        with pytest.raises(ValueError, match="OnlyDraws has none"):
+            nl.fit(apply, jnp.ones(()), op, OnlyDraws(), config=config, progress=False)

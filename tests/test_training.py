@@ -412,7 +412,7 @@ def test_a_version_four_configuration_reads_with_the_rayleigh_reference():
     from nestedlora_jax.config import CONFIG_VERSION, SolveConfig
 
     data = SolveConfig().to_dict()
-    assert data["version"] == CONFIG_VERSION == 7
+    assert data["version"] == CONFIG_VERSION == 8
     assert data["training"]["collapse"]["reference"] == "rayleigh"
     collapse = {k: v for k, v in data["training"]["collapse"].items() if k != "reference"}
     old = {**data, "version": 4, "training": {**data["training"], "collapse": collapse}}
@@ -431,6 +431,17 @@ def test_a_version_five_configuration_reads_with_one_candidate():
     assert SolveConfig.from_dict(old).training.collapse.candidates == 1
     best_of = SolveConfig(training=TrainingConfig(collapse=CollapseConfig(candidates=16)))
     assert SolveConfig.from_dict(best_of.to_dict()) == best_of
+
+
+def test_a_version_seven_configuration_reads_with_a_random_batch():
+    from nestedlora_jax.config import SolveConfig
+
+    data = SolveConfig().to_dict()
+    training = {k: v for k, v in data["training"].items() if k != "batch_sampling"}
+    old = {**data, "version": 7, "training": training}
+    assert SolveConfig.from_dict(old).training.batch_sampling == "random"
+    lattice = SolveConfig(training=TrainingConfig(batch_sampling="lattice"))
+    assert SolveConfig.from_dict(lattice.to_dict()) == lattice
 
 
 @pytest.mark.parametrize("reference", ["rayleigh", "residual"])
