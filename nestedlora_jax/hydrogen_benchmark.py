@@ -45,7 +45,12 @@ from nestedlora_jax.config import (
     SolveConfig,
     TrainingConfig,
 )
-from nestedlora_jax.hooks import COLLAPSE_REFERENCES, TrainingInterrupted
+from nestedlora_jax.hooks import (
+    COLLAPSE_FIELDS_ADDED,
+    COLLAPSE_REFERENCES,
+    TRAINING_FIELDS_ADDED,
+    TrainingInterrupted,
+)
 from nestedlora_jax.solver import evaluate_result, make_objective, restore, solve
 
 # The paper's figures (NeuralSVD, ICML 2024, its 2-D hydrogen experiment), read off its bar
@@ -162,10 +167,12 @@ RESULT_KEYS = ("method", "states", "guard_functions", "steps", "batch", "lr", "h
                "no_collapse_remedy", "network_length", "moment_batch", "collapse_reference",
                "reinit_candidates", "moment_sampling", "batch_sampling")
 # Options added after runs were recorded, with the value those runs had (so they resume);
-# shared with the high-dimensional command, which reads the keys it has.
+# shared with the high-dimensional command, which reads the keys it has. The options that set
+# configuration fields added later take the values the configuration records for them.
 ADDED_OPTIONS = {"guard_functions": 0, "network_length": None, "moment_batch": None,
-                 "collapse_reference": "rayleigh", "reinit_candidates": 1,
-                 "moment_sampling": "random", "batch_sampling": "random"}
+                 "collapse_reference": COLLAPSE_FIELDS_ADDED["reference"][1],
+                 "reinit_candidates": COLLAPSE_FIELDS_ADDED["candidates"][1],
+                 **{name: value for name, (_, value) in TRAINING_FIELDS_ADDED.items()}}
 
 
 def check_args(args) -> None:
