@@ -178,13 +178,10 @@ def solve_config(args, seed: int) -> SolveConfig:
 def resolve_defaults(args) -> None:
     """Fill, in place, what the command line leaves implicit: ``--moment-batch 0`` means the
     second moments from the batch halves, as its default (``None``) does; moment samples are
-    drawn independently unless ``--moment-sampling lattice``, and so is the batch unless
-    ``--batch-sampling lattice``."""
+    drawn independently unless ``--moment-sampling lattice``."""
     args.moment_batch = zero_means_none(args.moment_batch)
     if args.moment_sampling is None:
         args.moment_sampling = "random"
-    if args.batch_sampling is None:
-        args.batch_sampling = "random"
 
 
 def run(args) -> dict:

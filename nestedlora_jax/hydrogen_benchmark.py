@@ -152,7 +152,7 @@ def add_guard_functions_option(p: argparse.ArgumentParser) -> None:
                         "independent draws, or a randomly shifted lattice through the sampler's "
                         "inverse transform (unbiased, smaller errors in low dimension). Default: "
                         "random, except lattice for hydrogen up to 16 states")
-    p.add_argument("--batch-sampling", choices=("random", "lattice"), default=None,
+    p.add_argument("--batch-sampling", choices=("random", "lattice"), default="random",
                    help="how the batch itself is drawn (TrainingConfig.batch_sampling): "
                         "independent draws, or a randomly shifted lattice as for "
                         "--moment-sampling (one per batch half where the objective splits the "
@@ -377,8 +377,6 @@ def resolve_defaults(args) -> None:
         args.moment_batch = zero_means_none(args.moment_batch)
     if args.moment_sampling is None:
         args.moment_sampling = default_moment_sampling(args.states, args.moment_batch)
-    if args.batch_sampling is None:
-        args.batch_sampling = "random"
     if args.network_length is None:
         args.network_length = default_network_length(args.states)
     else:
