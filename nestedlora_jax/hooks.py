@@ -308,8 +308,9 @@ class CollapseConfig:
     residual the earlier functions leave, ``(<f_i, T f_i> - sum_{j<i} <f_i, f_j>^2) /
     ||f_i||^2`` (the operator ``T - sum_{j<i} f_j f_j^T``, whose top eigenvalue is
     ``lambda_i`` once they have converged; for two families ``<f_i, T g_i>`` and
-    ``<f_i, f_j><g_i, g_j>`` over ``|f_i||g_i|``, the products from two halves of the
-    samples, so without bias). A function still forming holds components along earlier
+    ``<f_i, f_j><g_i, g_j>`` over ``|f_i||g_i|``; each product multiplies two independent
+    estimates, from the batch's two halves or, with moment samples, one from the batch and
+    one from them, so it has no bias). A function still forming holds components along earlier
     eigenfunctions that NestedLoRA removes only at a rate proportional to its own norm; they
     inflate its plain Rayleigh quotient but not the residual one. Where ``lambda_1 /
     lambda_L`` is large the plain test flags such a function again and again: on 2-D

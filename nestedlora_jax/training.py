@@ -192,8 +192,7 @@ def _batch_statistics(out: OperatorOutput, objective: Objective, objective_state
         residual = rayleigh
         if objective.norms_are_eigenvalues:
             cross = jnp.mean(out.f * out.Tg, axis=0)
-            left = out.f if out.f_moment is None else out.f_moment
-            residual = _residual_quotients(cross, norms, _earlier_overlaps(left))
+            residual = _residual_quotients(cross, norms, _earlier_overlaps(out.f, moments=out.f_moment))
         return {"norms": norms, "rayleigh": rayleigh, "residual_rayleigh": residual,
                 "invalid_points": jnp.sum(~valid_points(out.f, out.Tg, max_abs_value))}
     # Two families: at the optimum f_i = sqrt(s_i) phi_i and g_i = sqrt(s_i) psi_i.
@@ -202,21 +201,30 @@ def _batch_statistics(out: OperatorOutput, objective: Objective, objective_state
     rayleigh = _ratio_or_zero(cross, norms)
     residual = rayleigh
     if objective.norms_are_eigenvalues:
-        left = out.f if out.f_moment is None else out.f_moment
-        right = out.g if out.g_moment is None else out.g_moment
-        residual = _residual_quotients(cross, norms, _earlier_overlaps(left, right))
+        moments = None if out.f_moment is None else (out.f_moment, out.g_moment)
+        residual = _residual_quotients(cross, norms, _earlier_overlaps(out.f, out.g, moments))
     invalid = (jnp.sum(~valid_points(out.f, out.Tg, max_abs_value))
                + jnp.sum(~valid_points(out.g, out.Tadj_f, max_abs_value)))
     return {"norms": norms, "rayleigh": rayleigh, "residual_rayleigh": residual,
             "invalid_points": invalid}
 
 
-def _earlier_overlaps(left, right=None):
+def _earlier_overlaps(left, right=None, moments=None):
     """``(L,)``: ``sum_{j<i} <f_i, f_j> <g_i, g_j>`` (``right=None``: ``g = f``, one family),
-    each product of two expectations estimated without bias from the two halves of the
-    samples (``(B, L)`` each), as the objectives split them."""
-    fa, fb = map(_second_moment, _halves(left))
-    ga, gb = (fa, fb) if right is None else map(_second_moment, _halves(right))
+    each product of two expectations estimated without bias from two independent samples.
+    Without moment samples those are the two halves of the batch (``(B, L)`` each), as the
+    objectives split them. With ``moments`` (``f_moment``, or ``(f_moment, g_moment)`` for two
+    families) one factor comes from the batch and the other from the moment samples: moment
+    samples on one lattice are one draw, whose halves are not independent (their product's
+    mean is not the product of the means; see :func:`~nestedlora_jax.lattice.lattice_sample`),
+    while the batch and the moment samples are drawn independently of each other."""
+    if moments is None:
+        fa, fb = map(_second_moment, _halves(left))
+        ga, gb = (fa, fb) if right is None else map(_second_moment, _halves(right))
+    else:
+        left_m, right_m = (moments, None) if right is None else moments
+        fa, fb = _second_moment(left), _second_moment(left_m)
+        ga, gb = (fa, fb) if right is None else (_second_moment(right), _second_moment(right_m))
     products = 0.5 * (fa * gb + fb * ga)
     return jnp.sum(jnp.tril(products, k=-1), axis=1)
 

@@ -1,6 +1,7 @@
 """The training loop: validation, NaN guards, determinism, checkpoint/resume, collapse remedy."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -331,12 +332,32 @@ def test_residual_rayleigh_is_the_quotient_of_the_operator_the_earlier_functions
     assert list(dead_functions(stats["norms"], stats["residual_rayleigh"], 0.1)) == []
 
 
-def test_residual_rayleigh_takes_its_overlaps_from_the_moment_samples():
-    """With moment samples, the products ``<f_i, f_j>^2`` come from them, not the batch."""
-    out, s, a, b = _forming_function_outputs(False)
-    lone = out._replace(f_moment=out.f, f=out.f.at[:, 0].set(0.0))  # batch overlaps now zero
-    stats = _batch_statistics(lone, nested_lora_objective(), None, 1e30)
-    np.testing.assert_allclose(stats["residual_rayleigh"][2], s[2] * a**2 / (a**2 + b**2), rtol=1e-4)
+@pytest.mark.parametrize("two_families", [False, True])
+def test_residual_rayleigh_multiplies_the_batch_by_the_moment_samples(two_families):
+    """With moment samples each product ``<f_i, f_j><g_i, g_j>`` multiplies the batch's
+    estimate by the moment samples', which are drawn independently of each other. The moment
+    samples here are two copies of two of the six points, the extreme of halves that are not
+    independent (as a lattice's are not): the product of their halves would be ``<f_i,
+    f_j>^2`` over that pair, whose mean over the 15 pairs is not ``<f_i, f_j>^2`` (0.0250
+    against 0.0200 for functions 2 and 0 here). One factor from the exact batch keeps it linear in the moment
+    samples, so the mean over the pairs is exact."""
+    out, s, a, b = _forming_function_outputs(two_families)
+    n = out.f.shape[0] // 2
+    exact = [s[0], s[1], s[2] * a**2 / (a**2 + b**2)]
+    residual, halves_product = [], []
+    for pair in itertools.combinations(range(n), 2):
+        rows = jnp.asarray(pair + pair)  # the two halves of the moment samples are the same
+        moments = dict(f_moment=out.f[rows])
+        if two_families:
+            moments["g_moment"] = out.g[rows]
+        stats = _batch_statistics(out._replace(**moments), nested_lora_objective(), None, 1e30)
+        residual.append(stats["residual_rayleigh"])
+        lam = out.f[rows[:2]].T @ out.f[rows[:2]] / 2
+        halves_product.append(lam[2, 0] ** 2)
+    np.testing.assert_allclose(np.mean(residual, axis=0), exact, rtol=1e-4, atol=1e-7)
+    # What a product of the moment samples' halves would have averaged: a bias the test sees.
+    exact_overlap = float((out.f[:n, 2] @ out.f[:n, 0] / n) ** 2)
+    assert abs(np.mean(halves_product) - exact_overlap) > 1e-2 * exact_overlap
 
 
 def test_residual_rayleigh_is_the_plain_one_where_norms_are_not_eigenvalues():
