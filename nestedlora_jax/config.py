@@ -55,9 +55,11 @@ __all__ = [
 # drew).
 # Version 8: TrainingConfig.batch_sampling ("random" by default, what every earlier version
 # drew).
+# Version 9: CollapseConfig.readout ("drawn" by default: the fresh draw's own last layer, what
+# every earlier version kept).
 # A version-1 configuration is read with both off, as it was trained.
-CONFIG_VERSION = 8
-READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+CONFIG_VERSION = 9
+READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 def upgrade_config_dict(data: dict) -> dict:
@@ -66,9 +68,10 @@ def upgrade_config_dict(data: dict) -> dict:
     versions before 4 reordered functions still forming too (``formed_ratio`` 0); versions
     before 5 compared norms with Rayleigh quotients, the default ``reference``; versions
     before 6 took one fresh draw, the default ``candidates``; versions before 7 drew random
-    moment samples and versions before 8 a random batch (``TRAINING_FIELDS_ADDED``)."""
+    moment samples and versions before 8 a random batch (``TRAINING_FIELDS_ADDED``); versions
+    before 9 kept a fresh draw's readout, the default ``readout``."""
     version = data.get("version")
-    if version in (1, 2, 3, 4, 5, 6, 7):
+    if version in (1, 2, 3, 4, 5, 6, 7, 8):
         network = dict(data.get("network") or {})
         training = dict(data.get("training") or {})
         collapse = training.get("collapse")

@@ -36,6 +36,7 @@ from the same constructor called with another seed.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,6 +62,7 @@ __all__ = [
     "GaussianEnvelope",
     "gaussian_envelope_for_network",
     "ParallelMLPs",
+    "readout_paths",
     "Envelope",
     "EigenfunctionNetwork",
     "dirichlet_box_mask",
@@ -364,6 +366,39 @@ class ParallelMLPs(nnx.Module):
         for layer in self.layers[1:-1]:
             h = self.activation(layer(h))
         return self.layers[-1](h)[..., 0]
+
+
+_LAYER_LEAF = re.compile(r"^(.*\['layers'\]\[(\d+)\])\['(kernel|bias)'\]$")
+
+
+def readout_paths(params, L: int) -> tuple[str, str]:
+    """The key paths (:func:`jax.tree_util.keystr`) of the readout of a :class:`ParallelMLPs`
+    body: its last :class:`StackedLinear`'s kernel ``(L, width, 1)`` and bias ``(L, 1)``.
+
+    Output ``i`` of the library's parallel networks is linear in row ``i`` of these two (the
+    envelopes and masks of :class:`EigenfunctionNetwork` multiply the body's output), which is
+    what choosing a readout by Rayleigh-Ritz needs
+    (:func:`~nestedlora_jax.training.rayleigh_ritz_readout`). ValueError if ``params`` has no
+    such layer."""
+    layers: dict[str, dict[str, tuple[int, tuple]]] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        match = _LAYER_LEAF.match(jax.tree_util.keystr(path))
+        if match:
+            layers.setdefault(match.group(1), {})[match.group(3)] = (int(match.group(2)),
+                                                                     tuple(np.shape(leaf)))
+    stacks = {}
+    for prefix, leaves in layers.items():
+        if set(leaves) == {"kernel", "bias"}:
+            stacks.setdefault(prefix.rsplit("[", 1)[0], []).append((leaves["kernel"][0], prefix))
+    if len(stacks) == 1:
+        prefix = max(next(iter(stacks.values())))[1]
+        kernel, bias = layers[prefix]["kernel"][1], layers[prefix]["bias"][1]
+        if len(kernel) == 3 and kernel[0] == L and kernel[2] == 1 and bias == (L, 1):
+            return prefix + "['kernel']", prefix + "['bias']"
+    raise ValueError(
+        f"no readout layer of {L} parallel scalar networks (a last layer with kernel (L, width, "
+        "1) and bias (L, 1), as ParallelMLPs has) found in the parameters: a Rayleigh-Ritz "
+        "readout needs the library's parallel networks (architecture 'parallel').")
 
 
 # --------------------------------------------------------------------------- outputs

@@ -51,6 +51,7 @@ from nestedlora_jax.hooks import (
 from nestedlora_jax._checks import check_even_batch
 from nestedlora_jax.config import TrainingConfig
 from nestedlora_jax.lattice import check_lattice_sampler, lattice_sample
+from nestedlora_jax.networks import readout_paths
 from nestedlora_jax.objectives import (Objective, OperatorOutput, _halves, _second_moment,
                                       nested_lora_objective)
 from nestedlora_jax.operators import (
@@ -71,6 +72,7 @@ __all__ = [
     "init_train_state",
     "make_loss_fn",
     "make_train_step",
+    "rayleigh_ritz_readout",
     "train_steps",
 ]
 
@@ -535,6 +537,71 @@ def residual_quotient_estimate(loss_fn, sample, num_samples: int):
     return estimate
 
 
+def rayleigh_ritz_readout(apply: Apply, operator, sample, num_samples: int, readout: tuple[str, str]):
+    """``(params, key, i) -> (params, mu)``: function ``i`` with the readout (its row of the
+    last layer, ``readout`` = the key paths of that layer's kernel and bias, see
+    :func:`~nestedlora_jax.networks.readout_paths`) that maximises its Rayleigh quotient for
+    the residual operator the earlier functions leave it, the rest of its network kept.
+
+    Output ``i`` is linear in its readout ``w`` (``width + 1`` numbers with the bias):
+    ``f_i = sum_k w_k h_k`` with features ``h_k = d f_i / d w_k``. On ``x = sample(key,
+    num_samples)``, with ``H`` the features, ``F`` the earlier functions ``f_j``, ``j < i``, and
+    ``<u, v> = mean_b u_b v_b``, it solves the generalized eigenproblem::
+
+        A w = mu B w,   A = sym(<H, T H>) - <H, F> <F, H>,   B = <H, H>
+
+    (``T - sum_{j<i} f_j f_j^T`` in the features' span, NestedLoRA's residual as in
+    :class:`~nestedlora_jax.hooks.CollapseConfig`) for its top ``mu`` and scales ``w`` so that
+    ``||f_i||^2 = mu``, the norm a function with that quotient has at the NestedLoRA optimum.
+    A fresh network's random readout starts the function mostly inside the earlier functions'
+    span; this one starts it with the largest share of what they leave uncovered that its
+    features can hold. Where ``mu <= 0`` (no direction the residual favours) the readout is
+    left as it was. Jit-compiled; ``i`` may be traced."""
+    kernel_path, bias_path = readout
+    batch_operator = pointwise_operator(operator)
+
+    def with_readout(params, i, w):
+        def put(path, leaf):
+            name = jax.tree_util.keystr(path)
+            if name == kernel_path:
+                return leaf.at[i, :, 0].set(w[:-1].astype(leaf.dtype))
+            if name == bias_path:
+                return leaf.at[i, 0].set(w[-1].astype(leaf.dtype))
+            return leaf
+        return jax.tree_util.tree_map_with_path(put, params)
+
+    def current_readout(params, i):
+        leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+        return jnp.concatenate([leaves[kernel_path][i, :, 0], leaves[bias_path][i]])
+
+    @jax.jit
+    def choose(params, key, i):
+        x = sample(key, num_samples)
+        w0 = current_readout(params, i)
+        features = lambda xx: jax.jacfwd(lambda w: apply(with_readout(params, i, w), xx)[i])(
+            jnp.zeros_like(w0))
+        out = batch_operator.apply(features, x, key)
+        h, Th = out.f, out.Tg
+        n = h.shape[0]
+        F = jax.vmap(lambda xx: apply(params, xx))(x)
+        earlier = (jnp.arange(F.shape[1]) < i).astype(h.dtype)
+        overlap = (F * earlier).T @ h / n  # (L, width + 1), zero rows for j >= i
+        gram = h.T @ h / n
+        HTh = h.T @ Th / n
+        A = 0.5 * (HTh + HTh.T) - overlap.T @ overlap
+        evals, evecs = jnp.linalg.eigh(gram)
+        # Directions the features barely span would turn sampling noise into huge readouts.
+        kept = evals > 1e-6 * evals[-1]
+        whiten = jnp.where(kept, evecs / jnp.sqrt(jnp.where(kept, evals, 1.0)), 0.0)
+        mu_all, u = jnp.linalg.eigh(whiten.T @ A @ whiten)
+        mu, w = mu_all[-1], whiten @ u[:, -1]
+        w = w * jnp.sqrt(jnp.maximum(mu, 0.0) / jnp.maximum(w @ gram @ w, 1e-30))
+        w = jnp.where(mu > 0, w, w0)
+        return with_readout(params, i, w), mu
+
+    return choose
+
+
 def fit(
     apply: Apply,
     params: PyTree,
@@ -692,11 +759,20 @@ def fit(
         all_hooks.append(Checkpoints(checkpoint_dir, every=config.checkpoint_every, resume=resume))
     all_hooks.append(DivergenceGuard(config.max_consecutive_bad_steps, config.max_abs_value))
     if collapse is not None:
+        choose_readout = None
+        if collapse.readout == "rayleigh-ritz" and collapse.reinitialize and init_params is not None:
+            if isinstance(apply, tuple) or pointwise_operator(operator).two_sided:
+                raise ValueError(
+                    "CollapseConfig(readout='rayleigh-ritz') solves an eigenproblem for one "
+                    "family of functions; this is an SVD (two networks): use readout='drawn'.")
+            choose_readout = rayleigh_ritz_readout(apply, operator, sampler.sample,
+                                                   4 * config.batch_size, readout_paths(params, L))
         all_hooks.append(CollapseRemedy(
             collapse, optimizer, init_params=init_params, seed=config.seed + 1,
             residual_quotients=(residual_quotient_estimate(loss_fn, sampler.sample,
                                                            4 * config.batch_size)
-                                if collapse.candidates > 1 else None)))
+                                if collapse.candidates > 1 else None),
+            choose_readout=choose_readout))
     all_hooks.extend(hooks)
     if progress:
         all_hooks.append(ProgressBar())

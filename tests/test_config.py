@@ -127,9 +127,10 @@ def test_resuming_a_run_with_another_configuration_names_what_changed(tmp_path):
 
 def test_a_run_recorded_by_an_older_version_resumes(tmp_path):
     """A run folder written by configuration version 5 (no ``collapse.candidates``, no
-    ``moment_sampling`` and no ``batch_sampling``, and its checkpoints' configuration without
-    them) resumes under today's version: both records are read as the old run ran (one
-    candidate, random moment samples, a random batch). A real change is still refused."""
+    ``collapse.readout``, no ``moment_sampling`` and no ``batch_sampling``, and its checkpoints'
+    configuration without them) resumes under today's version: both records are read as the
+    old run ran (one candidate, the drawn readout, random moment samples, a random batch). A
+    real change is still refused."""
     from nestedlora_jax.checkpoint import CheckpointManager
 
     run = tmp_path / "run"
@@ -137,11 +138,13 @@ def test_a_run_recorded_by_an_older_version_resumes(tmp_path):
     record = json.loads((run / "solve_config.json").read_text())
     record["version"] = record["config"]["version"] = 5
     del record["config"]["training"]["collapse"]["candidates"]
+    del record["config"]["training"]["collapse"]["readout"]
     del record["config"]["training"]["moment_sampling"]
     del record["config"]["training"]["batch_sampling"]
     (run / "solve_config.json").write_text(json.dumps(record))
     state, metadata = CheckpointManager(run / "checkpoints").restore_latest(trained.fit.state)
     del metadata["fit_config"]["collapse"]["candidates"]
+    del metadata["fit_config"]["collapse"]["readout"]
     del metadata["fit_config"]["moment_sampling"]
     del metadata["fit_config"]["batch_sampling"]
     shutil.rmtree(run / "checkpoints")
@@ -154,6 +157,9 @@ def test_a_run_recorded_by_an_older_version_resumes(tmp_path):
     with pytest.raises(ValueError, match=r"training.collapse.candidates: saved 1, now 4"):
         solve(nl.HarmonicOscillator(dim=2), 2, run_dir=run, resume=True, progress=False,
               config=TINY.replace(training={"collapse": CollapseConfig(candidates=4)}))
+    with pytest.raises(ValueError, match=r"training.collapse.readout: saved 'drawn', now 'rayleigh-ritz'"):
+        solve(nl.HarmonicOscillator(dim=2), 2, run_dir=run, resume=True, progress=False,
+              config=TINY.replace(training={"collapse": CollapseConfig(readout="rayleigh-ritz")}))
     with pytest.raises(ValueError, match=r"training.moment_sampling: saved 'random', now 'lattice'"):
         solve(nl.HarmonicOscillator(dim=2), 2, run_dir=run, resume=True, progress=False,
               config=TINY.replace(training={"moment_batch_size": 64, "moment_sampling": "lattice"}))

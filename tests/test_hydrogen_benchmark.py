@@ -128,8 +128,9 @@ def test_defaults_resolved_from_the_number_of_states(argv, expected):
 
 
 def test_the_collapse_options_reach_the_configuration(capsys):
-    """``--collapse-reference`` and ``--reinit-candidates`` set the run's CollapseConfig
-    (defaults: the plain quotient, one draw); a non-positive count is a usage error."""
+    """``--collapse-reference``, ``--reinit-candidates`` and ``--reinit-readout`` set the run's
+    CollapseConfig (defaults: the plain quotient, one draw, its readout); a non-positive count
+    and an unknown readout are usage errors."""
     from nestedlora_jax.hydrogen_benchmark import build_parser, resolve_defaults, solve_config
 
     def collapse(argv):
@@ -138,12 +139,16 @@ def test_the_collapse_options_reach_the_configuration(capsys):
         return solve_config(args, 0).training.collapse
 
     default = collapse([])
-    assert (default.reference, default.candidates) == ("rayleigh", 1)
-    chosen = collapse(["--collapse-reference", "residual", "--reinit-candidates", "16"])
-    assert (chosen.reference, chosen.candidates) == ("residual", 16)
+    assert (default.reference, default.candidates, default.readout) == ("rayleigh", 1, "drawn")
+    chosen = collapse(["--collapse-reference", "residual", "--reinit-candidates", "16",
+                       "--reinit-readout", "rayleigh-ritz"])
+    assert (chosen.reference, chosen.candidates, chosen.readout) == ("residual", 16, "rayleigh-ritz")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--reinit-candidates", "0"])
     assert "--reinit-candidates" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--reinit-readout", "ritz"])
+    assert "--reinit-readout" in capsys.readouterr().err
 
 
 def test_the_moment_sampling_option_reaches_the_configuration(capsys):

@@ -427,13 +427,15 @@ def test_collapse_config_validation():
         CollapseConfig(start_fraction=0.9, stop_fraction=0.5)
     with pytest.raises(ValueError, match=r"reference must be one of \('rayleigh', 'residual'\)"):
         CollapseConfig(reference="residue")
+    with pytest.raises(ValueError, match=r"readout must be one of \('drawn', 'rayleigh-ritz'\)"):
+        CollapseConfig(readout="ritz")
 
 
 def test_a_version_four_configuration_reads_with_the_rayleigh_reference():
     from nestedlora_jax.config import CONFIG_VERSION, SolveConfig
 
     data = SolveConfig().to_dict()
-    assert data["version"] == CONFIG_VERSION == 8
+    assert data["version"] == CONFIG_VERSION == 9
     assert data["training"]["collapse"]["reference"] == "rayleigh"
     collapse = {k: v for k, v in data["training"]["collapse"].items() if k != "reference"}
     old = {**data, "version": 4, "training": {**data["training"], "collapse": collapse}}
@@ -452,6 +454,17 @@ def test_a_version_five_configuration_reads_with_one_candidate():
     assert SolveConfig.from_dict(old).training.collapse.candidates == 1
     best_of = SolveConfig(training=TrainingConfig(collapse=CollapseConfig(candidates=16)))
     assert SolveConfig.from_dict(best_of.to_dict()) == best_of
+
+
+def test_a_version_eight_configuration_reads_with_the_drawn_readout():
+    from nestedlora_jax.config import SolveConfig
+
+    data = SolveConfig().to_dict()
+    collapse = {k: v for k, v in data["training"]["collapse"].items() if k != "readout"}
+    old = {**data, "version": 8, "training": {**data["training"], "collapse": collapse}}
+    assert SolveConfig.from_dict(old).training.collapse.readout == "drawn"
+    ritz = SolveConfig(training=TrainingConfig(collapse=CollapseConfig(readout="rayleigh-ritz")))
+    assert SolveConfig.from_dict(ritz.to_dict()) == ritz
 
 
 def test_a_version_seven_configuration_reads_with_a_random_batch():
@@ -564,3 +577,105 @@ def test_collapse_checks_skip_objectives_whose_norms_are_not_eigenvalues():
         res = fit(apply, params, op.op, op.sampler, config=config, progress=False, objective=objective)
         checked[objective.norms_are_eigenvalues] = any("dead" in h for h in res.history)
     assert checked == {False: False, True: True}
+
+
+class _GridSampler:
+    """Evenly spaced points on [-a, a]: sample means are quadratures, so the inner products of
+    functions that vanish at the ends are exact to float32 (``<u, v> = (1/2a) int u v``)."""
+
+    def __init__(self, a=10.0):
+        self.a, self.dim = a, 1
+
+    def sample(self, key, n):
+        return jnp.linspace(-self.a, self.a, n, dtype=jnp.float32)[:, None]
+
+
+def _hermite_model(L=2, shift=5.0, a=10.0):
+    """Functions linear in a readout over 4 features that mix the oscillator's first four
+    eigenfunctions ``u_k = sqrt(2a) phi_k`` (unit norm on :class:`_GridSampler`) by a fixed
+    invertible matrix, plus the bias; ``T = Lap / 2 - x^2 / 2 + shift`` has eigenvalues
+    ``shift - (k + 1/2)`` on them. Function 0 is converged, ``sqrt(lambda_0) u_0``; function 1
+    has a random readout."""
+    from nestedlora_jax.operators import negative_hamiltonian
+
+    def u(x):  # (1,) -> (4,)
+        t = x[0]
+        phi0 = np.pi ** -0.25 * jnp.exp(-0.5 * t * t)
+        herm = jnp.stack([jnp.ones_like(t), np.sqrt(2) * t, (2 * t * t - 1) / np.sqrt(2),
+                          (2 * t**3 - 3 * t) / np.sqrt(3)])
+        return np.sqrt(2 * a) * phi0 * herm
+
+    mix = np.random.default_rng(0).normal(size=(4, 4)) + 3 * np.eye(4)
+
+    def apply(params, x):
+        layer = params["body"]["layers"][0]
+        return layer["kernel"][:, :, 0] @ (jnp.asarray(mix, jnp.float32) @ u(x)) + layer["bias"][:, 0]
+
+    lam = shift - (np.arange(4) + 0.5)
+    kernel = np.zeros((L, 4, 1), np.float32)
+    # f_0 = sqrt(lam_0) u_0 (zero where lam_0 <= 0)
+    kernel[0, :, 0] = np.linalg.solve(mix.T, np.sqrt(max(lam[0], 0.0)) * np.eye(4)[0])
+    kernel[1:, :, 0] = np.random.default_rng(1).normal(size=(L - 1, 4))
+    params = {"body": {"layers": [{"kernel": jnp.asarray(kernel),
+                                   "bias": jnp.full((L, 1), 0.1, jnp.float32)}]}}
+    op = negative_hamiltonian(lambda x: 0.5 * jnp.sum(x * x), kinetic=0.5, shift=shift)
+    return apply, params, op, u, lam
+
+
+@pytest.mark.parametrize("slot", [0, 1])
+def test_a_rayleigh_ritz_readout_is_the_top_eigenfunction_of_the_residual_in_the_features_span(slot):
+    """Function ``i``'s readout maximises its Rayleigh quotient for ``T - sum_{j<i} f_j
+    f_j^T`` over its features' span, scaled so that ``||f_i||^2`` is that quotient: with
+    function 0 converged on ``u_0``, function 1 becomes ``sqrt(lambda_1) u_1`` (``mu =
+    lambda_1``); function 0, with nothing before it, ``sqrt(lambda_0) u_0``. Other rows stay."""
+    from nestedlora_jax.networks import readout_paths
+    from nestedlora_jax.training import rayleigh_ritz_readout
+
+    apply, params, op, u, lam = _hermite_model()
+    sampler = _GridSampler()
+    choose = rayleigh_ritz_readout(apply, op, sampler.sample, 4096, readout_paths(params, 2))
+    new, mu = choose(params, jax.random.PRNGKey(0), slot)
+    np.testing.assert_allclose(float(mu), lam[slot], rtol=1e-4)
+    x = sampler.sample(None, 4096)
+    f = jax.vmap(lambda xx: apply(new, xx))(x)[:, slot]
+    target = np.sqrt(lam[slot]) * jax.vmap(u)(x)[:, slot]
+    sign = np.sign(float(jnp.mean(f * target)))
+    np.testing.assert_allclose(sign * f, target, atol=2e-3 * np.sqrt(lam[slot]))
+    other = 1 - slot
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(new["body"]["layers"][0][name][other],
+                                      params["body"]["layers"][0][name][other])
+
+
+def test_a_rayleigh_ritz_readout_is_left_alone_where_no_direction_has_a_positive_quotient():
+    from nestedlora_jax.networks import readout_paths
+    from nestedlora_jax.training import rayleigh_ritz_readout
+
+    apply, params, op, _, lam = _hermite_model(shift=0.0)  # every quotient negative
+    choose = rayleigh_ritz_readout(apply, op, _GridSampler().sample, 2048, readout_paths(params, 2))
+    new, mu = choose(params, jax.random.PRNGKey(0), 1)
+    assert float(mu) < 0
+    assert _leaves_equal(new, params)
+
+
+def test_a_function_re_initialised_with_a_rayleigh_ritz_readout_starts_formed():
+    """The dead function of the remedy test, re-initialised with ``readout='rayleigh-ritz'``:
+    its recorded quotient is near the operator's second eigenvalue, its norm is near that at
+    once (the drawn readout starts mostly inside function 0's span), and it ends closer."""
+    apply, params, op, init_params = _one_dead_function()
+    config = TrainingConfig(steps=1200, batch_size=64, log_every=100, learning_rate=3e-3,
+                            collapse=CollapseConfig(check_every=200, start_fraction=0.1,
+                                                    stop_fraction=0.5, readout="rayleigh-ritz"))
+    res = fit(apply, params, op.op, op.sampler, config=config, progress=False, init_params=init_params)
+    assert res.reinitialized[0] == (400, [1])
+    entry = next(h for h in res.history if h["step"] == 400)
+    lam = float(op.eigenvalues[1])
+    assert abs(entry["readout_quotients"][0] - lam) < 0.1 * lam
+    after = next(h for h in res.history if h["step"] == 500)
+    assert after["eigenvalues"][1] > 0.8 * lam
+    np.testing.assert_allclose(res.eigenvalues[1], lam, rtol=0.05)
+    with pytest.raises(ValueError, match=r"readout='rayleigh-ritz'\) sets a re-initialised"):
+        from nestedlora_jax.hooks import CollapseRemedy
+
+        CollapseRemedy(CollapseConfig(readout="rayleigh-ritz"), default_optimizer(20, 3e-3),
+                       init_params=init_params)
