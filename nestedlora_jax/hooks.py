@@ -343,7 +343,7 @@ class CollapseConfig:
     layers but not its random readout: the last layer's row is the one that maximises its
     residual Rayleigh quotient in its slot over the span of its own hidden features, scaled to
     the norm the NestedLoRA optimum gives that quotient (a generalized eigenproblem of size
-    ``width + 1`` on 4 batches' worth of points,
+    ``width + 1`` on ``training.RAYLEIGH_RITZ_SAMPLES`` points,
     :func:`~nestedlora_jax.training.rayleigh_ritz_readout`; it needs the library's parallel
     networks and a per-point operator on one family). On 36-state hydrogen (2-D, seed 2 at
     76.5k steps, the last n = 5 slot) the random readouts of 16 fresh draws held a median

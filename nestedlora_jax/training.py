@@ -537,6 +537,14 @@ def residual_quotient_estimate(loss_fn, sample, num_samples: int):
     return estimate
 
 
+# Points the remedy's Rayleigh-Ritz readout is estimated on. The width + 1 features fit the
+# sample's noise when it is small: on 36-state hydrogen (33 features, the last n = 5 slot) 2048
+# points gave quotients mu of 0.010-0.032 around lambda_5 = 0.020 and a median share of 0.03 in
+# the missing n = 5 direction, 16 384 points 0.017-0.019 and 0.16, at 1.5 s per re-initialised
+# function on two CPU cores (benchmarks/results/hydrogen36_readout.py).
+RAYLEIGH_RITZ_SAMPLES = 16384
+
+
 def rayleigh_ritz_readout(apply: Apply, operator, sample, num_samples: int, readout: tuple[str, str]):
     """``(params, key, i) -> (params, mu)``: function ``i`` with the readout (its row of the
     last layer, ``readout`` = the key paths of that layer's kernel and bias, see
@@ -766,7 +774,7 @@ def fit(
                     "CollapseConfig(readout='rayleigh-ritz') solves an eigenproblem for one "
                     "family of functions; this is an SVD (two networks): use readout='drawn'.")
             choose_readout = rayleigh_ritz_readout(apply, operator, sampler.sample,
-                                                   4 * config.batch_size, readout_paths(params, L))
+                                                   RAYLEIGH_RITZ_SAMPLES, readout_paths(params, L))
         all_hooks.append(CollapseRemedy(
             collapse, optimizer, init_params=init_params, seed=config.seed + 1,
             residual_quotients=(residual_quotient_estimate(loss_fn, sampler.sample,
