@@ -543,6 +543,14 @@ def residual_quotient_estimate(loss_fn, sample, num_samples: int):
 # the missing n = 5 direction, 16 384 points 0.017-0.019 and 0.16, at 1.5 s per re-initialised
 # function on two CPU cores (benchmarks/results/hydrogen36_readout.py).
 RAYLEIGH_RITZ_SAMPLES = 16384
+# The Rayleigh-Ritz readout maximises w A w / w (B + ridge * |B| I) w (|B| the largest eigenvalue
+# of the features' Gram matrix B). Without the ridge, on 36-state hydrogen (6 fresh draws for the
+# last n = 5 slot) the chosen readouts were 9x the size of a drawn one (|w| 8.7) and one step of
+# 3e-3 noise on the hidden layers changed the function's norm 1.9x (up to 6.4x): in training the
+# norm went from 0.014 to 0.34 within 500 steps. With 1e-4: |w| 0.6, the same noise moves the
+# norm by at most 9%, the quotient 0.005 (0.014 without; lambda_5 = 0.020), the share in the
+# missing n = 5 direction 0.08 (0.002 for a drawn readout). 1e-5: |w| 2.5, noise 1.2-1.4x.
+RAYLEIGH_RITZ_RIDGE = 1e-4
 
 
 def rayleigh_ritz_readout(apply: Apply, operator, sample, num_samples: int, readout: tuple[str, str]):
@@ -552,18 +560,22 @@ def rayleigh_ritz_readout(apply: Apply, operator, sample, num_samples: int, read
     the residual operator the earlier functions leave it, the rest of its network kept.
 
     Output ``i`` is linear in its readout ``w`` (``width + 1`` numbers with the bias):
-    ``f_i = sum_k w_k h_k`` with features ``h_k = d f_i / d w_k``. On ``x = sample(key,
-    num_samples)``, with ``H`` the features, ``F`` the earlier functions ``f_j``, ``j < i``, and
-    ``<u, v> = mean_b u_b v_b``, it solves the generalized eigenproblem::
+    ``f_i = sum_k w_k h_k`` with features ``h_k = d f_i / d w_k``. On ``num_samples`` points
+    drawn by ``sample``, with ``H`` the features, ``F`` the earlier functions ``f_j``, ``j < i``,
+    and ``<u, v> = mean_b u_b v_b``, it solves the generalized eigenproblem::
 
-        A w = mu B w,   A = sym(<H, T H>) - <H, F> <F, H>,   B = <H, H>
+        A w = mu (B + r |B| I) w,   A = sym(<H, T H>) - <H, F> <F, H>,   B = <H, H>
 
     (``T - sum_{j<i} f_j f_j^T`` in the features' span, NestedLoRA's residual as in
-    :class:`~nestedlora_jax.hooks.CollapseConfig`) for its top ``mu`` and scales ``w`` so that
-    ``||f_i||^2 = mu``, the norm a function with that quotient has at the NestedLoRA optimum.
-    A fresh network's random readout starts the function mostly inside the earlier functions'
-    span; this one starts it with the largest share of what they leave uncovered that its
-    features can hold. Where ``mu <= 0`` (no direction the residual favours) the readout is
+    :class:`~nestedlora_jax.hooks.CollapseConfig`; ``r = RAYLEIGH_RITZ_RIDGE`` keeps ``w`` from
+    the near-cancellations of large features that training undoes at once, ``|B|`` the largest
+    eigenvalue of ``B``) for its top eigenvector ``w``. The quotient
+    ``mu = w A' w / w B' w`` is then estimated on a second, independent sample (``A'``, ``B'``;
+    ``key`` is split for the two), and ``w`` is scaled so that ``||f_i||^2 = mu``, the norm a
+    function with that quotient has at the NestedLoRA optimum. A fresh network's random readout
+    starts the function mostly inside the earlier functions' span; this one starts it with the
+    largest share of what they leave uncovered that its features can hold. Where ``mu <= 0``
+    (no direction the residual favours, or one the first sample's noise made) the readout is
     left as it was. Jit-compiled; ``i`` may be traced."""
     kernel_path, bias_path = readout
     batch_operator = pointwise_operator(operator)
@@ -582,29 +594,37 @@ def rayleigh_ritz_readout(apply: Apply, operator, sample, num_samples: int, read
         leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
         return jnp.concatenate([leaves[kernel_path][i, :, 0], leaves[bias_path][i]])
 
-    @jax.jit
-    def choose(params, key, i):
+    def moments(params, i, key):
+        """``(B, A)`` of the docstring on ``sample(key, num_samples)``."""
         x = sample(key, num_samples)
-        w0 = current_readout(params, i)
         features = lambda xx: jax.jacfwd(lambda w: apply(with_readout(params, i, w), xx)[i])(
-            jnp.zeros_like(w0))
+            jnp.zeros_like(current_readout(params, i)))
         out = batch_operator.apply(features, x, key)
         h, Th = out.f, out.Tg
         n = h.shape[0]
         F = jax.vmap(lambda xx: apply(params, xx))(x)
         earlier = (jnp.arange(F.shape[1]) < i).astype(h.dtype)
         overlap = (F * earlier).T @ h / n  # (L, width + 1), zero rows for j >= i
-        gram = h.T @ h / n
         HTh = h.T @ Th / n
-        A = 0.5 * (HTh + HTh.T) - overlap.T @ overlap
+        return h.T @ h / n, 0.5 * (HTh + HTh.T) - overlap.T @ overlap
+
+    @jax.jit
+    def choose(params, key, i):
+        fit_key, check_key = jax.random.split(key)
+        gram, A = moments(params, i, fit_key)
         evals, evecs = jnp.linalg.eigh(gram)
-        # Directions the features barely span would turn sampling noise into huge readouts.
-        kept = evals > 1e-6 * evals[-1]
-        whiten = jnp.where(kept, evecs / jnp.sqrt(jnp.where(kept, evals, 1.0)), 0.0)
-        mu_all, u = jnp.linalg.eigh(whiten.T @ A @ whiten)
-        mu, w = mu_all[-1], whiten @ u[:, -1]
-        w = w * jnp.sqrt(jnp.maximum(mu, 0.0) / jnp.maximum(w @ gram @ w, 1e-30))
-        w = jnp.where(mu > 0, w, w0)
+        # Ridge: the best quotients come from near-cancellations of large features, which the
+        # next few steps of the hidden layers undo (see RAYLEIGH_RITZ_RIDGE).
+        evals = evals + RAYLEIGH_RITZ_RIDGE * evals[-1]
+        whiten = evecs / jnp.sqrt(evals)
+        w = whiten @ jnp.linalg.eigh(whiten.T @ A @ whiten)[1][:, -1]
+        # The top of a noisy eigenproblem is biased up, and one heavy point (the Coulomb
+        # singularity) can put it on noise: on 36-state hydrogen one draw in 16 read mu = 0.057
+        # on its own sample and -0.059 on another. A second sample decides and sets the norm.
+        gram2, A2 = moments(params, i, check_key)
+        norm2 = jnp.maximum(w @ gram2 @ w, 1e-30)
+        mu = (w @ A2 @ w) / norm2
+        w = jnp.where(mu > 0, w * jnp.sqrt(jnp.maximum(mu, 0.0) / norm2), current_readout(params, i))
         return with_readout(params, i, w), mu
 
     return choose
