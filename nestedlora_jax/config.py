@@ -56,7 +56,7 @@ __all__ = [
 # Version 8: TrainingConfig.batch_sampling ("random" by default, what every earlier version
 # drew).
 # Version 9: CollapseConfig.readout ("drawn" by default: the fresh draw's own last layer, what
-# every earlier version kept).
+# every earlier version kept) and CollapseConfig.growth (None: no flagged function is spared).
 # A version-1 configuration is read with both off, as it was trained.
 CONFIG_VERSION = 9
 READABLE_CONFIG_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
@@ -69,7 +69,8 @@ def upgrade_config_dict(data: dict) -> dict:
     before 5 compared norms with Rayleigh quotients, the default ``reference``; versions
     before 6 took one fresh draw, the default ``candidates``; versions before 7 drew random
     moment samples and versions before 8 a random batch (``TRAINING_FIELDS_ADDED``); versions
-    before 9 kept a fresh draw's readout, the default ``readout``."""
+    before 9 kept a fresh draw's readout and spared no growing function, the defaults
+    ``readout`` and ``growth``."""
     version = data.get("version")
     if version in (1, 2, 3, 4, 5, 6, 7, 8):
         network = dict(data.get("network") or {})

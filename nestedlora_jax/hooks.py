@@ -351,6 +351,16 @@ class CollapseConfig:
     16 by residual quotient 1.5e-3); their Rayleigh-Ritz readouts held a median 0.16 (up to
     0.50). ``"drawn"`` (the default) keeps the draw's readout, as before the option existed.
 
+    With ``growth = g`` (``None``, the default, as before the option existed), a flagged
+    function whose running norm is more than ``1 + g`` times the one first logged after the
+    previous check is still forming and is spared (recorded in the history as ``"forming"``).
+    A collapsing function's norm falls and a stalled one's stays; one that grows from a small
+    share of what the earlier functions leave is neither, but the plain test calls it dead
+    while its norm is small. On 36-state hydrogen a function given a Rayleigh-Ritz readout
+    (seed 2 at 78k steps, the last n = 5 slot) grew from 0.0004 to 0.0007 in 2000 steps, its
+    Rayleigh quotient falling from 0.037 to 0.034, and the plain test would re-initialise it
+    after 4000 steps; drawn functions in that slot held still or shrank.
+
     A function is re-initialised only after ``patience`` consecutive checks flag it: under
     sequential nesting a later function can look dead for a while before the earlier ones
     have converged, while a real collapse persists (on 2-D hydrogen with 16 states, functions
@@ -385,8 +395,15 @@ class CollapseConfig:
     reference: str = "rayleigh"
     candidates: int = 1
     readout: str = "drawn"
+    growth: float | None = None
 
     def __post_init__(self):
+        if self.growth is not None and not (isinstance(self.growth, (int, float))
+                                            and not isinstance(self.growth, bool)
+                                            and np.isfinite(self.growth) and self.growth > 0):
+            raise ValueError(f"CollapseConfig.growth must be None or a positive number, got "
+                             f"{self.growth!r}: the factor 1 + growth by which a flagged "
+                             "function's norm must have grown since the last check to be spared.")
         if self.readout not in REINIT_READOUTS:
             raise ValueError(f"CollapseConfig.readout must be one of {REINIT_READOUTS}, got "
                              f"{self.readout!r}: how a re-initialised function's last layer is "
@@ -426,7 +443,7 @@ class CollapseConfig:
 # configuration); a saved value that differs from today's is still refused, by name.
 COLLAPSE_FIELDS_ADDED = {"reorder": (2, False), "formed_ratio": (4, 0.0),
                          "reference": (5, "rayleigh"), "candidates": (6, 1),
-                         "readout": (9, "drawn")}
+                         "readout": (9, "drawn"), "growth": (9, None)}
 # TrainingConfig fields added the same way.
 TRAINING_FIELDS_ADDED = {"moment_sampling": (7, "random"), "batch_sampling": (8, "random")}
 
@@ -450,6 +467,19 @@ def formed_functions(norms, rayleigh, ratio: float = FORMED_RATIO) -> np.ndarray
     estimate) is at least ``ratio`` times their running Rayleigh quotient, which is positive."""
     norms, rayleigh = np.asarray(norms), np.asarray(rayleigh)
     return (rayleigh > 0) & (norms >= ratio * rayleigh)
+
+
+def growing_functions(history: list, since_step: int, norms, growth: float) -> np.ndarray:
+    """Boolean mask: functions whose running norm ``norms`` exceeds ``1 + growth`` times the
+    one logged first after ``since_step`` (the previous check; the first entry after it, so
+    that a function re-initialised or moved there is compared with itself). All False when
+    nothing was logged after ``since_step``. A function exactly zero then never grows."""
+    norms = np.asarray(norms, np.float64)
+    after = [h for h in history if h["step"] > since_step and "eigenvalues" in h]
+    if not after:
+        return np.zeros(norms.shape, dtype=bool)
+    before = np.asarray(after[0]["eigenvalues"], np.float64)
+    return (before > 0) & (norms > (1.0 + growth) * before)
 
 
 def dead_functions(norms, rayleigh, threshold: float) -> np.ndarray:
@@ -658,6 +688,12 @@ class CollapseRemedy(Hook):
                                  "running residual Rayleigh quotients (TrainState."
                                  "residual_rayleigh); this one has none: use reference='rayleigh'.")
         dead = dead_functions(state.norms, quotients, c.threshold)
+        if c.growth is not None and dead.size:
+            forming = dead[growing_functions(loop.history, step - c.check_every, state.norms,
+                                             c.growth)[dead]]
+            if forming.size:
+                entry["forming"] = forming.tolist()
+                dead = np.setdiff1d(dead, forming)
         entry["dead"] = dead.tolist()
         flags = np.asarray(state.collapse_flags)
         flagged = np.zeros(flags.shape, dtype=bool)

@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reinit-candidates", type=positive_int, default=1, metavar="K",
                    help="re-initialise a collapsed function as the best of K fresh draws by its "
                         "residual Rayleigh quotient (CollapseConfig.candidates; 1: one draw)")
+    p.add_argument("--collapse-growth", type=positive_float, default=None, metavar="G",
+                   help="spare a function the collapse test flags while its norm grew by more "
+                        "than a factor 1 + G since the previous check (CollapseConfig.growth; "
+                        "default: spare none)")
     p.add_argument("--reinit-readout", choices=REINIT_READOUTS, default="drawn",
                    help="a re-initialised function's last layer (CollapseConfig.readout): the "
                         "fresh draw's, or the one that maximises its residual Rayleigh quotient "
@@ -170,7 +174,8 @@ MAX_STATES = 36
 # Options whose change would make a resumed run a different run.
 RESULT_KEYS = ("method", "states", "guard_functions", "steps", "batch", "lr", "hidden",
                "no_collapse_remedy", "network_length", "moment_batch", "collapse_reference",
-               "reinit_candidates", "reinit_readout", "moment_sampling", "batch_sampling")
+               "reinit_candidates", "reinit_readout", "collapse_growth", "moment_sampling",
+               "batch_sampling")
 # Options added after runs were recorded, with the value those runs had (so they resume);
 # shared with the high-dimensional command, which reads the keys it has. The options that set
 # configuration fields added later take the values the configuration records for them.
@@ -178,6 +183,7 @@ ADDED_OPTIONS = {"guard_functions": 0, "network_length": None, "moment_batch": N
                  "collapse_reference": COLLAPSE_FIELDS_ADDED["reference"][1],
                  "reinit_candidates": COLLAPSE_FIELDS_ADDED["candidates"][1],
                  "reinit_readout": COLLAPSE_FIELDS_ADDED["readout"][1],
+                 "collapse_growth": COLLAPSE_FIELDS_ADDED["growth"][1],
                  **{name: value for name, (_, value) in TRAINING_FIELDS_ADDED.items()}}
 
 
@@ -266,7 +272,8 @@ def solve_config(args, seed: int) -> SolveConfig:
         network=NetworkConfig(hidden=tuple(args.hidden or _default_hidden(args.method))),
         training=training_config(args, seed, CollapseConfig(
             reinitialize=not args.no_collapse_remedy, reference=args.collapse_reference,
-            candidates=args.reinit_candidates, readout=args.reinit_readout)),
+            candidates=args.reinit_candidates, readout=args.reinit_readout,
+            growth=args.collapse_growth)),
         evaluation=EvaluationConfig(grid_size=args.grid),
         guard_functions=args.guard_functions,
     )

@@ -127,10 +127,10 @@ def test_resuming_a_run_with_another_configuration_names_what_changed(tmp_path):
 
 def test_a_run_recorded_by_an_older_version_resumes(tmp_path):
     """A run folder written by configuration version 5 (no ``collapse.candidates``, no
-    ``collapse.readout``, no ``moment_sampling`` and no ``batch_sampling``, and its checkpoints'
-    configuration without them) resumes under today's version: both records are read as the
-    old run ran (one candidate, the drawn readout, random moment samples, a random batch). A
-    real change is still refused."""
+    ``collapse.readout`` or ``collapse.growth``, no ``moment_sampling`` and no
+    ``batch_sampling``, and its checkpoints' configuration without them) resumes under today's
+    version: both records are read as the old run ran (one candidate, the drawn readout, no
+    function spared, random moment samples, a random batch). A real change is still refused."""
     from nestedlora_jax.checkpoint import CheckpointManager
 
     run = tmp_path / "run"
@@ -139,12 +139,14 @@ def test_a_run_recorded_by_an_older_version_resumes(tmp_path):
     record["version"] = record["config"]["version"] = 5
     del record["config"]["training"]["collapse"]["candidates"]
     del record["config"]["training"]["collapse"]["readout"]
+    del record["config"]["training"]["collapse"]["growth"]
     del record["config"]["training"]["moment_sampling"]
     del record["config"]["training"]["batch_sampling"]
     (run / "solve_config.json").write_text(json.dumps(record))
     state, metadata = CheckpointManager(run / "checkpoints").restore_latest(trained.fit.state)
     del metadata["fit_config"]["collapse"]["candidates"]
     del metadata["fit_config"]["collapse"]["readout"]
+    del metadata["fit_config"]["collapse"]["growth"]
     del metadata["fit_config"]["moment_sampling"]
     del metadata["fit_config"]["batch_sampling"]
     shutil.rmtree(run / "checkpoints")

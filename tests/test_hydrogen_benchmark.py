@@ -128,9 +128,10 @@ def test_defaults_resolved_from_the_number_of_states(argv, expected):
 
 
 def test_the_collapse_options_reach_the_configuration(capsys):
-    """``--collapse-reference``, ``--reinit-candidates`` and ``--reinit-readout`` set the run's
-    CollapseConfig (defaults: the plain quotient, one draw, its readout); a non-positive count
-    and an unknown readout are usage errors."""
+    """``--collapse-reference``, ``--reinit-candidates``, ``--reinit-readout`` and
+    ``--collapse-growth`` set the run's CollapseConfig (defaults: the plain quotient, one draw,
+    its readout, no function spared); a non-positive count and an unknown readout are usage
+    errors."""
     from nestedlora_jax.hydrogen_benchmark import build_parser, resolve_defaults, solve_config
 
     def collapse(argv):
@@ -139,10 +140,12 @@ def test_the_collapse_options_reach_the_configuration(capsys):
         return solve_config(args, 0).training.collapse
 
     default = collapse([])
-    assert (default.reference, default.candidates, default.readout) == ("rayleigh", 1, "drawn")
+    assert (default.reference, default.candidates, default.readout, default.growth) == (
+        "rayleigh", 1, "drawn", None)
     chosen = collapse(["--collapse-reference", "residual", "--reinit-candidates", "16",
-                       "--reinit-readout", "rayleigh-ritz"])
-    assert (chosen.reference, chosen.candidates, chosen.readout) == ("residual", 16, "rayleigh-ritz")
+                       "--reinit-readout", "rayleigh-ritz", "--collapse-growth", "0.25"])
+    assert (chosen.reference, chosen.candidates, chosen.readout, chosen.growth) == (
+        "residual", 16, "rayleigh-ritz", 0.25)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--reinit-candidates", "0"])
     assert "--reinit-candidates" in capsys.readouterr().err

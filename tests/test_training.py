@@ -456,14 +456,17 @@ def test_a_version_five_configuration_reads_with_one_candidate():
     assert SolveConfig.from_dict(best_of.to_dict()) == best_of
 
 
-def test_a_version_eight_configuration_reads_with_the_drawn_readout():
+def test_a_version_eight_configuration_reads_with_the_drawn_readout_and_no_growth():
     from nestedlora_jax.config import SolveConfig
 
     data = SolveConfig().to_dict()
-    collapse = {k: v for k, v in data["training"]["collapse"].items() if k != "readout"}
+    collapse = {k: v for k, v in data["training"]["collapse"].items()
+                if k not in ("readout", "growth")}
     old = {**data, "version": 8, "training": {**data["training"], "collapse": collapse}}
     assert SolveConfig.from_dict(old).training.collapse.readout == "drawn"
-    ritz = SolveConfig(training=TrainingConfig(collapse=CollapseConfig(readout="rayleigh-ritz")))
+    assert SolveConfig.from_dict(old).training.collapse.growth is None
+    ritz = SolveConfig(training=TrainingConfig(collapse=CollapseConfig(readout="rayleigh-ritz",
+                                                                        growth=0.25)))
     assert SolveConfig.from_dict(ritz.to_dict()) == ritz
 
 
@@ -478,16 +481,18 @@ def test_a_version_seven_configuration_reads_with_a_random_batch():
     assert SolveConfig.from_dict(lattice.to_dict()) == lattice
 
 
-@pytest.mark.parametrize("reference", ["rayleigh", "residual"])
+@pytest.mark.parametrize("reference,growth", [("rayleigh", None), ("residual", None),
+                                              ("rayleigh", 0.25)])
 @pytest.mark.parametrize("reinitialize", [False, True])
-def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize, reference):
+def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize, reference, growth):
     """An exactly-zero function is a fixed point of the masked gradient (zero is a saddle):
     without re-initialisation it stays dead; with it, it is replaced and learns. Either
-    reference quotient sees it."""
+    reference quotient sees it, and sparing growing functions does not spare it."""
     apply, params, op, init_params = _one_dead_function()
 
     collapse = CollapseConfig(check_every=200, start_fraction=0.1, stop_fraction=0.5,
-                              reinitialize=reinitialize, patience=2, reference=reference)
+                              reinitialize=reinitialize, patience=2, reference=reference,
+                              growth=growth)
     config = TrainingConfig(steps=1200, batch_size=64, log_every=100, learning_rate=3e-3,
                             collapse=collapse)
     res = fit(apply, params, op.op, op.sampler, config=config, progress=False, init_params=init_params)
@@ -499,6 +504,49 @@ def test_a_dead_function_is_detected_and_only_the_remedy_revives_it(reinitialize
     else:
         assert res.reinitialized == []
         assert res.eigenvalues[1] == 0.0  # still exactly dead
+
+
+def test_growing_functions_compare_the_norm_with_the_first_one_logged_after_the_last_check():
+    """Function 0 grew 1.5x since the entry after the previous check (step 2500, not 2000: a
+    function re-initialised at the check is compared with itself), function 1 10% (below 1 +
+    0.25), function 2 shrank, function 3 is exactly zero; nothing logged after the check: none."""
+    from nestedlora_jax.hooks import growing_functions
+
+    history = [{"step": 2000, "eigenvalues": [9.0, 9.0, 9.0, 0.0]},
+               {"step": 2500, "eigenvalues": [0.002, 0.002, 0.002, 0.0]},
+               {"step": 3000, "eigenvalues": [0.0025, 0.002, 0.0015, 0.0]}]
+    now = [0.003, 0.0022, 0.001, 0.0]
+    np.testing.assert_array_equal(growing_functions(history, 2000, now, 0.25),
+                                  [True, False, False, False])
+    assert not growing_functions(history, 3000, now, 0.25).any()
+
+
+def test_a_flagged_function_that_grows_is_spared_and_one_that_stalls_is_not():
+    """The remedy's check: with ``growth`` the flagged function whose norm rose since the
+    previous check is recorded as forming, not dead, and its consecutive-flag count restarts;
+    the stalled one is re-initialised after ``patience`` checks as without the option."""
+    from nestedlora_jax.hooks import CollapseRemedy, Loop
+
+    apply, params, op = _setup(L=3)
+    state = _short_fit(apply, params, op, steps=20).state
+    state = state._replace(step=jnp.asarray(4000, jnp.int32), norms=jnp.asarray([1.0, 0.001, 0.001]),
+                           rayleigh=jnp.asarray([1.0, 0.05, 0.05]),
+                           collapse_flags=jnp.asarray([0, 1, 1], jnp.int32))
+
+    def init_params(key):
+        return to_apply(eigenfunction_network(2, 3, architecture="parallel", hidden=(16, 16),
+                                              rngs=nnx.Rngs(params=5)))[1]
+
+    remedy = CollapseRemedy(CollapseConfig(check_every=1000, start_fraction=0.0, growth=0.25),
+                            default_optimizer(20, 3e-3), init_params=init_params)
+    history = [{"step": 3500, "eigenvalues": [1.0, 0.0005, 0.001]}]
+    loop = Loop(state=state, steps=10_000, config={}, history=history)
+    entry = {"step": 4000}
+    remedy.after_chunk(loop, entry)
+    assert entry["forming"] == [1] and entry["dead"] == [2] and entry["reinitialized"] == [2]
+    np.testing.assert_array_equal(loop.state.collapse_flags, [0, 0, 0])
+    with pytest.raises(ValueError, match="growth must be None or a positive number"):
+        CollapseConfig(growth=0.0)
 
 
 def test_a_reinitialised_function_is_the_best_of_its_draws_by_the_residual_quotient():
