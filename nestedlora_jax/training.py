@@ -51,7 +51,6 @@ from nestedlora_jax.hooks import (
 from nestedlora_jax._checks import check_even_batch
 from nestedlora_jax.config import TrainingConfig
 from nestedlora_jax.lattice import check_lattice_sampler, lattice_sample
-from nestedlora_jax.networks import readout_paths
 from nestedlora_jax.objectives import (Objective, OperatorOutput, _halves, _second_moment,
                                       nested_lora_objective)
 from nestedlora_jax.operators import (
@@ -793,6 +792,9 @@ def fit(
                 raise ValueError(
                     "CollapseConfig(readout='rayleigh-ritz') solves an eigenproblem for one "
                     "family of functions; this is an SVD (two networks): use readout='drawn'.")
+            # Here, not at the top: the core of the package does not import Flax.
+            from nestedlora_jax.networks import readout_paths
+
             choose_readout = rayleigh_ritz_readout(apply, operator, sampler.sample,
                                                    RAYLEIGH_RITZ_SAMPLES, readout_paths(params, L))
         all_hooks.append(CollapseRemedy(
