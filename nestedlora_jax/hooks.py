@@ -348,8 +348,9 @@ class CollapseConfig:
     networks and a per-point operator on one family). On 36-state hydrogen (2-D, seed 2 at
     76.5k steps, the last n = 5 slot) the random readouts of 16 fresh draws held a median
     1.9e-3 of their norm in the one n = 5 direction the other functions left (the best of the
-    16 by residual quotient 1.5e-3); their Rayleigh-Ritz readouts held a median 0.16 (up to
-    0.50). ``"drawn"`` (the default) keeps the draw's readout, as before the option existed.
+    16 by residual quotient 1.5e-3); their Rayleigh-Ritz readouts held a median 0.097, 15 of
+    16 above 0.04 (``benchmarks/results/hydrogen36_readout.py``). ``"drawn"`` (the default)
+    keeps the draw's readout, as before the option existed.
 
     With ``growth = g`` (``None``, the default, as before the option existed), a flagged
     function whose running norm is more than ``1 + g`` times the one first logged after the
