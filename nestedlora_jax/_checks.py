@@ -29,6 +29,14 @@ def check_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_choice(name: str, value: Any, choices, why: str | None = None) -> None:
+    """ValueError naming ``name``, the allowed ``choices`` and ``value`` unless ``value`` is one
+    of them; ``why`` (what the option sets) is appended to the message."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}"
+                         + (f": {why}" if why else "."))
+
+
 def check_num_states(L: Any) -> int:
     """``L``, the number of states, as an int >= 1 (the problems' and operators' rule)."""
     if not is_int(L) or L < 1:

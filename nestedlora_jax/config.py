@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from nestedlora_jax._checks import (
+    check_choice,
     check_hidden_widths,
     check_input_options,
     check_positive_float,
@@ -107,11 +108,6 @@ class ConfigVersionError(ValueError):
     """A saved configuration was written by an incompatible version of the library."""
 
 
-def _check_choice(name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-
-
 def _check_seed(seed: Any) -> None:
     if not is_int(seed) or not 0 <= seed <= MAX_SEED:
         # PRNGKey takes 32 bits (a larger int is silently truncated: 2**40 gives the key of 0).
@@ -193,10 +189,10 @@ class NetworkConfig(_Config):
 
     def __post_init__(self):
         if self.architecture is not None:
-            _check_choice("NetworkConfig.architecture", self.architecture, ARCHITECTURES)
+            check_choice("NetworkConfig.architecture", self.architecture, ARCHITECTURES)
         if self.hidden is not None:
             object.__setattr__(self, "hidden", check_hidden_widths("NetworkConfig.hidden", self.hidden))
-        _check_choice("NetworkConfig.activation", self.activation, ACTIVATIONS)
+        check_choice("NetworkConfig.activation", self.activation, ACTIVATIONS)
         if self.fourier_features is not None:
             ff = self.fourier_features
             if not (isinstance(ff, (list, tuple)) and len(ff) == 2 and is_int(ff[0]) and ff[0] >= 1
@@ -209,7 +205,7 @@ class NetworkConfig(_Config):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"NetworkConfig.{name} must be None, True or False, got "
                                  f"{getattr(self, name)!r}.")
-        _check_choice("NetworkConfig.envelope", self.envelope, ENVELOPES)
+        check_choice("NetworkConfig.envelope", self.envelope, ENVELOPES)
         check_input_options(periodic=self.periodic, radial_input=self.radial_input,
                             envelope=self.envelope)
         check_positive_float("NetworkConfig.envelope_decay", self.envelope_decay)
@@ -239,7 +235,7 @@ class OperatorConfig(_Config):
     def __post_init__(self):
         from nestedlora_jax.laplacians import LAPLACIAN_METHODS, STOCHASTIC_LAPLACIAN_METHODS
 
-        _check_choice("OperatorConfig.laplacian", self.laplacian, LAPLACIAN_METHODS)
+        check_choice("OperatorConfig.laplacian", self.laplacian, LAPLACIAN_METHODS)
         if self.laplacian in STOCHASTIC_LAPLACIAN_METHODS:
             if self.num_probes is None:
                 raise ValueError(f"OperatorConfig: laplacian={self.laplacian!r} needs num_probes "
@@ -318,13 +314,13 @@ class TrainingConfig(_Config):
         check_positive_int("TrainingConfig.batch_size", self.batch_size)
         if self.moment_batch_size is not None:
             check_positive_int("TrainingConfig.moment_batch_size", self.moment_batch_size)
-        _check_choice("TrainingConfig.moment_sampling", self.moment_sampling, MOMENT_SAMPLINGS)
+        check_choice("TrainingConfig.moment_sampling", self.moment_sampling, MOMENT_SAMPLINGS)
         if self.moment_sampling != "random" and self.moment_batch_size is None:
             raise ValueError(
                 f"TrainingConfig.moment_sampling={self.moment_sampling!r} draws the moment samples, "
                 "but moment_batch_size is None (no moment samples): set moment_batch_size, "
                 "e.g. 2048, or leave moment_sampling 'random'.")
-        _check_choice("TrainingConfig.batch_sampling", self.batch_sampling, BATCH_SAMPLINGS)
+        check_choice("TrainingConfig.batch_sampling", self.batch_sampling, BATCH_SAMPLINGS)
         if self.learning_rate is not None:
             check_positive_float("TrainingConfig.learning_rate", self.learning_rate)
         if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \
@@ -377,7 +373,7 @@ class EvaluationConfig(_Config):
     num_periodic_samples: int = 8192
 
     def __post_init__(self):
-        _check_choice("EvaluationConfig.mode", self.mode, EVALUATION_MODES)
+        check_choice("EvaluationConfig.mode", self.mode, EVALUATION_MODES)
         check_positive_int("EvaluationConfig.num_samples", self.num_samples)
         check_positive_int("EvaluationConfig.grid_size", self.grid_size)
         if self.grid_size < 2:
@@ -417,7 +413,7 @@ class SolveConfig(_Config):
     guard_functions: int = 0
 
     def __post_init__(self):
-        _check_choice("SolveConfig.method", self.method, METHODS)
+        check_choice("SolveConfig.method", self.method, METHODS)
         check_positive_int("SolveConfig.guard_functions", self.guard_functions, allow_zero=True)
         for name, cls in (("network", NetworkConfig), ("operator", OperatorConfig),
                           ("training", TrainingConfig), ("evaluation", EvaluationConfig)):

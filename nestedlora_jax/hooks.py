@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nestedlora_jax._checks import check_choice
 from nestedlora_jax._io import write_json_atomic
 
 __all__ = [
@@ -405,19 +406,16 @@ class CollapseConfig:
             raise ValueError(f"CollapseConfig.growth must be None or a positive number, got "
                              f"{self.growth!r}: the factor 1 + growth by which a flagged "
                              "function's norm must have grown since the last check to be spared.")
-        if self.readout not in REINIT_READOUTS:
-            raise ValueError(f"CollapseConfig.readout must be one of {REINIT_READOUTS}, got "
-                             f"{self.readout!r}: how a re-initialised function's last layer is "
-                             "set ('drawn': the fresh draw's; 'rayleigh-ritz': chosen in its slot).")
+        check_choice("CollapseConfig.readout", self.readout, REINIT_READOUTS,
+                     "how a re-initialised function's last layer is set ('drawn': the fresh "
+                     "draw's; 'rayleigh-ritz': chosen in its slot).")
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, (int, np.integer)) \
                 or self.candidates < 1:
             raise ValueError(f"CollapseConfig.candidates must be a positive integer, got "
                              f"{self.candidates!r}: the fresh draws a re-initialised function is "
                              "chosen from (1: the first draw).")
-        if self.reference not in COLLAPSE_REFERENCES:
-            raise ValueError(f"CollapseConfig.reference must be one of {COLLAPSE_REFERENCES}, got "
-                             f"{self.reference!r}: the quotient a function's norm is compared "
-                             "with.")
+        check_choice("CollapseConfig.reference", self.reference, COLLAPSE_REFERENCES,
+                     "the quotient a function's norm is compared with.")
         if not (isinstance(self.formed_ratio, (int, float)) and 0 <= self.formed_ratio < 1):
             raise ValueError(f"CollapseConfig.formed_ratio must be a number in [0, 1), got "
                              f"{self.formed_ratio!r}: the fraction of its Rayleigh quotient a "
