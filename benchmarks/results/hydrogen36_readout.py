@@ -35,8 +35,7 @@ op, L = r.operator, 36
 pb = Hydrogen(dim=2, network_length=10.0)
 n = 1 << 14
 x = np.asarray(op.sampler.sample(jax.random.PRNGKey(5), n)).astype(np.float32)
-values = lambda params: np.asarray(network_values(r.apply, params, op.op, x, chunk=512)[0], np.float64)
-f = values(r.fit.params)
+f = np.asarray(network_values(r.apply, r.fit.params, op.op, x, chunk=512)[0], np.float64)
 psi = np.asarray(jax.vmap(lambda p: pb.eigenfunctions(p, L))(jnp.asarray(x)), np.float64)
 phi = psi * np.exp(-0.5 * np.asarray(jax.vmap(op.sampler.log_prob)(jnp.asarray(x)), np.float64))[:, None]
 P5 = phi[:, 25:36]  # the exact n = 5 eigenspace, orthonormal in the sampler's inner product
@@ -45,15 +44,14 @@ Q = np.linalg.qr(P5.T @ f[:, others] / n)[0]
 missing = P5 @ np.linalg.svd(np.eye(11) - Q @ Q.T)[0][:, 0]
 
 
-def shares(g):
-    norm = np.mean(g * g)
-    return float(np.sum((P5.T @ g / n) ** 2) / norm), float((missing @ g / n) ** 2 / norm)
-
-
-def residual_quotient(params):
+def slot_measures(params):
+    """Function ``slot``'s share of norm in the n = 5 eigenspace and in the missing direction,
+    and its residual Rayleigh quotient, from one evaluation of the network and the operator."""
     g, Tg = (np.asarray(a, np.float64)[:, slot] for a in network_values(r.apply, params, op.op, x, chunk=512))
+    norm = np.mean(g * g)
     c = f[:, :slot].T @ g / n
-    return float((np.mean(g * Tg) - np.sum(c * c)) / np.mean(g * g))
+    return (float(np.sum((P5.T @ g / n) ** 2) / norm), float((missing @ g / n) ** 2 / norm),
+            float((np.mean(g * Tg) - np.sum(c * c)) / norm))
 
 
 samples = int(sys.argv[4]) if len(sys.argv) > 4 else RAYLEIGH_RITZ_SAMPLES
@@ -63,10 +61,10 @@ for k in range(16):
     fresh = to_apply(default_network(pb, L, r.config.network, seed=1000 + k, sampler=op.sampler))[1]
     placed = jax.tree.map(lambda old, new: old.at[slot].set(new[slot]), r.fit.params, fresh)
     chosen, mu = choose(placed, jax.random.PRNGKey(k), slot)
-    drawn, ritz = shares(values(placed)[:, slot]), shares(values(chosen)[:, slot])
-    rows.append({"draw": k, "drawn_residual_quotient": residual_quotient(placed),
+    drawn, ritz = slot_measures(placed), slot_measures(chosen)
+    rows.append({"draw": k, "drawn_residual_quotient": drawn[2],
                  "drawn_n5_share": drawn[0], "drawn_missing_share": drawn[1], "mu": float(mu),
-                 "ritz_residual_quotient": residual_quotient(chosen),
+                 "ritz_residual_quotient": ritz[2],
                  "ritz_n5_share": ritz[0], "ritz_missing_share": ritz[1]})
     print(rows[-1], flush=True)
 col = lambda key: np.array([row[key] for row in rows])
