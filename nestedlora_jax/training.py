@@ -540,8 +540,9 @@ def residual_quotient_estimate(loss_fn, sample, num_samples: int):
 # sample's noise: on 36-state hydrogen (33 features, the last n = 5 slot, 16 fresh draws, before
 # the ridge and the second sample) 2048 points gave quotients mu of 0.010-0.032 around lambda_5 =
 # 0.020 and a median share of 0.031 in the missing n = 5 direction on an independent sample;
-# 16 384 points 0.012-0.019 (one draw 0.057, a heavy point) and 0.055. 1.5 s per sample on two
-# CPU cores, beside a training run (benchmarks/results/hydrogen36_readout.py).
+# 16 384 points 0.012-0.019 (one draw 0.057, a heavy point) and 0.055
+# (benchmarks/results/hydrogen36_readout.py). Both samples together take about 1.5 s there,
+# alone on the 2-core CPU.
 RAYLEIGH_RITZ_SAMPLES = 16384
 # The Rayleigh-Ritz readout maximises w A w / w (B + ridge * |B| I) w (|B| the largest eigenvalue
 # of the features' Gram matrix B). Without the ridge, on 36-state hydrogen (6 fresh draws for the
