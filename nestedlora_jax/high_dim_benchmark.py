@@ -349,13 +349,7 @@ def make_figures(problem, result, out_dir, L, max_slice_states: int = 8):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.no_figures:
-        import matplotlib
-
-        matplotlib.use("Agg")
-    return run_cli(parser, run, args)
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

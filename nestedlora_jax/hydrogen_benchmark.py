@@ -544,20 +544,19 @@ def make_figures(problem, result, out_dir, L):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    return run_cli(build_parser(), run, argv)
+
+
+def run_cli(parser, run_fn, argv=None) -> int:
+    """Parse ``argv`` and run a benchmark command: a configuration error (a bad option or
+    combination, a folder conflict; every one is raised before training starts) becomes a usage
+    error (exit 2, one line); an interrupt (Ctrl-C, SIGTERM) a message saying what was saved,
+    with the signal's exit code (130, 143)."""
     args = parser.parse_args(argv)
     if not args.no_figures:
         import matplotlib
 
         matplotlib.use("Agg")  # figures go to files; never open windows from a script
-    return run_cli(parser, run, args)
-
-
-def run_cli(parser, run_fn, args) -> int:
-    """Run a benchmark command: a configuration error (a bad option or combination, a folder
-    conflict; every one is raised before training starts) becomes a usage error (exit 2, one
-    line); an interrupt (Ctrl-C, SIGTERM) a message saying what was saved, with the signal's
-    exit code (130, 143)."""
     try:
         run_fn(args)
     except ValueError as exc:
