@@ -102,10 +102,10 @@ def test_default_batch_grows_with_the_number_of_states():
     (["--states", "16", "--moment-batch", "0"], (90000, 256, None, None, "random")),  # halves
     (["--states", "16", "--moment-sampling", "random"], (90000, 256, 512, None, "random")),
     (["--states", "16", "--method", "neuralef"], (90000, 256, None, None, "random")),
-    (["--states", "17"], (100000, 512, 2048, 10.0, "random")),
-    (["--states", "25"], (100000, 512, 2048, 10.0, "random")),
-    (["--states", "26"], (300000, 512, 2048, 10.0, "random")),
-    (["--states", "36"], (300000, 512, 2048, 10.0, "random")),
+    (["--states", "17"], (100000, 512, 2048, 10.0, "lattice")),
+    (["--states", "25"], (100000, 512, 2048, 10.0, "lattice")),
+    (["--states", "26"], (300000, 512, 2048, 10.0, "lattice")),
+    (["--states", "36"], (300000, 512, 2048, 10.0, "lattice")),
     (["--states", "36", "--method", "neuralef"], (300000, 512, None, 10.0, "random")),  # no moment samples
     (["--states", "36", "--moment-batch", "0", "--network-length", "0"], (300000, 512, None, None, "random")),
     (["--states", "36", "--moment-batch", "512", "--network-length", "4", "--batch", "256",
@@ -115,9 +115,10 @@ def test_default_batch_grows_with_the_number_of_states():
 ])
 def test_defaults_resolved_from_the_number_of_states(argv, expected):
     """The bare command is 16 states; up to 9 it trains shorter; up to 16 its second moments
-    come from 512 lattice moment samples; beyond 16 on a larger batch with 2048 moment samples
-    and the scaled input, beyond 25 (the n = 5 level) longer; an explicit value, 0 meaning none
-    for the moment batch and the length, overrides any of them."""
+    come from 512 lattice moment samples; beyond 16 on a larger batch with 2048 lattice moment
+    samples and the scaled input, beyond 25 (the n = 5 level) longer; without moment samples
+    (a method that takes none, or 0) nothing is drawn on a lattice; an explicit value, 0
+    meaning none for the moment batch and the length, overrides any of them."""
     from nestedlora_jax.hydrogen_benchmark import benchmark_problem, build_parser, resolve_defaults
 
     args = build_parser().parse_args(argv)
@@ -155,8 +156,9 @@ def test_the_collapse_options_reach_the_configuration(capsys):
 
 
 def test_the_moment_sampling_option_reaches_the_configuration(capsys):
-    """``--moment-sampling lattice`` sets TrainingConfig.moment_sampling (default beyond 16
-    states: random); without moment samples (``--moment-batch 0``) it is refused by name."""
+    """``--moment-sampling`` sets TrainingConfig.moment_sampling (default with moment samples:
+    lattice; ``random`` chooses independent draws); without moment samples (``--moment-batch
+    0``) ``lattice`` is refused by name."""
     from nestedlora_jax.hydrogen_benchmark import build_parser, check_args, resolve_defaults, solve_config
 
     def training(argv):
@@ -165,9 +167,10 @@ def test_the_moment_sampling_option_reaches_the_configuration(capsys):
         check_args(args)
         return solve_config(args, 0).training
 
-    assert training(["--states", "36"]).moment_sampling == "random"
-    lattice = training(["--states", "36", "--moment-sampling", "lattice"])
-    assert (lattice.moment_sampling, lattice.moment_batch_size) == ("lattice", 2048)
+    default = training(["--states", "36"])
+    assert (default.moment_sampling, default.moment_batch_size) == ("lattice", 2048)
+    random = training(["--states", "36", "--moment-sampling", "random"])
+    assert (random.moment_sampling, random.moment_batch_size) == ("random", 2048)
     for argv in (["--states", "16", "--moment-batch", "0"], ["--states", "36", "--moment-batch", "0"]):
         with pytest.raises(ValueError, match="--moment-sampling lattice draws the moment samples"):
             training(argv + ["--moment-sampling", "lattice"])
