@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nestedlora_jax._checks import check_choice
 from nestedlora_jax.problems import check_problem
 
 __all__ = [
@@ -210,8 +211,7 @@ def finite_difference_hamiltonian(problem, num_points: int, *, radius: float | N
 
 
 def _choose_method(method: str, dim: int) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+    check_choice("method", method, METHODS)
     if method != "auto":
         return method
     # Measured with L = 10 (harmonic oscillator, radius 8, one BLAS thread, solve time): in

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nestedlora_jax._checks import check_num_states, check_positive_float
+from nestedlora_jax._checks import check_choice, check_num_states, check_positive_float
 from nestedlora_jax.samplers import (
     CorrelatedGaussianSampler,
     GaussianSampler,
@@ -99,8 +99,8 @@ _DEGENERACY_RTOL = 1e-10
 def _check_dim(dim: Any, cls: str, allowed: tuple[int, ...] | None = None) -> None:
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
         raise ValueError(f"{cls}: dim must be a positive int; got {dim!r}.")
-    if allowed is not None and dim not in allowed:
-        raise ValueError(f"{cls}: dim must be one of {allowed}; got {dim}.")
+    if allowed is not None:
+        check_choice(f"{cls}: dim", dim, allowed)
 
 
 def _check_point(x: Array, dim: int, cls: str) -> Array:
