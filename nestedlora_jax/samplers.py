@@ -106,6 +106,15 @@ def _check_uniforms(u: Array, k: int, cls: str) -> Array:
     return u
 
 
+class _OneUniformPerCoordinate:
+    """For samplers whose inverse transform maps one uniform to each coordinate."""
+
+    @property
+    def num_uniforms(self) -> int:
+        """Uniforms per point that ``from_uniforms`` takes: ``dim``."""
+        return self.dim
+
+
 def _check_point(x: Array, dim: int, cls: str) -> Array:
     x = jnp.asarray(x)
     if x.shape != (dim,):
@@ -163,7 +172,7 @@ def gaussian_mean_precision(sampler: Any) -> tuple[np.ndarray, np.ndarray] | Non
 
 
 @dataclasses.dataclass(frozen=True)
-class GaussianSampler:
+class GaussianSampler(_OneUniformPerCoordinate):
     """Isotropic Gaussian ``N(mean, scale^2 I)`` in ``dim`` dimensions.
 
     ``log p(x) = -|x - mean|^2 / (2 scale^2) - d log(scale) - (d/2) log(2 pi)``.
@@ -187,11 +196,6 @@ class GaussianSampler:
         dtype = _resolve_dtype(dtype)
         z = jax.random.normal(key, (n, self.dim), dtype=dtype)
         return jnp.asarray(self.mean, dtype) + self.scale * z
-
-    @property
-    def num_uniforms(self) -> int:
-        """Uniforms per point that :meth:`from_uniforms` takes: ``dim``."""
-        return self.dim
 
     def from_uniforms(self, u: Array) -> Array:
         """``mean + scale * Phi^{-1}(u)``: ``u`` ``(n, dim)`` uniform on the cube -> draws
@@ -234,7 +238,7 @@ def _as_matrix_tuple(m: np.ndarray) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class CorrelatedGaussianSampler:
+class CorrelatedGaussianSampler(_OneUniformPerCoordinate):
     """Gaussian ``N(mean, Sigma)`` with a full covariance, ``x = mean + C z``, ``C C^T = Sigma``
     (Cholesky), ``z ~ N(0, I)``.
 
@@ -269,11 +273,6 @@ class CorrelatedGaussianSampler:
         z = jax.random.normal(key, (n, self.dim), dtype=dtype)
         return jnp.asarray(self.mean, dtype) + z @ jnp.asarray(self._cholesky.T, dtype)
 
-    @property
-    def num_uniforms(self) -> int:
-        """Uniforms per point that :meth:`from_uniforms` takes: ``dim``."""
-        return self.dim
-
     def from_uniforms(self, u: Array) -> Array:
         """``mean + C Phi^{-1}(u)``: ``u`` ``(n, dim)`` uniform on the cube -> draws ``(n, dim)``."""
         u = _check_uniforms(u, self.num_uniforms, "CorrelatedGaussianSampler")
@@ -289,7 +288,7 @@ class CorrelatedGaussianSampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class LaplaceSampler:
+class LaplaceSampler(_OneUniformPerCoordinate):
     """Product of centred 1-D Laplace densities, ``p(x) = prod_i exp(-|x_i| / b) / (2 b)``.
 
     ``log p(x) = -sum_i |x_i| / b - d log(2 b)``, ``b = scale``. Heavier (exponential) tails than
@@ -314,11 +313,6 @@ class LaplaceSampler:
         dtype = _resolve_dtype(dtype)
         return self.scale * jax.random.laplace(key, (n, self.dim), dtype=dtype)
 
-    @property
-    def num_uniforms(self) -> int:
-        """Uniforms per point that :meth:`from_uniforms` takes: ``dim``."""
-        return self.dim
-
     def from_uniforms(self, u: Array) -> Array:
         """The inverse CDF per coordinate, ``-b sign(u - 1/2) log(1 - 2 |u - 1/2|)``: ``u``
         ``(n, dim)`` uniform on the cube -> draws ``(n, dim)``."""
@@ -333,7 +327,7 @@ class LaplaceSampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class UniformBoxSampler:
+class UniformBoxSampler(_OneUniformPerCoordinate):
     """Uniform density on the box ``[low, high]^d``: ``log p = -d log(high - low)`` inside,
     ``-inf`` outside (so it integrates to one). Its log-density is constant on the box, so the
     importance-weighted operator equals the plain one there.
@@ -359,11 +353,6 @@ class UniformBoxSampler:
         dtype = _resolve_dtype(dtype)
         shape = (n, self.dim)
         return jax.random.uniform(key, shape, dtype=dtype, minval=self.low, maxval=self.high)
-
-    @property
-    def num_uniforms(self) -> int:
-        """Uniforms per point that :meth:`from_uniforms` takes: ``dim``."""
-        return self.dim
 
     def from_uniforms(self, u: Array) -> Array:
         """``low + (high - low) u``: ``u`` ``(n, dim)`` uniform on the cube -> draws ``(n, dim)``."""
